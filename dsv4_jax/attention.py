@@ -1,0 +1,130 @@
+"""Hybrid attention of DeepSeek-V4 (docs/architecture.md §2.5, §2.8, §2.9).
+
+One shared 512-d KV head (MQA) with an attention sink per query head. Every query attends its
+128-token sliding window; CSA layers add the top-k compressed entries the indexer picks, HCA layers
+all visible compressed entries. Attention is gather-based: `sparse_attention` takes per-query int32
+index lists into one KV array, never an L x L mask.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax import compressor, indexer, quant
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.linear import fp8_linear
+from dsv4_jax.norm import head_rms_rescale, rms_norm
+from dsv4_jax.params import ParamSpec
+from dsv4_jax.rope import apply_rope, rope_angles
+from dsv4_jax.sharding import constrain
+
+F32 = jnp.float32
+
+
+def attention_specs(cfg: ModelConfig, ratio: int) -> dict:
+  H, K, D, g, dg = cfg.n_heads, cfg.head_dim, cfg.dim, cfg.o_groups, cfg.o_lora_rank
+  specs = {
+      "wq_a": ParamSpec((cfg.q_lora_rank, D), ("q_lora", "embed")),
+      "q_norm": ParamSpec((cfg.q_lora_rank,), ("q_lora",), "f32", ("normal_plus_one", 0.1)),
+      "wq_b": ParamSpec((H * K, cfg.q_lora_rank), ("heads", "q_lora")),
+      "wkv": ParamSpec((K, D), ("kv", "embed")),
+      "kv_norm": ParamSpec((K,), ("kv",), "f32", ("normal_plus_one", 0.1)),
+      "wo_a": ParamSpec((g * dg, H * K // g), ("o_groups", "head_dim")),
+      "wo_b": ParamSpec((D, g * dg), ("embed", "o_groups")),
+      "attn_sink": ParamSpec((H,), ("heads",), "f32", ("normal", 1.0)),
+  }
+  if ratio:
+    specs["compressor"] = compressor.compressor_specs(cfg, ratio, K)
+  if ratio == indexer.CSA_RATIO:
+    specs["indexer"] = indexer.indexer_specs(cfg)
+  return specs
+
+
+def sparse_attention(q: jnp.ndarray, kv: jnp.ndarray, idx: jnp.ndarray, attn_sink: jnp.ndarray,
+                     softmax_scale: float) -> jnp.ndarray:
+  """Reference sparse MQA with an attention sink (the semantics of the reference's sparse_attn kernel).
+
+  q:    [B, S, H, K]  queries (compute dtype)
+  kv:   [B, N, K]     the one shared KV head; keys and values are the same vectors
+  idx:  [B, S, T]     int32 rows of `kv` each query attends; -1 = masked
+  attn_sink: [H]      fp32 logit of a value-less sink per head
+  returns [B, S, H, K] in q.dtype.
+
+  logits z = q.k * scale (fp32); p_j = exp(z_j - m) / (sum_j exp(z_j - m) + exp(sink - m)), m = max_j z_j;
+  the unnormalised p is rounded to q.dtype before P.V (fp32 accumulate), as the reference kernel does.
+  """
+  valid = idx >= 0
+  rows = jax.vmap(lambda kv_b, idx_b: kv_b[idx_b])(kv, jnp.where(valid, idx, 0))      # [B,S,T,K]
+  z = jnp.einsum("bshk,bstk->bsht", q, rows, preferred_element_type=F32) * softmax_scale
+  z = jnp.where(valid[:, :, None, :], z, -jnp.inf)
+  m = jnp.max(z, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(z - m)
+  denom = jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(attn_sink.astype(F32)[:, None] - m)
+  o = jnp.einsum("bsht,bstk->bshk", e.astype(q.dtype), rows, preferred_element_type=F32)
+  return (o / denom).astype(q.dtype)
+
+
+def window_indices(positions: jnp.ndarray, window: int, first_position: jnp.ndarray | int = 0) -> jnp.ndarray:
+  """Rows of the raw-KV array holding the window of each query, for raw KV stored by position.
+
+  positions: [B,S] absolute query positions -> [B,S,window] int32 = positions - first_position - (window-1-j)
+  (oldest first), -1 where the position is before `first_position`.
+  """
+  rel = positions - first_position
+  idx = rel[..., None] - (window - 1) + jnp.arange(window)
+  return jnp.where(idx >= 0, idx, -1).astype(jnp.int32)
+
+
+def hca_indices(positions: jnp.ndarray, n_entries: int, ratio: int) -> jnp.ndarray:
+  """All compressed entries visible to each query: [B,S,n_entries] int32, -1 where not yet visible."""
+  ids = jnp.arange(n_entries, dtype=jnp.int32)
+  return jnp.where(ids < compressor.visible_count(positions, ratio)[..., None], ids, -1)
+
+
+def project_qkv(p: dict, cfg: ModelConfig, x: jnp.ndarray, cos, sin):
+  """x: [B,S,D] -> q [B,S,H,K], kv [B,S,K], qr [B,S,dc] (the query latent the indexer reuses)."""
+  B, S, _ = x.shape
+  qr = rms_norm(fp8_linear(x, p["wq_a"], cfg.quant_sim), p["q_norm"], cfg.norm_eps)
+  q = fp8_linear(qr, p["wq_b"], cfg.quant_sim).reshape(B, S, cfg.n_heads, cfg.head_dim)
+  q = head_rms_rescale(q, cfg.norm_eps)
+  q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+  kv = rms_norm(fp8_linear(x, p["wkv"], cfg.quant_sim), p["kv_norm"], cfg.norm_eps)
+  kv = apply_rope(kv, cos, sin)
+  if cfg.quant_sim:
+    kv = quant.kv_fp8_sim(kv, cfg.rope_head_dim)
+  q = constrain(q, ("batch", "seq", "act_heads", None))
+  return q, kv, qr
+
+
+def output_projection(p: dict, cfg: ModelConfig, o: jnp.ndarray, cos, sin) -> jnp.ndarray:
+  """De-rotate by the query position, then the grouped low-rank projection. o: [B,S,H,K] -> [B,S,D]."""
+  B, S = o.shape[:2]
+  g = cfg.o_groups
+  o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
+  o = o.reshape(B, S, g, -1)                                       # a group = H/g contiguous heads
+  wo_a = p["wo_a"].reshape(g, cfg.o_lora_rank, -1).astype(o.dtype)
+  o = jnp.einsum("bsgi,gri->bsgr", o, wo_a, preferred_element_type=F32).astype(o.dtype)
+  return fp8_linear(o.reshape(B, S, g * cfg.o_lora_rank), p["wo_b"], cfg.quant_sim)
+
+
+def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray) -> jnp.ndarray:
+  """Full-sequence attention (positions 0..S-1, no cache). x: [B,S,D] (attn_norm output) -> [B,S,D]."""
+  B, S, _ = x.shape
+  positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  cos, sin = rope_angles(cfg, ratio > 0, positions)
+  q, kv, qr = project_qkv(p, cfg, x, cos, sin)
+  idx = window_indices(positions, cfg.window_size)
+  if ratio:
+    entries = compressor.compress(p["compressor"], cfg, x, ratio)                   # [B,C,K]
+    entries = constrain(entries, ("batch", "act_comp", None))
+    if ratio == indexer.CSA_RATIO:
+      keys = compressor.compress(p["indexer"]["compressor"], cfg, x, ratio, indexer=True)
+      qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
+      comp_idx = indexer.select_topk(indexer.index_scores(qI, w, keys), positions, cfg.index_topk)
+    else:
+      comp_idx = hca_indices(positions, entries.shape[1], ratio)
+    kv = jnp.concatenate([kv, entries], axis=1)                                     # [B, S + C, K]
+    idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + S, -1)], axis=-1)
+  o = sparse_attention(q, kv, idx, p["attn_sink"], cfg.softmax_scale)
+  return output_projection(p, cfg, o, cos, sin)

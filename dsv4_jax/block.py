@@ -1,0 +1,41 @@
+"""One transformer block: attention and MoE sublayers, each wrapped by mHC (docs/architecture.md §2.11).
+
+    x, post, comb = hc_pre(X);  X = hc_post(attention(attn_norm(x)), X, post, comb)
+    x, post, comb = hc_pre(X);  X = hc_post(moe(ffn_norm(x)), X, post, comb)
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from dsv4_jax import attention, mhc, moe
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.norm import rms_norm
+from dsv4_jax.params import ParamSpec
+from dsv4_jax.sharding import constrain
+
+
+def block_specs(cfg: ModelConfig, ratio: int, hash_routed: bool) -> dict:
+  D, nh = cfg.dim, cfg.hc_mult
+  return {
+      "attn_norm": ParamSpec((D,), ("embed",), "f32", ("normal_plus_one", 0.1)),
+      "ffn_norm": ParamSpec((D,), ("embed",), "f32", ("normal_plus_one", 0.1)),
+      "hc_attn": mhc.hc_specs(nh, D),
+      "hc_ffn": mhc.hc_specs(nh, D),
+      "attn": attention.attention_specs(cfg, ratio),
+      "ffn": moe.moe_specs(cfg, hash_routed),
+  }
+
+
+def mhc_sublayer(X: jnp.ndarray, hc: dict, cfg: ModelConfig, sublayer) -> jnp.ndarray:
+  """X: [B,S,nh,D] -> hc_post(sublayer(hc_pre(X)), X)."""
+  x, post, comb = mhc.hc_pre(X, hc, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
+  return mhc.hc_post(sublayer(x), X, post, comb)
+
+
+def block(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray) -> jnp.ndarray:
+  """Full-sequence block. X: [B,S,nh,D] streams, token_ids: [B,S] (hash routing) -> [B,S,nh,D]."""
+  X = mhc_sublayer(X, p["hc_attn"], cfg,
+                   lambda x: attention.attention(p["attn"], cfg, ratio, rms_norm(x, p["attn_norm"], cfg.norm_eps)))
+  X = mhc_sublayer(X, p["hc_ffn"], cfg,
+                   lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids))
+  return constrain(X, ("batch", "seq", None, "act_embed"))

@@ -1,0 +1,91 @@
+"""KV compressor: gated softmax pooling of m tokens into one entry (docs/architecture.md §2.6).
+
+Per token t (fp32):  C_t = wkv(x_t),  Z_t = wgate(x_t) + ape[t mod m].
+HCA (no overlap): entry i = sum over its window's m tokens of softmax_t(Z)[ch] * C[ch], per channel.
+CSA (m = 4, overlap): projections have 2c channels; entry i pools 2m slots: the first-half channels of
+window i-1 (zeros / -inf for i = 0) and the second-half channels of window i.
+Each entry is then normalised, rotated at position i*m and quantisation-simulated.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax import quant
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.linear import f32_linear
+from dsv4_jax.norm import rms_norm
+from dsv4_jax.params import ParamSpec
+from dsv4_jax.rope import apply_rope, rope_angles
+
+F32 = jnp.float32
+
+
+def overlaps(ratio: int) -> bool:
+  return ratio == 4
+
+
+def compressor_specs(cfg: ModelConfig, ratio: int, c: int) -> dict:
+  """wkv/wgate [coff*c, D] (bf16 in checkpoints, run in fp32), ape [m, coff*c] fp32, norm [c]."""
+  cc = (2 if overlaps(ratio) else 1) * c
+  return {
+      "wkv": ParamSpec((cc, cfg.dim), ("comp_dim", "embed")),
+      "wgate": ParamSpec((cc, cfg.dim), ("comp_dim", "embed")),
+      "ape": ParamSpec((ratio, cc), ("ratio", "comp_dim"), "f32", ("normal", 0.5)),
+      "norm": ParamSpec((c,), ("kv",), "f32", ("normal_plus_one", 0.1)),
+  }
+
+
+def project(p: dict, x: jnp.ndarray, ratio: int, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """x: [B,S,D], positions: [B,S] -> C, Z: [B,S,coff*c] fp32 (Z includes the ape bias)."""
+  C = f32_linear(x, p["wkv"])
+  Z = f32_linear(x, p["wgate"]) + p["ape"].astype(F32)[positions % ratio]
+  return C, Z
+
+
+def pool(C: jnp.ndarray, Z: jnp.ndarray, ratio: int, prev: tuple[jnp.ndarray, jnp.ndarray] | None = None):
+  """Pools complete windows. C, Z: [B, n*m, coff*c], window-aligned -> entries [B, n, c] fp32.
+
+  `prev` = (C, Z) [B, m, 2c] of the window before the first one (CSA only; default: none, i.e. 0 / -inf).
+  """
+  B, L, cc = C.shape
+  n = L // ratio
+  Cw, Zw = C.reshape(B, n, ratio, cc), Z.reshape(B, n, ratio, cc)
+  if overlaps(ratio):
+    c = cc // 2
+    if prev is None:
+      prev = (jnp.zeros((B, ratio, cc), F32), jnp.full((B, ratio, cc), -jnp.inf, F32))
+    Cp = jnp.concatenate([prev[0][:, None], Cw[:, :-1]], axis=1)[..., :c]     # window i-1, first half
+    Zp = jnp.concatenate([prev[1][:, None], Zw[:, :-1]], axis=1)[..., :c]
+    Cw = jnp.concatenate([Cp, Cw[..., c:]], axis=2)                           # [B, n, 2m, c]
+    Zw = jnp.concatenate([Zp, Zw[..., c:]], axis=2)
+  w = jax.nn.softmax(Zw, axis=2)
+  return jnp.sum(w * Cw, axis=2)
+
+
+def finish(E: jnp.ndarray, p: dict, cfg: ModelConfig, ratio: int, entry_ids: jnp.ndarray, indexer: bool):
+  """Normalise, rotate at the window's first position, quantisation-simulate.
+
+  E: [B, n, c] fp32; entry_ids: [B, n] -> [B, n, c] in the compute dtype.
+  """
+  E = rms_norm(E.astype(cfg.dtype), p["norm"], cfg.norm_eps)
+  cos, sin = rope_angles(cfg, True, entry_ids * ratio)
+  E = apply_rope(E, cos, sin)
+  if cfg.quant_sim:
+    E = quant.indexer_fp4_sim(E) if indexer else quant.kv_fp8_sim(E, cfg.rope_head_dim)
+  return E
+
+
+def compress(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, indexer: bool = False) -> jnp.ndarray:
+  """All complete windows of a sequence that starts at position 0. x: [B,S,D] -> [B, S//m, c]."""
+  B, S, _ = x.shape
+  n = S // ratio
+  positions = jnp.broadcast_to(jnp.arange(n * ratio), (B, n * ratio))
+  C, Z = project(p, x[:, : n * ratio], ratio, positions)
+  E = pool(C, Z, ratio)
+  return finish(E, p, cfg, ratio, jnp.broadcast_to(jnp.arange(n), (B, n)), indexer)
+
+
+def visible_count(t: jnp.ndarray, ratio: int) -> jnp.ndarray:
+  """Number of compressed entries visible to query position t: entry i is visible iff i < (t+1)//m."""
+  return (t + 1) // ratio

@@ -1,0 +1,45 @@
+"""Multi-token prediction block, depth 1 (docs/architecture.md §2.13).
+
+Position i combines the main model's final streams h_i with the embedding of token i+1 and predicts
+token i+2. It shares the embedding and the output head with the main model; its block is sliding-window
+only and score-routed.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from dsv4_jax import block, head, mhc
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.linear import fp8_linear
+from dsv4_jax.norm import rms_norm
+from dsv4_jax.params import ParamSpec
+
+
+def mtp_specs(cfg: ModelConfig, layer_id: int) -> dict:
+  D = cfg.dim
+  specs = block.block_specs(cfg, cfg.layer_ratio(layer_id), hash_routed=False)
+  specs.update({
+      "e_proj": ParamSpec((D, D), ("embed", "embed_out")),
+      "h_proj": ParamSpec((D, D), ("embed", "embed_out")),
+      "enorm": ParamSpec((D,), ("embed",), "f32", ("normal_plus_one", 0.1)),
+      "hnorm": ParamSpec((D,), ("embed",), "f32", ("normal_plus_one", 0.1)),
+      "norm": ParamSpec((D,), ("embed",), "f32", ("normal_plus_one", 0.1)),
+      "hc_head": mhc.head_specs(cfg.hc_mult, D),
+  })
+  return specs
+
+
+def mtp_input(p: dict, cfg: ModelConfig, embed: jnp.ndarray, X_main: jnp.ndarray, next_ids: jnp.ndarray):
+  """X_main: [B,S,nh,D] main-model streams at positions i; next_ids: [B,S] tokens i+1 -> [B,S,nh,D]."""
+  e = rms_norm(embed[next_ids].astype(X_main.dtype), p["enorm"], cfg.norm_eps)
+  h = fp8_linear(rms_norm(X_main, p["hnorm"], cfg.norm_eps), p["h_proj"], cfg.quant_sim)
+  return fp8_linear(e, p["e_proj"], cfg.quant_sim)[:, :, None, :] + h
+
+
+def mtp_forward(p: dict, cfg: ModelConfig, layer_id: int, embed: jnp.ndarray, head_w: jnp.ndarray,
+                X_main: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
+  """Teacher-forced MTP logits. X_main: [B,S,nh,D], tokens: [B,S] -> [B,S-1,V] fp32."""
+  next_ids = tokens[:, 1:]
+  X = mtp_input(p, cfg, embed, X_main[:, :-1], next_ids)
+  X = block.block(p, cfg, cfg.layer_ratio(layer_id), X, next_ids)
+  return head.logits(X, p["hc_head"], p["norm"], head_w, cfg)

@@ -1,0 +1,84 @@
+"""Quantisation-aware numerics of the reference (docs/architecture.md §4.2), as round-trips.
+
+All scales are powers of two ("ue8m0"), so dequantisation is exact; the only loss is rounding the
+scaled values to fp8 e4m3 or fp4 e2m1. These run when `cfg.quant_sim` is on.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+
+
+def pow2_ceil(v: jnp.ndarray) -> jnp.ndarray:
+  """2^ceil(log2 v) for v > 0, exact (exact powers of two are unchanged)."""
+  mant, exp = jnp.frexp(v)                    # v = mant * 2^exp, mant in [0.5, 1)
+  exp = jnp.where(mant == 0.5, exp - 1, exp)
+  return jnp.ldexp(jnp.ones_like(v), exp)
+
+
+def _blocked(x: jnp.ndarray, block: int):
+  """[..., N] -> [..., ceil(N/block), block] (zero padded; zeros never change a block's amax)."""
+  n = x.shape[-1]
+  pad = (-n) % block
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(*x.shape[:-1], (n + pad) // block, block), n
+
+
+def round_e2m1(y: jnp.ndarray) -> jnp.ndarray:
+  """Round-to-nearest-even onto the e2m1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} (|y| <= 6)."""
+  a = jnp.abs(y)
+  step = jnp.where(a < 2, 0.5, jnp.where(a < 4, 1.0, 2.0))
+  return jnp.sign(y) * jnp.round(a / step) * step       # jnp.round is half-to-even
+
+
+def act_quant(x: jnp.ndarray, block: int = 128) -> jnp.ndarray:
+  """FP8 e4m3 round-trip with one power-of-two scale per `block` values of the last dim."""
+  xb, n = _blocked(x.astype(F32), block)
+  amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), 1e-4)
+  s = pow2_ceil(amax / FP8_MAX)
+  q = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(F32)
+  return (q * s).reshape(*x.shape[:-1], -1)[..., :n].astype(x.dtype)
+
+
+def fp4_act_quant(x: jnp.ndarray, block: int = 32) -> jnp.ndarray:
+  """FP4 e2m1 round-trip with one power-of-two scale per `block` values of the last dim."""
+  xb, n = _blocked(x.astype(F32), block)
+  amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), FP4_MAX * 2.0 ** -126)
+  s = pow2_ceil(amax / FP4_MAX)
+  q = round_e2m1(jnp.clip(xb / s, -FP4_MAX, FP4_MAX))
+  return (q * s).reshape(*x.shape[:-1], -1)[..., :n].astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_matrix(n: int) -> np.ndarray:
+  """Sylvester-ordered Walsh-Hadamard matrix scaled by n^-0.5 (orthonormal), fp32 [n, n]."""
+  if n & (n - 1):
+    raise ValueError(f"Hadamard size must be a power of two, got {n}.")
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return (h / np.sqrt(n)).astype(np.float32)
+
+
+def hadamard(x: jnp.ndarray) -> jnp.ndarray:
+  """Rotates the last dim by the orthonormal Hadamard matrix; result in x.dtype."""
+  h = jnp.asarray(hadamard_matrix(x.shape[-1]))
+  return jnp.einsum("...k,kj->...j", x.astype(F32), h, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+
+
+def kv_fp8_sim(kv: jnp.ndarray, rope_dim: int) -> jnp.ndarray:
+  """FP8 round-trip of the non-RoPE dims in blocks of 64; the last `rope_dim` dims stay as they are."""
+  return jnp.concatenate([act_quant(kv[..., :-rope_dim], 64), kv[..., -rope_dim:]], axis=-1)
+
+
+def indexer_fp4_sim(x: jnp.ndarray) -> jnp.ndarray:
+  """Hadamard rotation, then FP4 round-trip in blocks of 32 (indexer queries and keys)."""
+  return fp4_act_quant(hadamard(x), 32)

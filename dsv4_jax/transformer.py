@@ -1,0 +1,179 @@
+"""The whole model: embedding, stream expansion, the layer stack, the head and the MTP block.
+
+Layers are grouped so that compile time does not grow with depth: the longest periodic run of layer
+kinds (e.g. Flash's 20 x (HCA, CSA) after three odd layers) is stacked and run under `jax.lax.scan`;
+the few other layers are unrolled. A layer's kind is (compress_ratio, hash-routed?).
+
+Parameter tree (plain nested dicts / lists):
+    embed [V,D], head [V,D], norm [D], hc_head {fn, base, scale},
+    layers: {prefix: [block, ...], stack: [block with leading [reps] axis, ...] (one per period
+             position), suffix: [block, ...]},
+    mtp: [mtp block, ...]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax import block, head, mhc, mtp, params as params_lib
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.params import ParamSpec
+from dsv4_jax.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """prefix layers (unrolled), then `reps` repetitions of the layers `period` (scanned), then suffix."""
+  prefix: tuple[int, ...]
+  period: tuple[int, ...]
+  reps: int
+  suffix: tuple[int, ...]
+
+  def stack_layer(self, position: int, rep: int) -> int:
+    """Layer id of period position `position` in repetition `rep`."""
+    return self.period[0] + rep * len(self.period) + position
+
+  def locate(self, layer_id: int) -> tuple[str, int, int | None]:
+    """("prefix"|"stack"|"suffix", list index, repetition or None) of a main layer."""
+    if layer_id in self.prefix:
+      return "prefix", self.prefix.index(layer_id), None
+    if layer_id in self.suffix:
+      return "suffix", self.suffix.index(layer_id), None
+    off = layer_id - self.period[0]
+    return "stack", off % len(self.period), off // len(self.period)
+
+
+def layer_kind(cfg: ModelConfig, layer_id: int) -> tuple[int, bool]:
+  return cfg.layer_ratio(layer_id), cfg.is_hash_layer(layer_id)
+
+
+@functools.lru_cache(maxsize=None)
+def layer_plan(cfg: ModelConfig) -> LayerPlan:
+  """Chooses the split that unrolls the fewest layers (periods of 1 to 4 layers, >= 2 repetitions)."""
+  n = cfg.n_layers
+  kinds = [layer_kind(cfg, i) for i in range(n)]
+  best = LayerPlan(tuple(range(n)), (), 0, ())
+  best_cost = n
+  for start in range(n):
+    for size in range(1, 5):
+      reps_max = (n - start) // size
+      reps = 0
+      while reps < reps_max and all(kinds[start + reps * size + j] == kinds[start + j] for j in range(size)):
+        reps += 1
+      if reps < 2:
+        continue
+      end = start + reps * size
+      cost = start + (n - end)
+      if cost < best_cost:
+        best_cost = cost
+        best = LayerPlan(tuple(range(start)), tuple(range(start, start + size)), reps, tuple(range(end, n)))
+  return best
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+  """The ParamSpec tree of the whole model (see the module docstring for its layout)."""
+  plan = layer_plan(cfg)
+  V, D = cfg.vocab_size, cfg.dim
+
+  def spec(i):
+    return block.block_specs(cfg, *layer_kind(cfg, i))
+
+  return {
+      "embed": ParamSpec((V, D), ("vocab", "embed"), init=("normal", 1.0)),
+      "head": ParamSpec((V, D), ("vocab", "embed")),
+      "norm": ParamSpec((D,), ("embed",), "f32", ("normal_plus_one", 0.1)),
+      "hc_head": mhc.head_specs(cfg.hc_mult, D),
+      "layers": {
+          "prefix": [spec(i) for i in plan.prefix],
+          "stack": [params_lib.stack_specs(spec(i), plan.reps) for i in plan.period],
+          "suffix": [spec(i) for i in plan.suffix],
+      },
+      "mtp": [mtp.mtp_specs(cfg, cfg.n_layers + j) for j in range(cfg.n_mtp_layers)],
+  }
+
+
+def abstract_params(cfg: ModelConfig, dtype=None):
+  """ShapeDtypeStructs of all parameters (no memory): for AOT compilation and counting."""
+  return params_lib.abstract_params(param_specs(cfg), dtype or cfg.dtype)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
+  """Random parameters for experiments (weights in `dtype`, default the config's compute dtype)."""
+  specs = param_specs(cfg)
+  return jax.jit(lambda k: params_lib.init_from_specs(specs, k, dtype or cfg.dtype))(key)
+
+
+class ForwardOutput(NamedTuple):
+  logits: jax.Array          # [B, S, V] fp32
+  mtp_logits: jax.Array      # [B, S-1, V] fp32 (first MTP block), or None without MTP
+  hidden: jax.Array          # [B, S, nh, D] final residual streams, before hc_head
+
+
+def check_tokens(tokens, cfg: ModelConfig) -> None:
+  """Raises on ids outside [0, vocab) when the values are known (JAX would clamp them silently)."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be int [batch, seq]; got shape {tuple(tokens.shape)}.")
+  if tokens.shape[1] == 0:
+    raise ValueError("tokens is empty: the sequence length must be >= 1.")
+  try:
+    t = np.asarray(tokens)
+  except jax.errors.TracerArrayConversionError:
+    return                     # values unknown under tracing; checked by the caller's jit wrapper
+  if not np.issubdtype(t.dtype, np.integer):
+    raise TypeError(f"tokens must be an integer array; got dtype {t.dtype}.")
+  lo, hi = int(t.min()), int(t.max())
+  if lo < 0 or hi >= cfg.vocab_size:
+    bad = lo if lo < 0 else hi
+    raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of config {cfg.name!r}.")
+
+
+def embed_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray) -> jnp.ndarray:
+  """tokens [B,S] -> [B,S,nh,D]: the embedding repeated into nh identical residual streams."""
+  h = params["embed"][tokens].astype(cfg.dtype)
+  h = constrain(h, ("batch", "seq", "act_embed"))
+  return jnp.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)
+
+
+def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarray, remat: bool = False):
+  """The main stack. X: [B,S,nh,D] -> [B,S,nh,D]."""
+  plan = layer_plan(cfg)
+
+  def apply(p, i, X):
+    return block.block(p, cfg, cfg.layer_ratio(i), X, tokens)
+
+  for p, i in zip(layers["prefix"], plan.prefix):
+    X = apply(p, i, X)
+  if plan.reps:
+    def body(X, ps):
+      for p, i in zip(ps, plan.period):
+        X = apply(p, i, X)
+      return X, None
+    if remat:
+      body = jax.checkpoint(body)
+    X, _ = jax.lax.scan(body, X, list(layers["stack"]))
+  for p, i in zip(layers["suffix"], plan.suffix):
+    X = apply(p, i, X)
+  return X
+
+
+def forward(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat: bool = False) -> ForwardOutput:
+  """Teacher-forced forward of a sequence starting at position 0.
+
+  tokens: int [B, S]. Returns ForwardOutput(logits [B,S,V] fp32, mtp_logits [B,S-1,V] fp32, hidden).
+  Pure and jit-able with `cfg` static: `jax.jit(forward, static_argnums=1)`.
+  """
+  check_tokens(tokens, cfg)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  X = run_layers(params["layers"], cfg, embed_streams(params, cfg, tokens), tokens, remat)
+  logits = head.logits(X, params["hc_head"], params["norm"], params["head"], cfg)
+  mtp_logits = None
+  if cfg.n_mtp_layers and tokens.shape[1] < 2:
+    mtp_logits = jnp.zeros((tokens.shape[0], 0, cfg.vocab_size), jnp.float32)
+  elif cfg.n_mtp_layers:
+    mtp_logits = mtp.mtp_forward(params["mtp"][0], cfg, cfg.n_layers, params["embed"], params["head"], X, tokens)
+  return ForwardOutput(logits, mtp_logits, X)

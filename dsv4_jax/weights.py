@@ -1,0 +1,2 @@
+def load_params(*a, **k):
+  raise NotImplementedError

@@ -1,0 +1,1 @@
+"""absl entry points (thin wrappers over library functions)."""
