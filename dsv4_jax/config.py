@@ -200,11 +200,12 @@ def _parse_hf_keys(raw: dict, where: str) -> dict:
     raise ValueError(f"{where}: CSA compress rate {csa_rate} is not supported; DeepSeek-V4 uses 4.")
   label_to_ratio = {0: 0, 4: 4, 128: hca_rate}
   if raw.get("compress_ratios") is not None:
+    # Released configs use the labels 0 / 4 / 128 (128 = the HCA rate); other values are literal ratios.
     cr = [int(r) for r in raw["compress_ratios"]]
-    bad = [r for r in cr if r not in label_to_ratio]
+    ratios = [label_to_ratio.get(r, r) for r in cr]
+    bad = [r for r in ratios if r < 0 or r == 1 or (r not in (0, 4) and "compress_rates" in raw and r != hca_rate)]
     if bad:
-      raise ValueError(f"{where}: compress_ratios entries {bad} are not in (0, 4, 128).")
-    ratios = [label_to_ratio[r] for r in cr]
+      raise ValueError(f"{where}: compress_ratios entries {bad} disagree with compress_rates {rates}.")
     if len(ratios) not in (n_layers, n_layers + n_mtp):
       raise ValueError(f"{where}: compress_ratios has {len(ratios)} entries; expected num_hidden_layers="
                        f"{n_layers} or num_hidden_layers + num_nextn_predict_layers={n_layers + n_mtp}.")

@@ -172,8 +172,8 @@ def forward(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat: bool = F
   X = run_layers(params["layers"], cfg, embed_streams(params, cfg, tokens), tokens, remat)
   logits = head.logits(X, params["hc_head"], params["norm"], params["head"], cfg)
   mtp_logits = None
-  if cfg.n_mtp_layers and tokens.shape[1] < 2:
+  if cfg.n_mtp_layers and params["mtp"] and tokens.shape[1] < 2:
     mtp_logits = jnp.zeros((tokens.shape[0], 0, cfg.vocab_size), jnp.float32)
-  elif cfg.n_mtp_layers:
+  elif cfg.n_mtp_layers and params["mtp"]:
     mtp_logits = mtp.mtp_forward(params["mtp"][0], cfg, cfg.n_layers, params["embed"], params["head"], X, tokens)
   return ForwardOutput(logits, mtp_logits, X)

@@ -1,0 +1,112 @@
+"""A small, memory-mapped safetensors reader that understands every dtype the released checkpoints use
+(F8_E4M3 weights, F8_E8M0 scales, I8-packed FP4), reading one tensor at a time.
+
+Format: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}}, data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E8M0": ml_dtypes.float8_e8m0fnu,
+}
+
+
+class SafetensorsFile:
+  """Lazily reads tensors of one .safetensors file; raises naming the file on any corruption."""
+
+  def __init__(self, path: str):
+    self.path = path
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {size} bytes).")
+      (n,) = struct.unpack("<Q", head)
+      if n > size - 8:
+        raise ValueError(f"{path}: header claims {n} bytes but the file has {size}; truncated or not safetensors.")
+      try:
+        header = json.loads(f.read(n))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: unreadable safetensors header ({e}).") from None
+    self.metadata = header.pop("__metadata__", {}) or {}
+    self._data_start = 8 + n
+    self._entries = header
+    self._mm = None
+    data_size = size - self._data_start
+    for name, e in header.items():
+      if e.get("dtype") not in DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}.")
+      begin, end = e["data_offsets"]
+      expected = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(DTYPES[e["dtype"]]).itemsize
+      if end - begin != expected:
+        raise ValueError(f"{path}: tensor {name!r} holds {end - begin} bytes, expected {expected} for "
+                         f"{e['dtype']}{e['shape']}.")
+      if end > data_size:
+        raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data but the file's data has only "
+                         f"{data_size} bytes: the shard is truncated.")
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+    e = self._entries[name]
+    return e["dtype"], tuple(e["shape"])
+
+  def nbytes(self, name: str) -> int:
+    b, e = self._entries[name]["data_offsets"]
+    return e - b
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor as a read-only numpy view of the memory map (no copy)."""
+    if self._mm is None:
+      self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+    e = self._entries[name]
+    b, end = e["data_offsets"]
+    raw = self._mm[self._data_start + b: self._data_start + end]
+    return raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+  def close(self):
+    self._mm = None
+
+
+def checkpoint_files(directory: str) -> list[str]:
+  """The safetensors shards of a checkpoint directory, checked against its index file if present."""
+  if os.path.isfile(directory) and directory.endswith(".safetensors"):
+    return [directory]
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"Checkpoint directory {directory!r} does not exist.")
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map", {})
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+      raise FileNotFoundError(f"{index} lists shard(s) {missing[:3]} that are not in {directory!r}.")
+    return [os.path.join(directory, f) for f in files]
+  files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+  if not files:
+    raise FileNotFoundError(f"No *.safetensors files in {directory!r}.")
+  return [os.path.join(directory, f) for f in files]
+
+
+def iter_tensors(files: list[str]) -> Iterator[tuple[str, SafetensorsFile]]:
+  """(name, file) for every tensor, shard by shard; duplicate names across shards are an error."""
+  seen: dict[str, str] = {}
+  for path in files:
+    st = SafetensorsFile(path)
+    for name in st.keys():
+      if name in seen:
+        raise ValueError(f"Tensor {name!r} appears in both {seen[name]} and {path}.")
+      seen[name] = path
+      yield name, st
+    st.close()
