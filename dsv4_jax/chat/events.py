@@ -75,10 +75,16 @@ class EventPrinter:
         self.stream = stream if stream is not None else sys.stdout
         self.show_reasoning = show_reasoning
         self._section: str | None = None
+        self._line_open = False  # the last write did not end a line
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.stream.write(text)
+            self._line_open = not text.endswith("\n")
 
     def _enter(self, section: str) -> None:
         if section != self._section:
-            self.stream.write(("\n" if self._section else "") + f"[{section}]\n")
+            self._write(("\n" if self._line_open else "") + f"[{section}]\n")
             self._section = section
 
     def __call__(self, events: Iterable[Event]) -> None:
@@ -86,13 +92,13 @@ class EventPrinter:
             if isinstance(event, ReasoningDelta):
                 if self.show_reasoning:
                     self._enter("thinking")
-                    self.stream.write(event.text)
+                    self._write(event.text)
             elif isinstance(event, ContentDelta):
                 self._enter("answer")
-                self.stream.write(event.text)
+                self._write(event.text)
             else:
                 self._enter("tool calls" if isinstance(event, ToolCall) else "errors")
-                self.stream.write(format_event(event) + "\n")
+                self._write(format_event(event) + "\n")
         self.stream.flush()
 
 
