@@ -15,6 +15,7 @@ from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import fp8_linear
 from dsv4_jax.norm import head_rms_rescale, rms_norm
 from dsv4_jax.params import ParamSpec
+from dsv4_jax.qarray import dense
 from dsv4_jax.rope import apply_rope, rope_angles
 from dsv4_jax.sharding import constrain
 
@@ -103,7 +104,7 @@ def output_projection(p: dict, cfg: ModelConfig, o: jnp.ndarray, cos, sin) -> jn
   g = cfg.o_groups
   o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
   o = o.reshape(B, S, g, -1)                                       # a group = H/g contiguous heads
-  wo_a = p["wo_a"].reshape(g, cfg.o_lora_rank, -1).astype(o.dtype)
+  wo_a = dense(p["wo_a"], o.dtype).reshape(g, cfg.o_lora_rank, -1)
   o = jnp.einsum("bsgi,gri->bsgr", o, wo_a, preferred_element_type=F32).astype(o.dtype)
   return fp8_linear(o.reshape(B, S, g * cfg.o_lora_rank), p["wo_b"], cfg.quant_sim)
 

@@ -8,6 +8,7 @@ fp32 island (compressor, gate, head).
 import jax.numpy as jnp
 
 from dsv4_jax import quant
+from dsv4_jax.qarray import dense
 
 F32 = jnp.float32
 
@@ -16,15 +17,15 @@ def fp8_linear(x: jnp.ndarray, w: jnp.ndarray, quant_sim: bool) -> jnp.ndarray:
   """x: [..., in] (compute dtype); w: [out, in]. Returns [..., out] in x.dtype."""
   if quant_sim:
     x = quant.act_quant(x, 128)
-  y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=F32)
+  y = jnp.einsum("...i,oi->...o", x, dense(w, x.dtype), preferred_element_type=F32)
   return y.astype(x.dtype)
 
 
 def plain_linear(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """Compute-dtype matmul with fp32 accumulation (wo_a, indexer.weights_proj)."""
-  return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), preferred_element_type=F32).astype(x.dtype)
+  return jnp.einsum("...i,oi->...o", x, dense(w, x.dtype), preferred_element_type=F32).astype(x.dtype)
 
 
 def f32_linear(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """Both operands upcast to fp32, fp32 result."""
-  return jnp.einsum("...i,oi->...o", x.astype(F32), w.astype(F32), precision="highest")
+  return jnp.einsum("...i,oi->...o", x.astype(F32), dense(w, F32), precision="highest")

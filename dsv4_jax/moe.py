@@ -18,6 +18,7 @@ from dsv4_jax import quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear, fp8_linear
 from dsv4_jax.params import ParamSpec
+from dsv4_jax.qarray import dense
 
 F32 = jnp.float32
 
@@ -75,7 +76,7 @@ def shared_expert(p: dict, cfg: ModelConfig, x: jnp.ndarray) -> jnp.ndarray:
 
 def _grouped(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
   """x: [N, in] sorted by expert; w: [E, out, in] -> [N, out] fp32."""
-  return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes, preferred_element_type=F32)
+  return jax.lax.ragged_dot(x, jnp.swapaxes(dense(w, x.dtype), 1, 2), group_sizes, preferred_element_type=F32)
 
 
 def routed_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,125 @@
+"""Quantised weights as a pytree: the released fp8 / fp4 formats, consumed directly by the matmuls
+(docs/architecture.md §2.0, §5.2).
+
+    fp8:  values float8_e4m3fn [..., O, I],       scales uint8 e8m0 [..., ceil(O/128), ceil(I/128)], block (128, 128)
+    fp4:  values uint8 [..., O, I/2] (e2m1 x2,    scales uint8 e8m0 [..., O, I/32],                    block (1, 32)
+          element 2k in the low nibble)
+
+    W[..., o, i] = value[..., o, i] * 2^(scale[..., o // block[0], i // block[1]] - 127)
+
+The leading `...` axes are stacked layers (lax.scan) and routed experts; `block` covers the last two
+axes only. Scales are the raw e8m0 exponent bytes (uint8), so every format round-trips through
+Orbax / tensorstore. Every e4m3 or e2m1 value times a power of two is exact in bf16, so `dense` gives
+bit for bit the weight a dequantised checkpoint holds. The model calls `dense(w, dtype)` wherever it
+uses a weight: the same code runs on plain arrays and on `QArray`s.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+F32 = jnp.float32
+FP8_BLOCK = (128, 128)
+FP4_BLOCK = (1, 32)
+FORMATS = ("fp8", "fp4")
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@struct.dataclass
+class QArray:
+  """A block-scaled weight. `values` and `scales` are arrays (jax or numpy); `block`, `fmt` static."""
+  values: jax.Array
+  scales: jax.Array
+  block: tuple[int, int] = struct.field(pytree_node=False, default=FP8_BLOCK)
+  fmt: str = struct.field(pytree_node=False, default="fp8")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The logical (dequantised) shape."""
+    s = tuple(self.values.shape)
+    return s[:-1] + (2 * s[-1],) if self.fmt == "fp4" else s
+
+  @property
+  def ndim(self) -> int:
+    return len(self.values.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.values.nbytes) + int(self.scales.nbytes)
+
+  def dequantize(self, dtype=jnp.bfloat16) -> jax.Array:
+    return dequantize(self, dtype)
+
+
+def is_qarray(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+  """e8m0 scale shape for a logical weight shape [..., O, I] (partial blocks round up, as the reference)."""
+  *lead, o, i = shape
+  return tuple(lead) + (-(-o // block[0]), -(-i // block[1]))
+
+
+def e8m0_to_f32(s: jax.Array) -> jax.Array:
+  """uint8 exponent bytes -> fp32 2^(s-127), exact (bit construction; 0 -> 2^-127, 255 -> NaN)."""
+  f = jax.lax.bitcast_convert_type(s.astype(jnp.uint32) << 23, F32)
+  f = jnp.where(s == 0, F32(2.0 ** -127), f)
+  return jnp.where(s == 255, F32(jnp.nan), f)
+
+
+def unpack_fp4(packed: jax.Array) -> jax.Array:
+  """uint8 [..., I/2] -> fp32 e2m1 values [..., I] (low nibble first)."""
+  table = jnp.asarray(E2M1_VALUES, F32)
+  b = packed.astype(jnp.uint8)
+  vals = jnp.stack([table[b & 0xF], table[b >> 4]], axis=-1)
+  return vals.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def _apply_block_scales(v: jax.Array, s: jax.Array, block: tuple[int, int]) -> jax.Array:
+  """v: fp32 [..., O, I], s: fp32 [..., ceil(O/b0), ceil(I/b1)] -> v * s broadcast over the blocks."""
+  *lead, o, i = v.shape
+  b0, b1 = block
+  po, pi = s.shape[-2] * b0 - o, s.shape[-1] * b1 - i
+  if po or pi:                                   # partial edge blocks: pad, scale, cut
+    v = jnp.pad(v, [(0, 0)] * len(lead) + [(0, po), (0, pi)])
+  vb = v.reshape(*lead, s.shape[-2], b0, s.shape[-1], b1) * s[..., :, None, :, None]
+  return vb.reshape(*lead, o + po, i + pi)[..., :o, :i]
+
+
+def dequantize(w: QArray, dtype=jnp.bfloat16) -> jax.Array:
+  """The dense weight [..., O, I] in `dtype` (exact for bf16 and fp32)."""
+  if w.fmt == "fp8":
+    v = jnp.asarray(w.values).astype(F32)
+  elif w.fmt == "fp4":
+    v = unpack_fp4(jnp.asarray(w.values))
+  else:
+    raise ValueError(f"QArray: unknown format {w.fmt!r}; expected one of {FORMATS}.")
+  return _apply_block_scales(v, e8m0_to_f32(jnp.asarray(w.scales)), w.block).astype(dtype)
+
+
+def dense(w, dtype) -> jax.Array:
+  """The one place the model turns a stored weight into a matmul operand: a plain array is cast to
+  `dtype`, a QArray dequantised blockwise to `dtype` (inside the caller's jit, layer by layer)."""
+  if isinstance(w, QArray):
+    return dequantize(w, dtype)
+  return w.astype(dtype)
+
+
+# ---- host-side (numpy) helpers used by the checkpoint reader ------------------------------------
+
+def np_e8m0_bytes(scale: np.ndarray) -> np.ndarray | None:
+  """Released scales (float8_e8m0fnu, uint8 bytes, or float powers of two as HF's weight_scale_inv)
+  -> uint8 exponent bytes; None when a float scale is not an exact power of two."""
+  import ml_dtypes
+  if scale.dtype == ml_dtypes.float8_e8m0fnu:
+    return np.asarray(scale).view(np.uint8)
+  if scale.dtype == np.uint8:
+    return np.asarray(scale)
+  f = np.asarray(scale, np.float32)
+  mant, exp = np.frexp(f)
+  if not (np.all(mant == 0.5) and np.all(exp - 1 + 127 >= 1) and np.all(exp - 1 + 127 <= 254)):
+    return None
+  return (exp - 1 + 127).astype(np.uint8)
