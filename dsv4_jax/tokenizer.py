@@ -243,3 +243,41 @@ def load_tokenizer(path: str | os.PathLike | None = None, **kwargs) -> HFTokeniz
         return SentencePieceTokenizer(path)
     raise ValueError(f"cannot tell the tokenizer format of {path}: expected a tokenizer.json "
                      "(HF tokenizers) or a SentencePiece .model file")
+
+
+class StreamDecoder:
+    """Token ids -> text deltas while generating, never splitting a character.
+
+    Byte-level BPE spreads one character over several tokens (an emoji is often 3-4), so decoding
+    token by token would print U+FFFD halves. A delta is released once the text decoded so far no
+    longer ends in an incomplete character; `flush()` releases whatever is left at the end.
+
+        dec = StreamDecoder(tok)
+        for token_id in generated: parser.feed(dec.push([token_id]))
+        parser.feed(dec.flush())
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # decode window start: a little context keeps merges at the seam right
+        self._read = 0  # ids up to here have been released as text
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, ids: Sequence[int]) -> str:
+        self._ids.extend(int(i) for i in ids)
+        done = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return text[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        done = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(done):]

@@ -363,3 +363,25 @@ def test_to_message_and_printing():
     quiet = io.StringIO()
     EventPrinter(quiet, show_reasoning=False)(events[:3])
     assert quiet.getvalue() == "[answer]\nHi"
+
+
+def test_unknown_tools_are_refused_when_names_are_given():
+    text = "r</think>" + block(INVOKE_OK, INVOKE_OK.replace('"ok"', '"rm_rf"'))
+    msg = parse_completion(text, "thinking", strict=False, tool_names=["ok"])
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["ok"]
+    assert msg["errors"] == ["call to unknown tool 'rm_rf'; known: ['ok']"]
+    assert len(parse_completion(text, "thinking")["tool_calls"]) == 2  # no list: any name goes
+
+
+def test_long_streams_stay_linear():
+    """Token-sized chunks of a long tool value and a long stray tail: no quadratic rescans."""
+    import time
+
+    value = "x" * 200_000
+    text = ("r</think>" + block(f'<{D}invoke name="w">\n<{D}parameter name="t" string="true">{value}</{D}parameter>\n</{D}invoke>')
+            + "")
+    start = time.perf_counter()
+    events = _stream(text, "thinking", range(0, len(text), 4))
+    assert time.perf_counter() - start < 5
+    (call,) = [e for e in events if isinstance(e, ToolCall)]
+    assert json.loads(call.arguments) == {"t": value}

@@ -229,3 +229,36 @@ def test_modules_stay_light():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in ("jax", "jaxlib", "flax", "numpy", "torch"), (path, name)
+
+
+@pytest.mark.parametrize("text", [
+    "Hello! 毕老师！1 + 1 = 2 🚀🔥 naïve café مرحبا e\u0301",
+    "<think>推理🚀</think>答案<｜end▁of▁sentence｜>",
+    "こんにちは、カタカナ テスト 👩‍👩‍👧‍👦",
+])
+def test_stream_decoder_never_splits_characters(tok, text):
+    from dsv4_jax.tokenizer import StreamDecoder
+
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # single tokens do split characters here
+    rng = __import__("random").Random(0)
+    for group in (1, 2, 3, None):
+        dec, deltas, i = StreamDecoder(tok), [], 0
+        while i < len(ids):
+            n = group or rng.randint(1, 4)
+            deltas.append(dec.push(ids[i:i + n]))
+            i += n
+        deltas.append(dec.flush())
+        assert "".join(deltas) == text
+        assert not any("\ufffd" in d for d in deltas)
+
+
+def test_stream_decoder_flushes_a_cut_character(tok):
+    from dsv4_jax.tokenizer import StreamDecoder
+
+    ids = tok.encode("a🚀")
+    dec = StreamDecoder(tok)
+    assert len(ids) == 3 and dec.push(ids[:1]) == "a"
+    assert dec.push(ids[1:2]) == ""  # the emoji is incomplete: held back
+    assert dec.flush() == "\ufffd"  # generation stopped mid-character: shown, not lost
+    assert dec.flush() == ""

@@ -89,7 +89,7 @@ def tag(name: str, spelling: str = DSML, closing: bool = False) -> str:
     return f"<{'/' if closing else ''}{spelling}{name}>"
 
 
-def _short(text: str, limit: int = 80) -> str:
+def excerpt(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
@@ -104,10 +104,10 @@ def parse_invoke(segment: str) -> tuple[str, str]:
     pos = _SPACE.match(segment).end()
     opening = _INVOKE_OPEN.match(segment, pos)
     if opening is None:
-        raise DSMLError(f"expected <{DSML}invoke name=\"...\"> in the tool_calls block, got {_short(segment[pos:])}")
+        raise DSMLError(f"expected <{DSML}invoke name=\"...\"> in the tool_calls block, got {excerpt(segment[pos:])}")
     name_attr = _NAME_ATTR.fullmatch(opening.group(1))
     if name_attr is None or not name_attr.group(1):
-        raise DSMLError(f"invoke tag without a tool name: {_short(opening.group(0))}")
+        raise DSMLError(f"invoke tag without a tool name: {excerpt(opening.group(0))}")
     name = name_attr.group(1)
     pos = opening.end()
     params: dict[str, str] = {}  # name -> JSON text of the value
@@ -116,22 +116,22 @@ def parse_invoke(segment: str) -> tuple[str, str]:
         closing = _INVOKE_CLOSE.match(segment, pos)
         if closing:
             if segment[closing.end():].strip():
-                raise DSMLError(f"unexpected text after invoke {name!r}: {_short(segment[closing.end():])}")
+                raise DSMLError(f"unexpected text after invoke {name!r}: {excerpt(segment[closing.end():])}")
             break
         param = _PARAM_OPEN.match(segment, pos)
         if param is None:
-            raise DSMLError(f"unexpected text inside invoke {name!r}: {_short(segment[pos:])}")
+            raise DSMLError(f"unexpected text inside invoke {name!r}: {excerpt(segment[pos:])}")
         attrs = _PARAM_ATTRS.fullmatch(param.group(1))
         if attrs is None:
             raise DSMLError(f"parameter tag in invoke {name!r} needs name=\"...\" and string=\"true|false\": "
-                            f"{_short(param.group(0))}")
+                            f"{excerpt(param.group(0))}")
         key, is_string = attrs.group(1), attrs.group(2) == "true"
         close = _PARAM_CLOSE.search(segment, param.end())
         if close is None:
             raise DSMLError(f"parameter {key!r} of invoke {name!r} is not closed")
         value = segment[param.end():close.start()]
         if _ANY_DSML.search(value):
-            raise DSMLError(f"DSML markup inside the value of parameter {key!r} of invoke {name!r}: {_short(value)}")
+            raise DSMLError(f"DSML markup inside the value of parameter {key!r} of invoke {name!r}: {excerpt(value)}")
         if key in params:
             raise DSMLError(f"duplicate parameter {key!r} in invoke {name!r}")
         if is_string:
@@ -141,7 +141,7 @@ def parse_invoke(segment: str) -> tuple[str, str]:
                 json.loads(value)
             except ValueError:
                 raise DSMLError(f"parameter {key!r} of invoke {name!r} has string=\"false\" but its value is "
-                                f"not JSON: {_short(value)}") from None
+                                f"not JSON: {excerpt(value)}") from None
             params[key] = value  # kept as written, as DeepSeek's decoder does
         pos = close.end()
     arguments = "{" + ", ".join(f"{to_json(k)}: {v}" for k, v in params.items()) + "}"

@@ -10,7 +10,7 @@ has a regression test for each):
   adjacent deltas are merged.
 * A tool call is emitted only when its `</｜DSML｜invoke>` arrives, complete and validated.
 * Text after `<｜DSML｜tool_calls>` is protocol, never content; DSML anywhere else (a stray invoke,
-  a closing tag) ends text output and becomes a `ParseError` carrying the rest of the output.
+  a closing tag) ends text output: the rest becomes one `ParseError` quoting where it began.
 * It fails closed: malformed invokes, unclosed blocks and leftovers become `ParseError` events.
 * Both `｜DSML｜` and ASCII `|DSML|` are accepted, and a tool block may open before `</think>`.
 """
@@ -42,25 +42,26 @@ _MARKERS = {
 }
 
 
-def _scan(buf: str, markers: tuple[str, ...], final: bool) -> tuple[int, str | None]:
+def _scan(buf: str, markers: tuple[str, ...], final: bool, start: int = 0) -> tuple[int, str | None]:
     """(position, marker) of the first marker in `buf` that no further input can change, or
     (hold, None): no marker yet, and buf[hold:] might still become one (hold == len(buf) if not).
 
     Earliest start wins, then the longest marker. A complete match is not final while a marker
     could still complete at or before its start ("<｜DSML｜" may become "<｜DSML｜tool_calls>").
+    No marker starts before `start` (the caller searched there already).
     """
     best_pos, best = len(buf), None
     for marker in markers:
-        pos = buf.find(marker)
+        pos = buf.find(marker, start)
         if pos >= 0 and (pos < best_pos or (pos == best_pos and len(marker) > len(best))):
             best_pos, best = pos, marker
     hold = len(buf)
     if not final and markers:
         longest = max(map(len, markers))
-        for start in range(max(0, len(buf) - longest + 1), len(buf)):
-            tail = buf[start:]
+        for at in range(max(0, len(buf) - longest + 1), len(buf)):
+            tail = buf[at:]
             if any(len(m) > len(tail) and m.startswith(tail) for m in markers):
-                hold = start
+                hold = at
                 break
     if best is not None and best_pos < hold:
         return best_pos, best
@@ -76,12 +77,15 @@ class StreamParser:
         events = p.finish()
     """
 
-    def __init__(self, thinking_mode: str = "thinking"):
+    def __init__(self, thinking_mode: str = "thinking", tool_names=None):
+        """`tool_names`: if given, a call to any other tool is a ParseError, not a ToolCall."""
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
         self.thinking_mode = thinking_mode
+        self.tool_names = None if tool_names is None else frozenset(tool_names)
         self._state = "reasoning" if thinking_mode == "thinking" else "content"
         self._buf = ""
+        self._searched = 0  # no marker starts before this offset of self._buf (waiting states)
         self._calls = 0  # tool calls emitted
         self._invokes = 0  # invokes seen in the current block, well-formed or not
         self._block_in_reasoning = False
@@ -107,7 +111,8 @@ class StreamParser:
     def _run(self, final: bool) -> list[Event]:
         events: list[Event] = []
         while True:
-            pos, marker = _scan(self._buf, _MARKERS[self._state], final)
+            markers = _MARKERS[self._state]
+            pos, marker = _scan(self._buf, markers, final, self._searched)
             if self._state in ("reasoning", "content"):
                 delta = (ReasoningDelta if self._state == "reasoning" else ContentDelta)(self._buf[:pos])
                 if delta.text:
@@ -116,9 +121,13 @@ class StreamParser:
                 if marker is None:
                     return events
                 self._on_text_marker(marker, events)
-            elif marker is None:
-                return events  # other states wait for their marker, or for finish()
-            elif self._state == "tools":
+                continue
+            if marker is None:
+                # other states wait for their marker, or for finish(); resume the search near the end
+                self._searched = max(0, len(self._buf) - max(map(len, markers), default=0))
+                return events
+            self._searched = 0
+            if self._state == "tools":
                 self._on_tools_marker(pos, marker, events)
             else:  # "after_tools" or "stray", at EOS
                 self._close_trailing(self._buf[:pos], events)
@@ -151,25 +160,28 @@ class StreamParser:
             except dsml.DSMLError as err:
                 events.append(ParseError(str(err)))
             else:
-                events.append(ToolCall(name, arguments, self._calls))
-                self._calls += 1
+                if self.tool_names is not None and name not in self.tool_names:
+                    events.append(ParseError(f"call to unknown tool {name!r}; known: {sorted(self.tool_names)}"))
+                else:
+                    events.append(ToolCall(name, arguments, self._calls))
+                    self._calls += 1
         elif marker in _CLOSE_BLOCK:
             if before.strip():
-                events.append(ParseError(f"unclosed or malformed invoke in the tool_calls block: {dsml._short(before)}"))
+                events.append(ParseError(f"unclosed or malformed invoke in the tool_calls block: {dsml.excerpt(before)}"))
             elif self._invokes == 0:
                 events.append(ParseError("empty tool_calls block"))
             self._state = "after_tools"
         else:  # EOS
             events.append(ParseError("end of sentence inside the tool_calls block"
-                                     + (f": {dsml._short(before)}" if before.strip() else "")))
+                                     + (f": {dsml.excerpt(before)}" if before.strip() else "")))
             self._state = "done"
 
     def _close_trailing(self, text: str, events: list[Event]) -> None:
         """Text between the end of a tool block (or a stray tag) and EOS / the end of output."""
         if self._state == "stray":
-            events.append(ParseError(f"DSML markup outside a tool_calls block: {dsml._short(text)}"))
+            events.append(ParseError(f"DSML markup outside a tool_calls block: {dsml.excerpt(text)}"))
         elif text.strip() not in (("", THINK_END) if self._block_in_reasoning else ("",)):
-            events.append(ParseError(f"text after the tool_calls block: {dsml._short(text)}"))
+            events.append(ParseError(f"text after the tool_calls block: {dsml.excerpt(text)}"))
 
     def _close(self) -> list[Event]:
         """At the end of output, after a final _run."""
@@ -178,23 +190,24 @@ class StreamParser:
             events.append(ParseError(f"output ended inside the reasoning: no {THINK_END}"))
         elif self._state == "tools":
             events.append(ParseError("output ended inside the tool_calls block"
-                                     + (f": {dsml._short(self._buf)}" if self._buf.strip() else "")))
+                                     + (f": {dsml.excerpt(self._buf)}" if self._buf.strip() else "")))
         elif self._state in ("after_tools", "stray"):
             self._close_trailing(self._buf, events)
         elif self._state == "done" and self._buf:
-            events.append(ParseError(f"text after the end of sentence: {dsml._short(self._buf)}"))
+            events.append(ParseError(f"text after the end of sentence: {dsml.excerpt(self._buf)}"))
         self._buf = ""
         return events
 
 
-def parse_completion(text: str, thinking_mode: str = "thinking", strict: bool = True) -> dict:
+def parse_completion(text: str, thinking_mode: str = "thinking", strict: bool = True, tool_names=None) -> dict:
     """{"role": "assistant", "content", "reasoning_content", "tool_calls"} from a whole completion
     (with or without the final EOS). Tool calls are OpenAI-style with JSON-string arguments.
 
     Malformed output raises `dsml.DSMLError` when `strict`; otherwise the message also gets
-    "errors": [messages] and keeps only what parsed cleanly.
+    "errors": [messages] and keeps only what parsed cleanly. `tool_names` restricts the tools
+    that may be called (see StreamParser).
     """
-    parser = StreamParser(thinking_mode)
+    parser = StreamParser(thinking_mode, tool_names)
     message = to_message(parser.feed(text) + parser.finish())
     if strict and "errors" in message:
         raise dsml.DSMLError("malformed completion: " + "; ".join(message["errors"]))
