@@ -46,12 +46,13 @@ JSON_VALUES = [0, -7, 3.25, 1e-05, True, False, None, [], [1, "two", None], {},
 TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "Get current weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "parameters": {"type": "object",
+                       "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
                        "required": ["city"]}}},
     {"type": "function", "function": {
         "name": "search", "description": "Search the web for \"quoted\" <terms>.",
-        "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "top_k": {"type": "integer"},
-                                                        "filters": {"type": "object"}}}}},
+        "parameters": {"type": "object", "properties": {
+            "query": {"type": "string"}, "top_k": {"type": "integer"}, "filters": {"type": "object"}}}}},
     {"type": "function", "function": {
         "name": "run_shell", "description": "Run a shell command; 输出 stdout.",
         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}},
@@ -59,8 +60,8 @@ TOOLS = [
                                       "parameters": {"type": "object", "properties": {}}}},
     {"type": "function", "function": {
         "name": "write_file", "description": "Write text to a file.",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "text": {"type": "string"},
-                                                        "append": {"type": "boolean"}}}}},
+        "parameters": {"type": "object", "properties": {
+            "path": {"type": "string"}, "text": {"type": "string"}, "append": {"type": "boolean"}}}}},
 ]
 
 RESPONSE_FORMATS = [
@@ -82,7 +83,9 @@ class _Gen:
         return " ".join(parts) if allow_empty or any(parts) else "text"
 
     def value(self):
-        return self.r.choice(STRING_VALUES) if self.r.random() < 0.6 else copy.deepcopy(self.r.choice(JSON_VALUES))
+        if self.r.random() < 0.6:
+            return self.r.choice(STRING_VALUES)
+        return copy.deepcopy(self.r.choice(JSON_VALUES))
 
     def arguments(self, tool: dict):
         props = list(tool["function"]["parameters"]["properties"]) or []
@@ -109,10 +112,12 @@ class _Gen:
         return calls
 
     def tool_results(self, calls: list[dict]) -> list[dict]:
-        results = [{"role": "tool", "tool_call_id": c["id"],
-                    "content": (self.text() if self.r.random() < 0.8 else
-                                [{"type": "text", "text": self.text()}, {"type": "text", "text": self.text()}])}
-                   for c in calls]
+        results = []
+        for call in calls:
+            content = self.text()
+            if self.r.random() < 0.2:  # OpenAI content parts
+                content = [{"type": "text", "text": content}, {"type": "text", "text": self.text()}]
+            results.append({"role": "tool", "tool_call_id": call["id"], "content": content})
         if self.r.random() < 0.5:
             self.r.shuffle(results)  # the encoder puts them back in call order
         return results

@@ -19,6 +19,7 @@ from dsv4_jax.tokenizer import load_tokenizer
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CORPUS = chat_corpus.generate(n=600, seed=0)
+ENCODE_ARGS = ("thinking_mode", "reasoning_effort", "drop_thinking", "add_default_bos_token")
 BATCH = 100
 
 
@@ -33,12 +34,12 @@ def tok():
 
 
 def _kwargs(case):
-    return {k: case[k] for k in ("thinking_mode", "reasoning_effort", "drop_thinking", "add_default_bos_token")}
+    return {k: case[k] for k in ENCODE_ARGS}
 
 
 def _official(official, case):
-    return official.encode_messages(chat_corpus.with_string_arguments(case["messages"]),
-                                    context=chat_corpus.with_string_arguments(case["context"]), **_kwargs(case))
+    return official.encode_messages(chat_corpus.with_string_arguments(case["messages"]), **_kwargs(case),
+                                    context=chat_corpus.with_string_arguments(case["context"]))
 
 
 WEATHER = {"type": "function", "function": {
@@ -56,10 +57,11 @@ def worked_example():
     return [
         {"role": "system", "content": "You are a helpful assistant.", "tools": [WEATHER]},
         {"role": "user", "content": "What's the weather in Paris?"},
-        {"role": "assistant", "reasoning_content": "The user wants Paris weather; call get_weather.", "content": "",
-         "tool_calls": [_call("call_1", "get_weather", json.dumps({"city": "Paris", "days": 1}))]},
+        {"role": "assistant", "reasoning_content": "The user wants Paris weather; call get_weather.",
+         "content": "", "tool_calls": [_call("call_1", "get_weather", '{"city": "Paris", "days": 1}')]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18, "sky": "cloudy"}'},
-        {"role": "assistant", "reasoning_content": "Tool says 18C cloudy.", "content": "It's 18°C and cloudy in Paris."},
+        {"role": "assistant", "reasoning_content": "Tool says 18C cloudy.",
+         "content": "It's 18°C and cloudy in Paris."},
         {"role": "user", "content": "Thanks! Should I take an umbrella?"},
     ]
 
@@ -74,7 +76,8 @@ def test_corpus_matches_official_encoder(official, start):
         ours = encode_messages(case["messages"], context=case["context"], **_kwargs(case))
         theirs = _official(official, case)
         if ours != theirs:
-            at = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            at = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                      min(len(ours), len(theirs)))
             mismatches.append(f"case {i} differs at char {at}: ours {ours[at - 40:at + 40]!r} "
                               f"official {theirs[at - 40:at + 40]!r}")
     assert not mismatches, "\n".join(mismatches[:5])
@@ -82,7 +85,8 @@ def test_corpus_matches_official_encoder(official, start):
 
 def test_corpus_covers_every_feature():
     seen = {k: 0 for k in ("tools", "no_tools", "response_format", "developer", "latest_reminder", "task",
-                           "action_task", "tool_result", "parallel_calls", "dict_arguments", "non_json_arguments",
+                           "action_task", "tool_result", "parallel_calls", "dict_arguments",
+                           "non_json_arguments",
                            "list_tool_content", "reasoning", "multi_turn_thinking", "consecutive_users",
                            "context", "no_bos", "keep_thinking", "max", "high", "chat", "thinking", "wo_eos",
                            "unicode", "quotes", "angle_brackets", "newlines")}
@@ -135,10 +139,11 @@ def test_worked_example_exact_string_and_tokens(tok):
 
 def test_reasoning_effort_max_preamble():
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    assert encode_messages(msgs, "thinking", reasoning_effort="max") == BOS + REASONING_EFFORT_MAX + "S<｜User｜>U<｜Assistant｜><think>"
+    assert encode_messages(msgs, "thinking", reasoning_effort="max") == (
+        BOS + REASONING_EFFORT_MAX + "S<｜User｜>U<｜Assistant｜><think>")
     assert encode_messages(msgs, "thinking", reasoning_effort="high") == encode_messages(msgs, "thinking")
     assert encode_messages(msgs, "chat", reasoning_effort="max") == BOS + "S<｜User｜>U<｜Assistant｜></think>"
-    assert REASONING_EFFORT_MAX.startswith("Reasoning Effort: Absolute maximum with no shortcuts permitted.\n")
+    assert REASONING_EFFORT_MAX.startswith("Reasoning Effort: Absolute maximum ")
 
 
 def test_earlier_reasoning_dropped_only_without_tools():
@@ -156,7 +161,8 @@ def test_earlier_reasoning_dropped_only_without_tools():
 def test_developer_turns_before_last_user_are_dropped():
     msgs = [{"role": "developer", "content": "D"}, {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    assert encode_messages(msgs, "thinking") == BOS + "<｜User｜>a<｜Assistant｜></think>b" + EOS + "<｜User｜>c<｜Assistant｜><think>"
+    assert encode_messages(msgs, "thinking") == (
+        BOS + "<｜User｜>a<｜Assistant｜></think>b" + EOS + "<｜User｜>c<｜Assistant｜><think>")
     assert encode_messages(msgs, "chat").startswith(BOS + "<｜User｜>D<｜User｜>a")
 
 
@@ -164,7 +170,8 @@ def test_tool_results_merge_into_user_turn_in_call_order():
     msgs = [{"role": "system", "content": "", "tools": [WEATHER]},
             {"role": "user", "content": "two cities"},
             {"role": "assistant", "reasoning_content": "r", "content": "",
-             "tool_calls": [_call("a", "get_weather", '{"city": "Paris"}'), _call("b", "get_weather", '{"city": "Rome"}')]},
+             "tool_calls": [_call("a", "get_weather", '{"city": "Paris"}'),
+                            _call("b", "get_weather", '{"city": "Rome"}')]},
             {"role": "tool", "tool_call_id": "b", "content": "ROME"},
             {"role": "tool", "tool_call_id": "a", "content": "PARIS"},
             {"role": "user", "content": "and?"}]
@@ -176,7 +183,8 @@ def test_tool_results_merge_into_user_turn_in_call_order():
 def test_dict_arguments_render_like_json_strings(official):
     args = {"city": "Paris", "days": 1, "opts": {"unit": "C"}}
     msgs = [{"role": "system", "content": "", "tools": [WEATHER]}, {"role": "user", "content": "q"},
-            {"role": "assistant", "reasoning_content": "", "content": "", "tool_calls": [_call("x", "get_weather", args)]}]
+            {"role": "assistant", "reasoning_content": "", "content": "",
+             "tool_calls": [_call("x", "get_weather", args)]}]
     as_string = copy.deepcopy(msgs)
     as_string[2]["tool_calls"][0]["function"]["arguments"] = json.dumps(args)
     ours = encode_messages(msgs, "thinking")
@@ -201,7 +209,8 @@ def test_tool_call_rendering_exact():
         '<｜DSML｜parameter name="flag" string="false">null</｜DSML｜parameter>\n'
         "</｜DSML｜invoke>\n"
         '<｜DSML｜invoke name="now">\n\n</｜DSML｜invoke>\n'
-        '<｜DSML｜invoke name="raw">\n<｜DSML｜parameter name="arguments" string="true">not json</｜DSML｜parameter>\n'
+        '<｜DSML｜invoke name="raw">\n'
+        '<｜DSML｜parameter name="arguments" string="true">not json</｜DSML｜parameter>\n'
         "</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS)
 
 
@@ -211,7 +220,8 @@ def test_latest_reminder_task_and_response_format():
             {"role": "latest_reminder", "content": "date: today"},
             {"role": "user", "content": "title this", "task": "title"}]
     assert encode_messages(msgs, "thinking") == (
-        BOS + 'S\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{"type": "json_object"}'
+        BOS + "S\n\n## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
+        '{"type": "json_object"}'
         "<｜latest_reminder｜>date: today<｜User｜>title this<｜title｜>")
     action = [{"role": "user", "content": "do it", "task": "action"}, {"role": "assistant", "content": "ok"}]
     assert encode_messages(action, "thinking") == BOS + "<｜User｜>do it<｜Assistant｜><think><｜action｜>ok" + EOS
@@ -225,7 +235,8 @@ def test_context_continuation_and_bos(official):
             tail = encode_messages(msgs[k:], mode, context=msgs[:k])
             assert tail == official.encode_messages(msgs[k:], mode, context=msgs[:k])
             assert not tail.startswith(BOS)
-    assert encode_messages(msgs, "thinking") == BOS + encode_messages(msgs, "thinking", add_default_bos_token=False)
+    without_bos = encode_messages(msgs, "thinking", add_default_bos_token=False)
+    assert encode_messages(msgs, "thinking") == BOS + without_bos
     # with tools the history is prefix-stable: a continuation appends to the earlier prompt
     assert encode_messages(msgs, "thinking").endswith(encode_messages(msgs[5:], "thinking", context=msgs[:5]))
 
@@ -261,7 +272,8 @@ def test_prompt_helpers_for_launch(tmp_path):
     assert chat_prompt([{"role": "user", "content": "q"}], tools=[WEATHER]) == encode_messages(with_tools)
     path = tmp_path / "chat.json"
     path.write_text(json.dumps({"messages": worked_example()[1:], "tools": [WEATHER]}))
-    assert chat_prompt(load_chat(path), system=None) == encode_messages(attach_tools(worked_example()[1:], [WEATHER]))
+    expected = encode_messages(attach_tools(worked_example()[1:], [WEATHER]))
+    assert chat_prompt(load_chat(path), system=None) == expected
     path.write_text(json.dumps(worked_example()))
     assert encode_messages(load_chat(path)) == encode_messages(worked_example())
     path.write_text('{"turns": []}')

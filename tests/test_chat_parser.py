@@ -12,14 +12,16 @@ import random
 import pytest
 
 import chat_corpus
-from dsv4_jax.chat import (ContentDelta, DSMLError, EventPrinter, ParseError, ReasoningDelta, StreamParser, ToolCall,
-                           encode_messages, format_event, merge_deltas, parse_completion, to_message)
+from dsv4_jax.chat import (ContentDelta, DSMLError, EventPrinter, ParseError, ReasoningDelta, StreamParser,
+                           ToolCall, encode_messages, format_event, merge_deltas, parse_completion,
+                           to_message)
 from dsv4_jax.chat.dsml import arguments_dict
 from dsv4_jax.chat.tokens import TASK_TOKENS
 
 EOS = "<｜end▁of▁sentence｜>"
 D = "｜DSML｜"
 CORPUS = chat_corpus.generate(n=600, seed=0)
+ENCODE_ARGS = ("thinking_mode", "reasoning_effort", "drop_thinking", "add_default_bos_token")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def _assistant_turns():
     turns = []
     for case in CORPUS:
         msgs = (case["context"] or []) + case["messages"]
-        kwargs = {k: case[k] for k in ("thinking_mode", "reasoning_effort", "drop_thinking", "add_default_bos_token")}
+        kwargs = {k: case[k] for k in ENCODE_ARGS}
         for i, msg in enumerate(msgs):
             if msg["role"] != "assistant" or i == 0:
                 continue
@@ -91,9 +93,9 @@ def test_parse_inverts_encode_on_every_assistant_turn():
     for text, mode, msg in TURNS:
         got = parse_completion(text, mode)
         calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got["tool_calls"]]
-        assert {"content": got["content"], "reasoning_content": got["reasoning_content"], "tool_calls": calls} \
-            == _expected(msg, mode), text
-        assert got["role"] == "assistant" and set(got) == {"role", "content", "reasoning_content", "tool_calls"}
+        assert got.pop("role") == "assistant"
+        got["tool_calls"] = calls
+        assert got == _expected(msg, mode), text
 
 
 def test_parse_matches_official_parser(official):
@@ -125,7 +127,8 @@ def _split_sample():
     rng = random.Random(1)
     with_calls = [t for t in TURNS if t[2].get("tool_calls")]
     plain = [t for t in TURNS if not t[2].get("tool_calls")]
-    return rng.sample(with_calls, 50) + rng.sample(plain, 20) + [t for t in TURNS if not t[0].endswith(EOS)][:5]
+    no_eos = [t for t in TURNS if not t[0].endswith(EOS)]
+    return rng.sample(with_calls, 50) + rng.sample(plain, 20) + no_eos[:5]
 
 
 @pytest.mark.parametrize("k", range(75))
@@ -150,7 +153,8 @@ def test_random_multiway_splits_of_every_turn():
 
 def test_char_by_char_and_tool_call_emitted_when_invoke_closes():
     text = ("plan: call both</think>Checking.\n\n<｜DSML｜tool_calls>\n"
-            '<｜DSML｜invoke name="get_weather">\n<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+            '<｜DSML｜invoke name="get_weather">\n'
+            '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
             '<｜DSML｜invoke name="now">\n\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>' + EOS)
     parser, seen = StreamParser("thinking"), []
     for i, ch in enumerate(text):
@@ -180,63 +184,65 @@ def test_text_is_held_back_only_while_it_could_be_markup():
 
 # ----------------------------------------------------------------------------- fail closed
 
-INVOKE_OK = f'<{D}invoke name="ok">\n<{D}parameter name="a" string="true">A</{D}parameter>\n</{D}invoke>'
+def param(value, attrs='name="a" string="true"'):
+    return f"<{D}parameter {attrs}>{value}</{D}parameter>"
+
+
+def invoke(name_attr, *params):
+    return f"<{D}invoke{name_attr}>\n" + "\n".join(params) + f"\n</{D}invoke>"
 
 
 def block(*invokes):
     return f"\n\n<{D}tool_calls>\n" + "\n".join(invokes) + f"\n</{D}tool_calls>" + EOS
 
 
+INVOKE_OK = invoke(' name="ok"', param("A"))
+F = ' name="f"'
+OPEN_BLOCK = f"r</think>\n\n<{D}tool_calls>\n"
+
 MALFORMED = {
     # name: (completion in thinking mode, error text, tool calls still emitted)
-    "invoke without name": ("r</think>" + block(f"<{D}invoke>\n</{D}invoke>"), "without a tool name", 0),
-    "invoke with empty name": ("r</think>" + block(f'<{D}invoke name="">\n\n</{D}invoke>'), "without a tool name", 0),
+    "invoke without name": ("r</think>" + block(invoke("")), "without a tool name", 0),
+    "invoke with empty name": ("r</think>" + block(invoke(' name=""')), "without a tool name", 0),
     "parameter without string attribute (sglang #39435)": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter name="a">1</{D}parameter>\n</{D}invoke>'),
+        "r</think>" + block(invoke(F, param("1", 'name="a"'))),
         'needs name="..." and string="true|false"', 0),
     "parameter without name": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter string="true">1</{D}parameter>\n</{D}invoke>'),
-        'needs name="..."', 0),
+        "r</think>" + block(invoke(F, param("1", 'string="true"'))), 'needs name="..."', 0),
     "parameter with string=maybe": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter name="a" string="maybe">1</{D}parameter>\n</{D}invoke>'),
-        'string="true|false"', 0),
+        "r</think>" + block(invoke(F, param("1", 'name="a" string="maybe"'))), 'string="true|false"', 0),
     "parameter missing the DSML token (sglang #39435)": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<parameter name="a" string="true">1</parameter>\n</{D}invoke>'),
+        "r</think>" + block(invoke(F, '<parameter name="a" string="true">1</parameter>')),
         "unexpected text inside invoke 'f'", 0),
     "bad JSON in a non-string parameter": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter name="a" string="false">{{a: 1}}</{D}parameter>\n</{D}invoke>'),
-        "not JSON", 0),
+        "r</think>" + block(invoke(F, param("{a: 1}", 'name="a" string="false"'))), "not JSON", 0),
     "partial JSON value (sglang #39632)": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter name="a" string="false">[1, 2</{D}parameter>\n</{D}invoke>'),
-        "not JSON", 0),
+        "r</think>" + block(invoke(F, param("[1, 2", 'name="a" string="false"'))), "not JSON", 0),
     "duplicate parameter": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter name="a" string="true">1</{D}parameter>\n'
-                            f'<{D}parameter name="a" string="true">2</{D}parameter>\n</{D}invoke>'),
-        "duplicate parameter 'a'", 0),
+        "r</think>" + block(invoke(F, param("1"), param("2"))), "duplicate parameter 'a'", 0),
     "unclosed parameter": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter name="a" string="true">1\n</{D}invoke>'),
+        "r</think>" + block(invoke(F, f'<{D}parameter name="a" string="true">1')),
         "parameter 'a' of invoke 'f' is not closed", 0),
     "closing tag without '>' leaks into the value (vllm #53227)": (
-        "r</think>" + block(f'<{D}invoke name="f">\n<{D}parameter name="path" string="true">/tmp/x</{D}parameter\n'
-                            f'<{D}parameter name="b" string="true">y</{D}parameter>\n</{D}invoke>'),
+        "r</think>" + block(invoke(F, f'<{D}parameter name="path" string="true">/tmp/x</{D}parameter',
+                                   param("y", 'name="b" string="true"'))),
         "DSML markup inside the value of parameter 'path'", 0),
     "unclosed invoke at the end (sglang finish)": (
-        f'r</think>\n\n<{D}tool_calls>\n<{D}invoke name="f">\n<{D}parameter name="a" string="true">1</{D}parameter>\n',
-        "output ended inside the tool_calls block", 0),
+        OPEN_BLOCK + f"<{D}invoke{F}>\n" + param("1") + "\n", "output ended inside the tool_calls block", 0),
     "unclosed block at EOS": (
-        f"r</think>\n\n<{D}tool_calls>\n{INVOKE_OK}\n" + EOS, "end of sentence inside the tool_calls block", 1),
-    "unclosed block at the end": (f"r</think>\n\n<{D}tool_calls>\n{INVOKE_OK}", "output ended inside", 1),
+        OPEN_BLOCK + INVOKE_OK + "\n" + EOS, "end of sentence inside the tool_calls block", 1),
+    "unclosed block at the end": (OPEN_BLOCK + INVOKE_OK, "output ended inside", 1),
     "empty block": ("r</think>" + block(""), "empty tool_calls block", 0),
     "garbage before an invoke": ("r</think>" + block("junk " + INVOKE_OK), "expected <｜DSML｜invoke", 0),
-    "garbage before the block closes": ("r</think>" + block(INVOKE_OK, "junk"), "unclosed or malformed invoke", 1),
+    "garbage before the block closes": (
+        "r</think>" + block(INVOKE_OK, "junk"), "unclosed or malformed invoke", 1),
     "invoke inside an unclosed invoke": (
-        "r</think>" + block(f'<{D}invoke name="f">', INVOKE_OK), "unexpected text inside invoke 'f'", 0),
+        "r</think>" + block(f"<{D}invoke{F}>", INVOKE_OK), "unexpected text inside invoke 'f'", 0),
     "malformed invoke then a good one (sglang #34600)": (
-        "r</think>" + block(f'<{D}invoke name="bad">\n<{D}parameter>x</{D}parameter>\n</{D}invoke>', INVOKE_OK),
+        "r</think>" + block(invoke(' name="bad"', f"<{D}parameter>x</{D}parameter>"), INVOKE_OK),
         "invoke 'bad'", 1),
     "stray invoke in content, no tool_calls wrapper": (
-        f'r</think>Sure.<{D}invoke name="f">\n<{D}parameter name="a" string="true">1</{D}parameter>\n</{D}invoke>' + EOS,
-        "DSML markup outside a tool_calls block", 0),
+        "r</think>Sure." + invoke(F, param("1")) + EOS, "DSML markup outside a tool_calls block", 0),
     "stray closing tag in the reasoning": (
         f"think </{D}tool_calls> more</think>answer" + EOS, "DSML markup outside a tool_calls block", 0),
     "stray ASCII DSML in content (cline #13348)": (
@@ -280,7 +286,8 @@ def test_malformed_parameters_never_become_an_empty_call():
 def test_stray_markup_ends_text_output():
     msg = parse_completion(MALFORMED["stray closing tag in the reasoning"][0], "thinking", strict=False)
     assert msg["reasoning_content"] == "think " and msg["content"] == "" and msg["tool_calls"] == []
-    msg = parse_completion(MALFORMED["stray invoke in content, no tool_calls wrapper"][0], "thinking", strict=False)
+    text = MALFORMED["stray invoke in content, no tool_calls wrapper"][0]
+    msg = parse_completion(text, "thinking", strict=False)
     assert msg["content"] == "Sure." and "invoke" in msg["errors"][0]
 
 
@@ -290,7 +297,8 @@ def test_stray_markup_ends_text_output():
 def test_ascii_dsml_variant_parses():
     text = ('r</think>\n\n<|DSML|tool_calls>\n<|DSML|invoke name="f">\n'
             '<|DSML|parameter name="a" string="false">[1]</|DSML|parameter>\n'
-            f'<{D}parameter name="b" string="true">mixed</{D}parameter>\n</|DSML|invoke>\n</|DSML|tool_calls>' + EOS)
+            f'<{D}parameter name="b" string="true">mixed</{D}parameter>\n'
+            "</|DSML|invoke>\n</|DSML|tool_calls>" + EOS)
     msg = parse_completion(text, "thinking")
     assert msg["content"] == "" and msg["tool_calls"] == [
         {"type": "function", "function": {"name": "f", "arguments": '{"a": [1], "b": "mixed"}'}}]
@@ -309,8 +317,8 @@ def test_tool_block_before_think_end(after):
 def test_values_keep_characters_of_the_closing_tag():
     """sglang #34600: str.rstrip(tag) ate trailing characters of values ("find /tmp" -> "find /")."""
     values = ["find /tmp", "parameter", "meta>", "</", "a|DSM", "DSML", "x｜", ">", ""]
-    params = "\n".join(f'<{D}parameter name="v{i}" string="true">{v}</{D}parameter>' for i, v in enumerate(values))
-    text = "</think>" + block(f'<{D}invoke name="f">\n{params}\n</{D}invoke>')
+    params = [param(v, f'name="v{i}" string="true"') for i, v in enumerate(values)]
+    text = "</think>" + block(invoke(F, *params))
     for cut in range(len(text) + 1):
         (call,) = [e for e in _stream(text, "thinking", [cut]) if isinstance(e, ToolCall)]
         assert json.loads(call.arguments) == {f"v{i}": v for i, v in enumerate(values)}
@@ -350,7 +358,8 @@ def test_to_message_and_printing():
     events = [ReasoningDelta("th"), ReasoningDelta("ink"), ContentDelta("Hi"),
               ToolCall("f", '{"a": 1}', 0), ParseError("bad invoke")]
     assert to_message(events) == {"role": "assistant", "content": "Hi", "reasoning_content": "think",
-                                  "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+                                  "tool_calls": [{"type": "function",
+                                                  "function": {"name": "f", "arguments": '{"a": 1}'}}],
                                   "errors": ["bad invoke"]}
     assert format_event(events[3]) == '#0 f({"a": 1})'
     assert format_event(events[4]) == "malformed output: bad invoke"
@@ -378,8 +387,7 @@ def test_long_streams_stay_linear():
     import time
 
     value = "x" * 200_000
-    text = ("r</think>" + block(f'<{D}invoke name="w">\n<{D}parameter name="t" string="true">{value}</{D}parameter>\n</{D}invoke>')
-            + "")
+    text = "r</think>" + block(invoke(' name="w"', param(value, 'name="t" string="true"')))
     start = time.perf_counter()
     events = _stream(text, "thinking", range(0, len(text), 4))
     assert time.perf_counter() - start < 5

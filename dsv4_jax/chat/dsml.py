@@ -42,7 +42,8 @@ def arguments_dict(arguments) -> dict:
     if isinstance(arguments, dict):
         return arguments
     if not isinstance(arguments, str):
-        raise DSMLError(f"tool-call arguments must be a JSON object string or a dict, got {type(arguments).__name__}")
+        raise DSMLError("tool-call arguments must be a JSON object string or a dict, "
+                        f"got {type(arguments).__name__}")
     try:
         parsed = json.loads(arguments)
     except ValueError:
@@ -66,7 +67,8 @@ def render_tool_calls(tool_calls: list[dict]) -> str:
     for call in tool_calls:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or "name" not in function:
-            raise DSMLError(f"each tool call must look like {{'function': {{'name': ..., 'arguments': ...}}}}, got {call!r}")
+            raise DSMLError("each tool call must look like {'function': {'name': ..., 'arguments': ...}}, "
+                            f"got {call!r}")
         invokes.append(render_invoke(function["name"], function.get("arguments")))
     return f"\n\n<{DSML}{BLOCK}>\n" + "\n".join(invokes) + f"\n</{DSML}{BLOCK}>"
 
@@ -104,7 +106,8 @@ def parse_invoke(segment: str) -> tuple[str, str]:
     pos = _SPACE.match(segment).end()
     opening = _INVOKE_OPEN.match(segment, pos)
     if opening is None:
-        raise DSMLError(f"expected <{DSML}invoke name=\"...\"> in the tool_calls block, got {excerpt(segment[pos:])}")
+        raise DSMLError(f"expected <{DSML}invoke name=\"...\"> in the tool_calls block, "
+                        f"got {excerpt(segment[pos:])}")
     name_attr = _NAME_ATTR.fullmatch(opening.group(1))
     if name_attr is None or not name_attr.group(1):
         raise DSMLError(f"invoke tag without a tool name: {excerpt(opening.group(0))}")
@@ -131,7 +134,8 @@ def parse_invoke(segment: str) -> tuple[str, str]:
             raise DSMLError(f"parameter {key!r} of invoke {name!r} is not closed")
         value = segment[param.end():close.start()]
         if _ANY_DSML.search(value):
-            raise DSMLError(f"DSML markup inside the value of parameter {key!r} of invoke {name!r}: {excerpt(value)}")
+            raise DSMLError(f"DSML markup inside the value of parameter {key!r} of invoke {name!r}: "
+                            f"{excerpt(value)}")
         if key in params:
             raise DSMLError(f"duplicate parameter {key!r} in invoke {name!r}")
         if is_string:

@@ -89,7 +89,8 @@ def _merge_tool_results(messages: list[dict]) -> list[dict]:
             raise ValueError(f"unknown message role {role!r}; expected one of {ROLES}")
         prev = merged[-1] if merged and merged[-1]["role"] == "user" else None
         if role == "tool":
-            block = {"type": "tool_result", "id": msg.get("tool_call_id") or "", "content": msg.get("content")}
+            block = {"type": "tool_result", "id": msg.get("tool_call_id") or "",
+                     "content": msg.get("content")}
             if prev is not None:
                 prev["blocks"].append(block)
             else:
@@ -101,7 +102,8 @@ def _merge_tool_results(messages: list[dict]) -> list[dict]:
             else:
                 task = msg.get("task")
                 if task is not None and task not in TASK_TOKENS:
-                    raise ValueError(f"unknown task {task!r} on a user message; expected one of {sorted(TASK_TOKENS)}")
+                    raise ValueError(f"unknown task {task!r} on a user message; "
+                                     f"expected one of {sorted(TASK_TOKENS)}")
                 turn = {"role": "user", "blocks": [block]}
                 turn.update({k: msg[k] for k in ("task", "wo_eos") if k in msg})
                 merged.append(turn)
@@ -169,6 +171,12 @@ def _extras(msg: dict) -> str:
     return out
 
 
+def _render_block(block: dict) -> str:
+    if block["type"] == "tool_result":
+        return f"<tool_result>{_text(block['content'])}</tool_result>"
+    return _text(block["content"])
+
+
 def _render_turn(messages: list[dict], i: int, thinking: bool, drop: bool, last_user: int) -> str:
     msg = messages[i]
     role = msg["role"]
@@ -179,9 +187,7 @@ def _render_turn(messages: list[dict], i: int, thinking: bool, drop: bool, last_
             raise ValueError(f"developer message {i} has no content")
         return USER + _text(msg["content"]) + _extras(msg)
     if role == "user":
-        return USER + "\n\n".join(
-            _text(b["content"]) if b["type"] == "text" else f"<tool_result>{_text(b['content'])}</tool_result>"
-            for b in msg["blocks"])
+        return USER + "\n\n".join(_render_block(b) for b in msg["blocks"])
     if role == "latest_reminder":
         return LATEST_REMINDER + _text(msg.get("content"))
     # assistant

@@ -161,13 +161,15 @@ class StreamParser:
                 events.append(ParseError(str(err)))
             else:
                 if self.tool_names is not None and name not in self.tool_names:
-                    events.append(ParseError(f"call to unknown tool {name!r}; known: {sorted(self.tool_names)}"))
+                    known = sorted(self.tool_names)
+                    events.append(ParseError(f"call to unknown tool {name!r}; known: {known}"))
                 else:
                     events.append(ToolCall(name, arguments, self._calls))
                     self._calls += 1
         elif marker in _CLOSE_BLOCK:
             if before.strip():
-                events.append(ParseError(f"unclosed or malformed invoke in the tool_calls block: {dsml.excerpt(before)}"))
+                events.append(ParseError("unclosed or malformed invoke in the tool_calls block: "
+                                         + dsml.excerpt(before)))
             elif self._invokes == 0:
                 events.append(ParseError("empty tool_calls block"))
             self._state = "after_tools"
@@ -199,7 +201,8 @@ class StreamParser:
         return events
 
 
-def parse_completion(text: str, thinking_mode: str = "thinking", strict: bool = True, tool_names=None) -> dict:
+def parse_completion(text: str, thinking_mode: str = "thinking", strict: bool = True,
+                     tool_names=None) -> dict:
     """{"role": "assistant", "content", "reasoning_content", "tool_calls"} from a whole completion
     (with or without the final EOS). Tool calls are OpenAI-style with JSON-string arguments.
 

@@ -18,31 +18,37 @@ REASONING_EFFORT_MAX = (
     "unchecked.\n\n"
 )
 
-_TOOLS_HEADER = f"""## Tools
+_TOOLS_HEADER = "\n".join([
+    "## Tools",
+    "",
+    "You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "
+    f'"<{DSML}tool_calls>" block like the following:',
+    "",
+    f"<{DSML}tool_calls>",
+    f'<{DSML}invoke name="$TOOL_NAME">',
+    f'<{DSML}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{DSML}parameter>',
+    "...",
+    f"</{DSML}invoke>",
+    f'<{DSML}invoke name="$TOOL_NAME2">',
+    "...",
+    f"</{DSML}invoke>",
+    f"</{DSML}tool_calls>",
+    "",
+    'String parameters should be specified as is and set `string="true"`. For all other types (numbers, '
+    'booleans, arrays, objects), pass the value in JSON format and set `string="false"`.',
+    "",
+    f"If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete reasoning "
+    f"inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.",
+    "",
+    f"Otherwise, output directly after {THINK_END} with tool calls or final response.",
+    "",
+    "### Available Tool Schemas",
+    "",
+    "",
+])
 
-You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "<{DSML}tool_calls>" block like the following:
-
-<{DSML}tool_calls>
-<{DSML}invoke name="$TOOL_NAME">
-<{DSML}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{DSML}parameter>
-...
-</{DSML}invoke>
-<{DSML}invoke name="$TOOL_NAME2">
-...
-</{DSML}invoke>
-</{DSML}tool_calls>
-
-String parameters should be specified as is and set `string="true"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string="false"`.
-
-If thinking_mode is enabled (triggered by {THINK_START}), you MUST output your complete reasoning inside {THINK_START}...{THINK_END} BEFORE any tool calls or final response.
-
-Otherwise, output directly after {THINK_END} with tool calls or final response.
-
-### Available Tool Schemas
-
-"""
-
-_TOOLS_FOOTER = "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
+_TOOLS_FOOTER = ("\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke "
+                 "tool calls.\n")
 
 
 def to_json(value) -> str:
@@ -55,7 +61,8 @@ def tools_block(tools: list[dict]) -> str:
     schemas = []
     for tool in tools:
         if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
-            raise ValueError(f"each tool must be OpenAI-style {{'type': 'function', 'function': {{...}}}}, got {tool!r}")
+            raise ValueError("each tool must be OpenAI-style {'type': 'function', 'function': {...}}, "
+                             f"got {tool!r}")
         schemas.append(to_json(tool["function"]))
     return _TOOLS_HEADER + "\n".join(schemas) + _TOOLS_FOOTER
 
