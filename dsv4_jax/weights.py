@@ -1,174 +1,223 @@
-"""Loading parameters from released checkpoints (safetensors, official or HF tensor names).
+"""Loading parameters: released safetensors (official or HF names) or a checkpoint made by `launch.convert`.
 
-`load_params(path, cfg)` reads every tensor once, dequantises fp8 / fp4 weights exactly, places it in the
-parameter tree (stacked layers and routed experts included) and checks the result against the model's
-parameter specs: a missing, unexpected or misshapen tensor raises an error that names it.
+`load_params(path, cfg, dtype=None, mesh=None)` is the one entry point. Both sources arrive as a stream
+of units (checkpoint/stream.py: "top", "layer.N", "mtp.J"); each unit goes straight to the target devices
+with the sharding its logical axes get from the rules table, and scanned layers are written into their
+stacked arrays in place, so host memory stays about one unit and device memory the model.
+
+Quantised weights (fp8 e4m3 with 128x128 e8m0 scales, fp4 e2m1 experts with 1x32 scales) stay `QArray`s
+unless `quantized=False`; the model dequantises them blockwise inside its matmuls (qarray.dense), with
+the same result bit for bit. Dense weights are cast to `dtype` (default `cfg.dtype`); mHC, norm, sink,
+bias and ape tensors stay fp32, `tid2eid` int32.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any
+import warnings
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dsv4_jax import params as params_lib
 from dsv4_jax import transformer
-from dsv4_jax.checkpoint import formats, names, safetensors_io
+from dsv4_jax.checkpoint import orbax_io, stream
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.params import ParamSpec
+from dsv4_jax.qarray import QArray
+from dsv4_jax.sharding import logical_to_spec
 
 log = logging.getLogger(__name__)
 
 
-def _get(tree: Any, path: tuple):
-  for k in path:
-    tree = tree[int(k)] if isinstance(tree, list) else tree[k]
-  return tree
+def _sharding(axes: tuple, shape: tuple, mesh: Mesh | None):
+  """NamedSharding of a leaf from its logical axes; a dimension the mesh axes do not divide is replicated."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  spec = list(logical_to_spec(axes, mesh))
+  for d, phys in enumerate(spec):
+    names = (phys,) if isinstance(phys, str) else tuple(phys or ())
+    if names and shape[d] % int(np.prod([mesh.shape[n] for n in names])):
+      spec[d] = None
+  return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-class _Placer:
-  """Maps official names to (spec, host buffer, index) of the parameter tree."""
+def leaf_sharding(spec: ParamSpec, value, mesh: Mesh | None):
+  """The sharding of a dense leaf, or {"values", "scales"} for a QArray (same axes, own shapes)."""
+  if isinstance(value, QArray) or isinstance(value, dict):
+    vs, ss = (value.values.shape, value.scales.shape) if isinstance(value, QArray) else (value["values"],
+                                                                                       value["scales"])
+    return {"values": _sharding(spec.axes, tuple(vs), mesh), "scales": _sharding(spec.axes, tuple(ss), mesh)}
+  return _sharding(spec.axes, tuple(value.shape), mesh)
 
-  def __init__(self, cfg: ModelConfig):
-    self.cfg = cfg
+
+@functools.lru_cache(maxsize=None)
+def _zeros(shape: tuple, dtype, sharding):
+  """A jitted allocator of zeros laid out by `sharding` (never whole on one device)."""
+  return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, piece, rep):
+  return jax.tree.map(lambda s, p: jax.lax.dynamic_update_index_in_dim(s, p.astype(s.dtype), rep, 0), stacked,
+                      piece)
+
+
+class _TreeBuilder:
+  """Places units onto devices and assembles the model's parameter tree (stacked layers included)."""
+
+  def __init__(self, cfg: ModelConfig, dtype, mesh: Mesh | None, quantized: bool):
+    self.cfg, self.dtype, self.mesh, self.quantized = cfg, jnp.dtype(dtype), mesh, quantized
     self.plan = transformer.layer_plan(cfg)
     self.specs = transformer.param_specs(cfg)
-    self.buffers: dict[int, np.ndarray] = {}
-    self.filled: dict[int, np.ndarray] = {}           # per buffer: bool mask over its leading index space
+    self.unit_specs = stream.unit_specs(cfg)
+    self.top: dict = {}
+    self.layers = {"prefix": [None] * len(self.plan.prefix), "stack": [None] * len(self.plan.period),
+                   "suffix": [None] * len(self.plan.suffix)}
+    self.stack_filled = [np.zeros(self.plan.reps, bool) for _ in self.plan.period]
+    self.stack_source: list[dict] = [{} for _ in self.plan.period]       # leaf -> (unit, form) of rep 0
+    self.mtp = [None] * cfg.n_mtp_layers
 
-  def locate(self, official: str):
-    """-> (spec, leaf path, index tuple into the leaf) or raises KeyError."""
-    scope, path, expert = names.official_path(official)
-    if scope == "top":
-      leaf_path, index = path, ()
-    elif scope.startswith("layers."):
-      layer = int(scope.split(".")[1])
-      if layer >= self.cfg.n_layers:
-        raise KeyError(official)
-      where, pos, rep = self.plan.locate(layer)
-      leaf_path = ("layers", where, pos) + path
-      index = () if rep is None else (rep,)
-    else:
-      j = int(scope.split(".")[1])
-      if j >= self.cfg.n_mtp_layers:
-        raise KeyError(official)
-      leaf_path, index = ("mtp", j) + path, ()
-    if expert is not None:
-      if expert >= self.cfg.n_routed_experts:
-        raise KeyError(official)
-      index = index + (expert,)
-    try:
-      spec = _get(self.specs, leaf_path)
-    except (KeyError, IndexError, TypeError):
-      raise KeyError(official) from None
-    if not isinstance(spec, params_lib.ParamSpec):
-      raise KeyError(official)
-    return spec, leaf_path, index
+  def _cast(self, spec: ParamSpec, v):
+    """On device: QArray kept (or dequantised), dense weights to dtype, f32 kinds fp32, tables int32."""
+    if isinstance(v, QArray):
+      return v if self.quantized else v.dequantize(self.dtype)
+    return v.astype(spec.dtype(self.dtype))
 
-  def put(self, official: str, value: np.ndarray, source: str):
-    spec, leaf_path, index = self.locate(official)
-    want = spec.shape[len(index):]
-    if tuple(value.shape) != want:
-      raise ValueError(f"{source}: tensor {official!r} has shape {tuple(value.shape)}, expected {want} for "
-                       f"config {self.cfg.name!r}.")
-    if spec.kind == "int" and not np.issubdtype(value.dtype, np.integer):
-      raise ValueError(f"{source}: tensor {official!r} has dtype {value.dtype}, expected an integer table.")
-    if spec.kind != "int" and np.issubdtype(value.dtype, np.integer):
-      raise ValueError(f"{source}: tensor {official!r} has integer dtype {value.dtype} and no scale tensor; "
-                       "expected a float (or fp8/fp4 + scale) weight.")
-    key = id(spec)
-    if key not in self.buffers:
-      self.buffers[key] = np.zeros(spec.shape, np.int32 if spec.kind == "int" else np.float32)
-      self.filled[key] = np.zeros(spec.shape[: len(spec.shape) - len(want)] or (1,), bool)
-    mask_index = index or (0,)
-    if self.filled[key][mask_index]:
-      raise ValueError(f"{source}: tensor {official!r} is given twice.")
-    self.buffers[key][index] = value
-    self.filled[key][mask_index] = True
-
-  def missing(self) -> list[str]:
-    out = []
-    def visit(path, spec):
-      key = id(spec)
-      if key not in self.buffers or not self.filled[key].all():
-        out.append(params_lib.path_str(path))
-    jax.tree_util.tree_map_with_path(visit, self.specs, is_leaf=params_lib.is_spec)
+  def _place(self, unit: str, tree: dict) -> dict:
+    specs = dict(stream.flatten(self.unit_specs[unit]))
+    flat = dict(stream.flatten(tree))
+    out = {}
+    for path, spec in specs.items():
+      v = flat[path]
+      if not isinstance(v, QArray) and tuple(v.shape) != spec.shape:
+        raise ValueError(f"{unit}: {'/'.join(path)} has shape {tuple(v.shape)}, expected {spec.shape}.")
+      sh = leaf_sharding(spec, v, self.mesh)
+      v = (QArray(jax.device_put(v.values, sh["values"]), jax.device_put(v.scales, sh["scales"]), v.block, v.fmt)
+           if isinstance(v, QArray) else jax.device_put(v, sh))
+      out[path] = self._cast(spec, v)
     return out
 
-  def tree(self, dtype) -> Any:
-    def leaf(spec):
-      return jnp.asarray(self.buffers[id(spec)], spec.dtype(dtype))
-    return jax.tree.map(leaf, self.specs, is_leaf=params_lib.is_spec)
-
-
-def _hf_stacked_experts(name: str, value: np.ndarray, cfg: ModelConfig):
-  """HF's stacked routed experts -> official per-expert names."""
-  m = names.HF_STACKED_EXPERTS.match(name)
-  layer, kind = m.group(1), m.group(2)
-  F = cfg.moe_inter_dim
-  for e in range(value.shape[0]):
-    if kind == "gate_up_proj":
-      yield f"layers.{layer}.ffn.experts.{e}.w1.weight", value[e, :F]
-      yield f"layers.{layer}.ffn.experts.{e}.w3.weight", value[e, F:]
+  def add(self, unit: str, tree: dict) -> None:
+    kind, n = stream.parse_unit(unit)
+    flat = self._place(unit, tree)
+    if kind == stream.TOP:
+      self.top = stream.unflatten(flat)
+    elif kind == "mtp":
+      self.mtp[n] = stream.unflatten(flat)
     else:
-      yield f"layers.{layer}.ffn.experts.{e}.w2.weight", value[e]
+      where, pos, rep = self.plan.locate(n)
+      if rep is None:
+        self.layers[where][pos] = stream.unflatten(flat)
+      else:
+        self._add_rep(unit, pos, rep, flat)
+
+  def _add_rep(self, unit: str, pos: int, rep: int, flat: dict) -> None:
+    form = lambda v: (v.fmt, v.block) if isinstance(v, QArray) else "dense"
+    if self.layers["stack"][pos] is None:
+      stacked_specs = dict(stream.flatten(self.unit_specs[unit]))
+      alloc = {}
+      for path, v in flat.items():
+        self.stack_source[pos][path] = (unit, form(v))
+        st_spec = stacked_specs[path].stacked(self.plan.reps)
+        alloc[path] = jax.tree.map(lambda x, sh: _zeros((self.plan.reps,) + tuple(x.shape), x.dtype, sh)(),
+                                   v, _stacked_sharding(st_spec, v, self.mesh, self.plan.reps))
+      self.layers["stack"][pos] = alloc
+    stack = self.layers["stack"][pos]
+    for path, v in flat.items():
+      first_unit, first_form = self.stack_source[pos][path]
+      if form(v) != first_form:
+        raise ValueError(f"{unit}: {'/'.join(path)} is stored as {form(v)} but {first_unit} (stacked with it for "
+                         f"lax.scan) as {first_form}; convert with --dtype=bf16 to make them dense.")
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        stack[path] = _set_layer(stack[path], v, rep)
+    self.stack_filled[pos][rep] = True
+
+  def result(self, units_seen: Iterable[str]) -> dict:
+    missing = [u for u in self.unit_specs if u not in set(units_seen) and not u.startswith("mtp.")]
+    if missing:
+      raise ValueError(f"checkpoint lacks unit(s) {missing[:5]} that config {self.cfg.name!r} needs.")
+    mtp = [m for m in self.mtp if m is not None]
+    if mtp and len(mtp) != len(self.mtp):
+      raise ValueError(f"checkpoint has {len(mtp)} of the {len(self.mtp)} MTP blocks config {self.cfg.name!r} needs.")
+    return {**self.top,
+            "layers": {"prefix": self.layers["prefix"], "suffix": self.layers["suffix"],
+                       "stack": [stream.unflatten(s) if s is not None else None for s in self.layers["stack"]]},
+            "mtp": mtp}
 
 
-def read_checkpoint(path: str, cfg: ModelConfig) -> dict:
-  """Reads a safetensors checkpoint into host fp32 arrays in the parameter-tree layout."""
-  files = safetensors_io.checkpoint_files(path)
-  placer = _Placer(cfg)
-  by_name: dict[str, safetensors_io.SafetensorsFile] = dict(safetensors_io.iter_tensors(files))
-  scale_of = {}                                   # weight name -> its block-scale tensor's name
-  for n in by_name:
-    for suffix in (".scale", ".weight_scale_inv"):
-      if n.endswith(suffix) and n[: -len(suffix)] + ".weight" in by_name:
-        scale_of[n[: -len(suffix)] + ".weight"] = n
-  scale_names = set(scale_of.values())
-  saw_mtp = False
-  for name, st in by_name.items():
-    if name in scale_names:
-      continue                                   # consumed with its weight
-    official = names.to_official(name)
-    source = os.path.basename(st.path)
-    if names.HF_STACKED_EXPERTS.match(name):
-      pieces = list(_hf_stacked_experts(name, st.get(name).astype(np.float32), cfg))
-    else:
-      scale_name = scale_of.get(name)
-      scale = by_name[scale_name].get(scale_name) if scale_name else None
-      try:
-        value = formats.dequantize(st.get(name), scale)
-      except ValueError as e:
-        raise ValueError(f"{source}: tensor {name!r}: {e}") from None
-      pieces = [(official, value)]
-    for off, value in pieces:
-      if off.startswith("mtp.") and cfg.n_mtp_layers == 0:
-        continue
-      saw_mtp |= off.startswith("mtp.")
-      try:
-        placer.put(off, value, source)
-      except KeyError:
-        raise ValueError(f"{source}: unexpected tensor {name!r} (read as {off!r}) for config {cfg.name!r}: the "
-                         "model has no such parameter. Check that the config matches the checkpoint.") from None
-  missing = placer.missing()
-  if missing and not saw_mtp and all(m.startswith("mtp/") for m in missing):
-    log.warning("%s has no mtp.* tensors: loading without the MTP block (mtp_logits will be None).", path)
-    placer.specs = dict(placer.specs, mtp=[])
-    missing = []
-  if missing:
-    raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameter(s) the config {cfg.name!r} needs, e.g. "
-                     f"{missing[:5]}.")
-  return placer
+def _stacked_sharding(spec: ParamSpec, v, mesh, reps: int):
+  if isinstance(v, QArray):
+    return QArray(_sharding(spec.axes, (reps,) + tuple(v.values.shape), mesh),
+                  _sharding(spec.axes, (reps,) + tuple(v.scales.shape), mesh), v.block, v.fmt)
+  return _sharding(spec.axes, (reps,) + tuple(v.shape), mesh)
 
 
-def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None) -> dict:
-  """Parameters from a checkpoint directory (or one .safetensors file).
+def _check_manifest(manifest: dict, cfg: ModelConfig, root: str) -> None:
+  """Every unit and leaf of the converted checkpoint against the config's specs."""
+  specs = stream.unit_specs(cfg)
+  extra = [u for u in manifest["units"] if u not in specs]
+  if extra:
+    raise ValueError(f"{root}: converted checkpoint has unit(s) {extra[:5]} that config {cfg.name!r} (n_layers="
+                     f"{cfg.n_layers}, n_mtp_layers={cfg.n_mtp_layers}) does not have.")
+  for unit, leaves in manifest["units"].items():
+    want = {"/".join(p): s for p, s in stream.flatten(specs[unit])}
+    for name in sorted(set(want) - set(leaves)):
+      raise ValueError(f"{root}: {unit} lacks {name} ({stream.official_name(unit, tuple(name.split('/')))}), which "
+                       f"config {cfg.name!r} needs.")
+    for name in sorted(set(leaves) - set(want)):
+      raise ValueError(f"{root}: {unit} has {name}, which config {cfg.name!r} does not have.")
+    for name, rec in leaves.items():
+      if tuple(rec["shape"]) != want[name].shape:
+        raise ValueError(f"{root}: {unit}/{name} ({stream.official_name(unit, tuple(name.split('/')))}) has shape "
+                         f"{tuple(rec['shape'])}, expected {want[name].shape} for config {cfg.name!r}.")
 
-  Tensor names may be official (`layers.3.attn.wq_a.weight`) or HF (`model.layers.3.self_attn.q_a_proj.weight`);
-  fp8 / fp4 weights with their scales are dequantised exactly. Weights are cast to `dtype` (default
-  `cfg.dtype`); mHC, norm, sink, bias and ape tensors stay fp32, `tid2eid` int32.
+
+def _restore_units(root: str, cfg: ModelConfig, mesh):
+  manifest = orbax_io.read_manifest(root)
+  _check_manifest(manifest, cfg, root)
+  specs = stream.unit_specs(cfg)
+  for unit, leaves in manifest["units"].items():
+    flat_specs = {"/".join(p): s for p, s in stream.flatten(specs[unit])}
+    shardings = {}
+    for name, rec in leaves.items():
+      form = {"values": rec["shape"][:-1] + [rec["shape"][-1] // 2] if rec["fmt"] == "fp4" else rec["shape"],
+              "scales": rec.get("scale_shape")} if rec["fmt"] else np.empty((0,))
+      if rec["fmt"]:
+        shardings[name] = leaf_sharding(flat_specs[name], form, mesh)
+      else:
+        shardings[name] = _sharding(flat_specs[name].axes, tuple(rec["shape"]), mesh)
+    yield unit, orbax_io.restore_unit(root, unit, leaves, shardings)
+
+
+def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mesh | None = None,
+                quantized: bool = True) -> dict:
+  """Parameters from a checkpoint directory (safetensors, or converted by `launch.convert`) or one
+  .safetensors file, placed on `mesh` by the logical axis rules (None: the default device).
+
+  Tensor names may be official (`layers.3.attn.wq_a.weight`) or HF (`model.layers.3.self_attn.q_a_proj.weight`).
+  fp8 / fp4 weights stay QArrays (`quantized=False`: dequantised exactly to `dtype`). Dense weights are cast
+  to `dtype` (default `cfg.dtype`); mHC, norm, sink, bias and ape tensors stay fp32, `tid2eid` int32.
   """
-  placer = read_checkpoint(os.fspath(path), cfg)
-  return placer.tree(dtype or cfg.dtype)
+  path = os.fspath(path)
+  builder = _TreeBuilder(cfg, dtype or cfg.dtype, mesh, quantized)
+  if orbax_io.is_converted(path):
+    units = _restore_units(path, cfg, mesh)
+  elif os.path.isdir(os.path.join(path, "units")) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+    raise ValueError(f"{path!r} is an unfinished conversion (no {orbax_io.MANIFEST}); convert it again.")
+  else:
+    units = stream.stream_units(path, cfg)
+  seen = []
+  for unit, tree in units:
+    builder.add(unit, tree)
+    seen.append(unit)
+  return builder.result(seen)
+
+
+def read_checkpoint(path: str, cfg: ModelConfig) -> dict[str, dict]:
+  """Host trees of every unit of a safetensors checkpoint (for tools and tests; loads it all)."""
+  return dict(stream.stream_units(path, cfg))

@@ -74,6 +74,20 @@ class SafetensorsFile:
     raw = self._mm[self._data_start + b: self._data_start + end]
     return raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])
 
+  def read(self, name: str) -> np.ndarray:
+    """The tensor copied into a fresh array (positional read, no memory map): memory stays one tensor,
+    not the touched part of the shard."""
+    e = self._entries[name]
+    b, end = e["data_offsets"]
+    buf = np.empty(end - b, np.uint8)
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(self._data_start + b)
+      n = f.readinto(memoryview(buf))
+    if n != end - b:
+      raise ValueError(f"{self.path}: tensor {name!r} needs {end - b} bytes but only {n} could be read: the "
+                       "shard is truncated.")
+    return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
   def close(self):
     self._mm = None
 

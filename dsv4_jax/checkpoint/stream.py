@@ -1,0 +1,376 @@
+"""A safetensors checkpoint read as a stream of complete *units*, tensor by tensor, shard by shard.
+
+A unit is the part of the parameter tree that one group of tensor names fills: "top" (embed, head,
+norm, hc_head), "layer.N" (one block, unstacked) and "mtp.J". Released shards are ordered by layer, so
+a unit completes soon after its first tensor is read and memory stays about one layer (plus the
+embedding and head, which complete last), never the model. `stream_units` validates every tensor
+against the config's parameter specs and raises naming the tensor, what was expected and what was found.
+
+Weights stored with a block scale stay quantised as host `QArray`s (numpy values + e8m0 bytes,
+docs/architecture.md §5.2) except `wo_a`, which the reference runs dequantised (§2.0); `tid2eid`
+becomes int32; norms, mHC, sinks, biases and ape become fp32; other weights keep their stored dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from dsv4_jax import block, qarray, transformer
+from dsv4_jax.checkpoint import formats, names, safetensors_io
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.params import ParamSpec
+from dsv4_jax.qarray import QArray
+
+log = logging.getLogger(__name__)
+
+TOP = "top"
+
+
+def layer_unit(n: int) -> str:
+  return f"layer.{n}"
+
+
+def mtp_unit(j: int) -> str:
+  return f"mtp.{j}"
+
+
+def parse_unit(unit: str) -> tuple[str, int | None]:
+  """"top" -> ("top", None); "layer.7" -> ("layer", 7); "mtp.0" -> ("mtp", 0)."""
+  if unit == TOP:
+    return TOP, None
+  kind, n = unit.split(".")
+  return kind, int(n)
+
+
+def unit_specs(cfg: ModelConfig) -> dict[str, dict]:
+  """unit name -> its (unstacked) ParamSpec tree, in checkpoint order."""
+  specs = transformer.param_specs(cfg)
+  out = {TOP: {k: v for k, v in specs.items() if k not in ("layers", "mtp")}}
+  for n in range(cfg.n_layers):
+    out[layer_unit(n)] = block.block_specs(cfg, *transformer.layer_kind(cfg, n))
+  for j, s in enumerate(specs["mtp"]):
+    out[mtp_unit(j)] = s
+  return out
+
+
+def flatten(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+  """Nested dicts -> (key path, leaf); QArrays and ParamSpecs are leaves."""
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def unflatten(flat: dict[tuple, Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    d = out
+    for k in path[:-1]:
+      d = d.setdefault(k, {})
+    d[path[-1]] = v
+  return out
+
+
+def is_expert_leaf(path: tuple) -> bool:
+  """Routed-expert weights [E, ...]: one tensor per expert in the checkpoint."""
+  return len(path) >= 2 and path[-2] == "experts"
+
+
+def official_name(unit: str, path: tuple, expert: int | None = None) -> str:
+  """Inverse of names.official_path: the official tensor name of a leaf (expert `expert` for [E, ...])."""
+  kind, n = parse_unit(unit)
+  prefix = "" if kind == TOP else f"layers.{n}." if kind == "layer" else f"mtp.{n}."
+  if path[0] in ("hc_attn", "hc_ffn", "hc_head"):
+    return f"{prefix}{path[0]}_{path[1]}"
+  if is_expert_leaf(path):
+    e = "E" if expert is None else expert
+    return f"{prefix}{'.'.join(path[:-1])}.{e}.{path[-1]}.weight"
+  if path[-1] in ("attn_sink", "ape", "bias", "tid2eid") or path[-2:] == ("gate", "weight"):
+    return prefix + ".".join(path)
+  return prefix + ".".join(path) + ".weight"
+
+
+# ---- one tensor: decode, validate ------------------------------------------------------------------
+
+_DEQUANTISED = ("attn.wo_a.weight",)      # quantised in the hub files, run dense by the reference
+
+
+def _dense_f32(q: QArray) -> np.ndarray:
+  if q.fmt == "fp4":
+    return formats.dequant_fp4(q.values, q.scales.view(np.uint8) if q.scales.dtype == np.uint8 else q.scales)
+  return formats.dequant_fp8(q.values, q.scales, q.block[0])
+
+
+def dequantize_host(q: QArray) -> np.ndarray:
+  """Exact host dequantisation: bf16 when the values fit (always, for e8m0-scaled e4m3 / e2m1), else fp32."""
+  f = _dense_f32(q)
+  b = f.astype(ml_dtypes.bfloat16)
+  return b if np.array_equal(b.astype(np.float32), f) else f
+
+
+def _quantised(name: str, w: np.ndarray, scale: np.ndarray, source: str) -> QArray | np.ndarray:
+  """A weight with a block-scale tensor -> QArray (or exact dense array for non-power-of-two scales)."""
+  sbytes = qarray.np_e8m0_bytes(scale)
+  if w.dtype == ml_dtypes.float8_e4m3fn:
+    fmt, block, logical = "fp8", qarray.FP8_BLOCK, tuple(w.shape)
+  elif w.dtype in (np.int8, np.uint8):
+    fmt, block, logical = "fp4", qarray.FP4_BLOCK, tuple(w.shape[:-1]) + (2 * w.shape[-1],)
+  else:
+    raise ValueError(f"{source}: tensor {name!r} has dtype {w.dtype} and a scale tensor; expected float8_e4m3fn "
+                     "(fp8, 128x128 scales) or int8 (packed fp4, 1x32 scales).")
+  want = qarray.scale_shape(logical, block)
+  if tuple(scale.shape) != want:
+    raise ValueError(f"{source}: the scale of {fmt} tensor {name!r} (logical shape {logical}) has shape "
+                     f"{tuple(scale.shape)}, expected {want}.")
+  if scale.dtype not in (ml_dtypes.float8_e8m0fnu, np.uint8, np.float32, ml_dtypes.bfloat16, np.float16):
+    raise ValueError(f"{source}: the scale of tensor {name!r} has dtype {scale.dtype}, expected float8_e8m0fnu.")
+  if sbytes is None:                           # float scales that are not powers of two: keep exact, dense
+    return formats.dequantize(w, scale)
+  return QArray(w.view(np.uint8) if fmt == "fp4" else w, np.ascontiguousarray(sbytes), block, fmt)
+
+
+def _check(official: str, value, spec: ParamSpec, index: tuple, source: str, cfg: ModelConfig):
+  want = spec.shape[len(index):]
+  if tuple(value.shape) != want:
+    raise ValueError(f"{source}: tensor {official!r} has shape {tuple(value.shape)}, expected {want} for config "
+                     f"{cfg.name!r}.")
+  if isinstance(value, QArray):
+    if spec.kind != "weight":
+      raise ValueError(f"{source}: tensor {official!r} is {value.fmt}-quantised, expected a dense "
+                       f"{'int32 table' if spec.kind == 'int' else 'float'}.")
+    return
+  dt = value.dtype
+  if spec.kind == "int":
+    if not np.issubdtype(dt, np.integer):
+      raise ValueError(f"{source}: tensor {official!r} has dtype {dt}, expected an integer table (int64).")
+  elif not (np.issubdtype(dt, np.floating) or dt == ml_dtypes.bfloat16):
+    raise ValueError(f"{source}: tensor {official!r} has dtype {dt}, expected a float tensor "
+                     f"({'fp32' if spec.kind == 'f32' else 'bf16, or fp8/fp4 with a scale tensor'}).")
+  elif dt in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+    raise ValueError(f"{source}: tensor {official!r} has dtype {dt} but no scale tensor beside it; expected "
+                     f"its '.scale' (e8m0).")
+
+
+def _store_dtype(value, spec: ParamSpec):
+  """Host value in its stored form: int tables int32, fp32 kinds fp32, weights as stored."""
+  if isinstance(value, QArray):
+    return value
+  if spec.kind == "int":
+    return value.astype(np.int32)
+  if spec.kind == "f32":
+    return value.astype(np.float32)
+  return value if value.dtype in (ml_dtypes.bfloat16, np.float32) else value.astype(np.float32)
+
+
+# ---- a unit being filled ---------------------------------------------------------------------------
+
+class _UnitBuffer:
+  """Host buffers of one unit; routed-expert leaves are filled one expert at a time."""
+
+  def __init__(self, unit: str, specs: dict, n_experts: int):
+    self.unit = unit
+    self.specs = dict(flatten(specs))
+    self.need = {p: (n_experts if is_expert_leaf(p) else 1) for p in self.specs}
+    self.done: dict[tuple, np.ndarray] = {p: np.zeros(n, bool) for p, n in self.need.items()}
+    self.values: dict[tuple, Any] = {}
+    self.nbytes = 0
+
+  def put(self, path: tuple, expert: int | None, value, official: str, source: str):
+    i = 0 if expert is None else expert
+    if self.done[path][i]:
+      raise ValueError(f"{source}: tensor {official!r} is given twice.")
+    if expert is None:
+      self.values[path] = value
+    else:
+      buf = self.values.get(path)
+      if buf is None:
+        E = self.need[path]
+        if isinstance(value, QArray):
+          buf = QArray(np.empty((E,) + value.values.shape, value.values.dtype),
+                       np.empty((E,) + value.scales.shape, np.uint8), value.block, value.fmt)
+        else:
+          buf = np.empty((E,) + value.shape, value.dtype)
+        self.values[path] = buf
+      first = official_name(self.unit, path, int(np.argmax(self.done[path])))
+      if isinstance(buf, QArray) != isinstance(value, QArray) or (
+          isinstance(buf, QArray) and (buf.fmt, buf.values.shape[1:]) != (value.fmt, value.values.shape)) or (
+          not isinstance(buf, QArray) and buf.dtype != value.dtype):
+        kind = lambda v: v.fmt if isinstance(v, QArray) else str(v.dtype)
+        raise ValueError(f"{source}: routed expert tensor {official!r} is stored as {kind(value)}, but "
+                         f"{first!r} as {kind(buf)}; all experts of a layer must share one format.")
+      if isinstance(buf, QArray):
+        buf.values[expert], buf.scales[expert] = value.values, value.scales
+      else:
+        buf[expert] = value
+    self.done[path][i] = True
+    self.nbytes += value.nbytes
+
+  def complete(self) -> bool:
+    return all(d.all() for d in self.done.values())
+
+  def missing(self) -> list[str]:
+    out = []
+    for p, d in self.done.items():
+      if is_expert_leaf(p):
+        out += [official_name(self.unit, p, e) for e in np.flatnonzero(~d)]
+      elif not d[0]:
+        out.append(official_name(self.unit, p))
+    return out
+
+  def tree(self) -> dict:
+    return unflatten({p: self.values[p] for p in self.specs})
+
+
+# ---- the stream ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+  tensors_done: int = 0
+  tensors_total: int = 0
+  bytes_done: int = 0
+  bytes_total: int = 0
+  start: float = dataclasses.field(default_factory=time.time)
+
+
+class CheckpointReader:
+  """The tensors of a safetensors checkpoint (directory with or without index, or one file)."""
+
+  def __init__(self, path: str | os.PathLike, cfg: ModelConfig):
+    self.path = os.fspath(path)
+    self.cfg = cfg
+    self.files = [safetensors_io.SafetensorsFile(f) for f in safetensors_io.checkpoint_files(self.path)]
+    self.where: dict[str, safetensors_io.SafetensorsFile] = {}
+    for st in self.files:
+      for n in st.keys():
+        if n in self.where:
+          raise ValueError(f"Tensor {n!r} appears in both {self.where[n].path} and {st.path}.")
+        self.where[n] = st
+    self.scale_of = {}                          # weight name -> its block-scale tensor's name
+    for n in self.where:
+      for suffix in (".scale", ".weight_scale_inv"):
+        if n.endswith(suffix) and n[: -len(suffix)] + ".weight" in self.where:
+          self.scale_of[n[: -len(suffix)] + ".weight"] = n
+    self.total_bytes = sum(st.nbytes(n) for n, st in self.where.items())
+    self.n_tensors = len(self.where)
+
+  def tensors(self, progress: Callable[[Progress], None] | None = None):
+    """(official name, host value, source file, name as stored) in file order; scales ride with their
+    weight. Values are numpy arrays or host QArrays."""
+    scale_names = set(self.scale_of.values())
+    prog = Progress(tensors_total=self.n_tensors, bytes_total=self.total_bytes)
+    for st in self.files:
+      source = os.path.basename(st.path)
+      for name in st.keys():
+        if name in scale_names:
+          continue
+        raw = st.read(name)
+        nbytes = st.nbytes(name)
+        scale_name = self.scale_of.get(name)
+        if names.HF_STACKED_EXPERTS.match(name):
+          pieces = [(off, np.asarray(v)) for off, v in _hf_stacked_experts(name, raw, self.cfg)]
+        else:
+          official = names.to_official(name)
+          if scale_name is not None:
+            sst = self.where[scale_name]
+            value = _quantised(name, raw, sst.read(scale_name), source)
+            nbytes += sst.nbytes(scale_name)
+          else:
+            value = raw
+          if isinstance(value, QArray) and official.endswith(_DEQUANTISED):
+            value = dequantize_host(value)
+          pieces = [(official, value)]
+        for official, value in pieces:
+          yield official, value, source, name
+        prog.tensors_done += 1 + (scale_name is not None)
+        prog.bytes_done += nbytes
+        if progress:
+          progress(prog)
+
+
+def _hf_stacked_experts(name: str, value: np.ndarray, cfg: ModelConfig):
+  """HF's stacked routed experts gate_up_proj [E, 2F, D] / down_proj [E, D, F] -> official per-expert names."""
+  m = names.HF_STACKED_EXPERTS.match(name)
+  layer, kind = m.group(1), m.group(2)
+  F = cfg.moe_inter_dim
+  for e in range(value.shape[0]):
+    if kind == "gate_up_proj":
+      yield f"layers.{layer}.ffn.experts.{e}.w1.weight", value[e, :F]
+      yield f"layers.{layer}.ffn.experts.{e}.w3.weight", value[e, F:]
+    else:
+      yield f"layers.{layer}.ffn.experts.{e}.w2.weight", value[e]
+
+
+def _locate(official: str, specs: dict[str, dict], cfg: ModelConfig):
+  """official name -> (unit, path inside the unit, expert index or None, spec); KeyError if none."""
+  scope, path, expert = names.official_path(official)
+  if scope == "top":
+    unit = TOP
+  else:
+    kind, n = scope.split(".")
+    unit = layer_unit(int(n)) if kind == "layers" else mtp_unit(int(n))
+  if unit not in specs:
+    raise KeyError(official)
+  node = specs[unit]
+  for k in path:
+    if not isinstance(node, dict) or k not in node:
+      raise KeyError(official)
+    node = node[k]
+  if not isinstance(node, ParamSpec) or (expert is not None) != is_expert_leaf(path):
+    raise KeyError(official)
+  if expert is not None and expert >= cfg.n_routed_experts:
+    raise KeyError(official)
+  return unit, path, expert, node
+
+
+def stream_units(path: str | os.PathLike, cfg: ModelConfig, progress: Callable[[Progress], None] | None = None,
+                 reader: CheckpointReader | None = None) -> Iterator[tuple[str, dict]]:
+  """Yields (unit name, host tree) for every unit as soon as all its tensors are read.
+
+  Raises ValueError naming the tensor on an unexpected or duplicated tensor, a wrong shape or dtype
+  for `cfg`, a truncated shard, or (at the end) tensors the config needs that the checkpoint lacks.
+  A checkpoint without any mtp.* tensor (HF-saved) yields no mtp units; a warning says so.
+  """
+  reader = reader or CheckpointReader(path, cfg)
+  specs = unit_specs(cfg)
+  open_units: dict[str, _UnitBuffer] = {}
+  emitted: set[str] = set()
+  saw_mtp = False
+  for official, value, source, stored in reader.tensors(progress):
+    if official.startswith("mtp.") and cfg.n_mtp_layers == 0:
+      continue
+    try:
+      unit, leaf, expert, spec = _locate(official, specs, cfg)
+    except KeyError:
+      shown = official if official == stored else f"{stored!r} (read as {official!r})"
+      raise ValueError(f"{source}: unexpected tensor {shown} for config {cfg.name!r}: the model has no such "
+                       "parameter. Check that the config matches the checkpoint.") from None
+    saw_mtp |= unit.startswith("mtp.")
+    if unit in emitted:
+      raise ValueError(f"{source}: tensor {official!r} is given twice.")
+    _check(official, value, spec, () if expert is None else (expert,), source, cfg)
+    buf = open_units.get(unit)
+    if buf is None:
+      buf = open_units[unit] = _UnitBuffer(unit, specs[unit], cfg.n_routed_experts)
+    buf.put(leaf, expert, _store_dtype(value, spec), official, source)
+    if buf.complete():
+      emitted.add(unit)
+      del open_units[unit]
+      yield unit, buf.tree()
+  missing_units = [u for u in specs if u not in emitted]
+  if missing_units and not saw_mtp and all(u.startswith("mtp.") for u in missing_units):
+    log.warning("%s has no mtp.* tensors: the MTP block is left out (mtp_logits will be None).", reader.path)
+    return
+  if missing_units:
+    lacking = []
+    for u in missing_units:
+      lacking += open_units[u].missing() if u in open_units else [official_name(u, p) for p, _ in
+                                                                   flatten(specs[u])]
+    raise ValueError(f"{reader.path}: checkpoint lacks {len(lacking)} tensor(s) the config {cfg.name!r} needs, "
+                     f"e.g. {lacking[:5]}.")

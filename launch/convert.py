@@ -1,0 +1,29 @@
+"""Convert a released DeepSeek-V4 safetensors checkpoint to the Orbax layout `load_params` restores.
+
+    python -m launch.convert --input=/path/DeepSeek-V4-Flash --output=/path/flash-orbax [--dtype=keep]
+
+--dtype=keep (default) keeps fp8 / fp4 weights quantised (155 GB for Flash); bf16 / fp32 write dense
+arrays. See dsv4_jax/checkpoint/convert.py.
+"""
+from absl import app, flags, logging
+
+from dsv4_jax.checkpoint import convert
+
+_INPUT = flags.DEFINE_string("input", None, "Released checkpoint: a directory with config.json and safetensors "
+                            "shards (with or without model.safetensors.index.json), or one .safetensors file.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to create.")
+_DTYPE = flags.DEFINE_enum("dtype", "keep", sorted(convert.DTYPES), "keep: fp8/fp4 stay quantised; bf16/fp32: "
+                           "dequantised dense weights.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+flags.mark_flags_as_required(["input", "output"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  summary = convert.convert(_INPUT.value, _OUTPUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+  print(summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
