@@ -96,3 +96,19 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of rank {x.ndim}.")
   sharding = logical_sharding(axes)
   return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
+  """A mesh over `devices` (default: all) with axes MESH_AXES; `shape` gives sizes, the rest are 1.
+  Axes are Auto-sharded: placement follows the constraints, XLA inserts the collectives."""
+  import numpy as np
+  devices = list(devices if devices is not None else jax.devices())
+  shape = dict(shape or {"data": len(devices)})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"Unknown mesh axes {sorted(unknown)}; expected some of {MESH_AXES}.")
+  sizes = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"Mesh shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
+                     f"{len(devices)} are available.")
+  return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)

@@ -177,3 +177,29 @@ def forward(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat: bool = F
   elif cfg.n_mtp_layers and params["mtp"]:
     mtp_logits = mtp.mtp_forward(params["mtp"][0], cfg, cfg.n_layers, params["embed"], params["head"], X, tokens)
   return ForwardOutput(logits, mtp_logits, X)
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts from the specs (no memory).
+
+  total: main model without MTP; total_with_mtp; active: parameters a token passes through in the main
+  model's matmuls (all but the unchosen routed experts, excluding the embedding lookup table and MTP),
+  the convention of the DeepSeek-V4 report (Flash 284B / 13B, Pro 1.6T / 49B).
+  """
+  specs = param_specs(cfg)
+  main = {k: v for k, v in specs.items() if k != "mtp"}
+
+  def routed(path):
+    return "/experts/" in path
+
+  def count(tree, pred=lambda p: True):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=params_lib.is_spec)[0]
+    return int(sum(np.prod(s.shape, dtype=np.int64) for p, s in flat if pred(params_lib.path_str(p))))
+
+  total, routed_n = count(main), count(main, routed)
+  idle = routed_n * (cfg.n_routed_experts - cfg.n_activated_experts) // cfg.n_routed_experts
+  return {
+      "total": total,
+      "total_with_mtp": count(specs),
+      "active": total - idle - count(main["embed"]) - count(main, lambda p: "tid2eid" in p),
+  }
