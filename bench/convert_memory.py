@@ -30,8 +30,11 @@ import json, resource, sys, time
 from dsv4_jax.checkpoint import convert
 t = time.time()
 s = convert.convert(sys.argv[1], sys.argv[2], progress=False)
-print(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "seconds": time.time() - t,
-                  "bytes_out": s.bytes_out}))
+try:     # VmHWM: this process image's peak RSS (ru_maxrss would include the parent's image before exec)
+  peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+except OSError:
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"maxrss": peak, "seconds": time.time() - t, "bytes_out": s.bytes_out}))
 """
 
 

@@ -36,7 +36,7 @@ QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_met
 
 _ST_DTYPE = {np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(ml_dtypes.float8_e8m0fnu): "F8_E8M0",
              np.dtype(np.int8): "I8", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32",
-             np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
+             np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8", np.dtype(np.int16): "I16"}
 
 
 def kind_of(name: str) -> str:
@@ -246,3 +246,91 @@ def load_into_hf(model, dense: dict[str, np.ndarray]) -> None:
   assert set(new) == set(sd), sorted(set(sd) ^ set(new))
   assert inter * 2 == new[f"model.layers.0.mlp.experts.gate_up_proj"].shape[1]
   model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in new.items()}, strict=True)
+
+
+# ---- large synthetic checkpoints, written tensor by tensor (memory tests and bench) -----------------
+
+def _stored_layout(name: str, shape: tuple, kind_int: bool) -> list[tuple[str, str, tuple]]:
+  """(stored name, safetensors dtype, shape) of one official tensor in the released format."""
+  kind = "int64" if kind_int else kind_of(name)
+  base = name[: -len("weight")]
+  if kind == "fp8":
+    return [(name, "F8_E4M3", shape), (base + "scale", "F8_E8M0", (-(-shape[0] // 128), -(-shape[1] // 128)))]
+  if kind == "fp4":
+    return [(name, "I8", (shape[0], shape[1] // 2)), (base + "scale", "F8_E8M0", (shape[0], shape[1] // 32))]
+  return [(name, {"int64": "I64", "fp32": "F32", "bf16": "BF16"}[kind], shape)]
+
+
+_ITEMSIZE = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "I64": 8, "F32": 4, "BF16": 2}
+
+
+def _random_bytes(rng, st_dtype: str, shape: tuple, n_experts: int) -> bytes:
+  n = int(np.prod(shape))
+  if st_dtype == "F8_E4M3":
+    return (rng.integers(0, 256, n, dtype=np.uint8) & 0xF7).tobytes()        # no NaN (0x7F / 0xFF)
+  if st_dtype == "F8_E8M0":
+    return rng.integers(120, 128, n, dtype=np.uint8).tobytes()
+  if st_dtype == "I8":
+    return rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+  if st_dtype == "I64":
+    return np.stack([rng.permutation(n_experts)[: shape[1]] for _ in range(shape[0])]).astype(np.int64).tobytes()
+  if st_dtype == "F32":
+    return (0.01 * rng.standard_normal(n)).astype(np.float32).tobytes()
+  return (0.01 * rng.standard_normal(n)).astype(ml_dtypes.bfloat16).tobytes()
+
+
+def write_synthetic(out_dir: str, config: dict, n_shards: int, seed: int = 0) -> dict:
+  """A released-format checkpoint of random bytes for `config` (hub keys), generated and written one tensor
+  at a time (the writer itself never holds more than one tensor). Returns sizes: total, largest shard,
+  largest layer (stored bytes)."""
+  from dsv4_jax.checkpoint import stream
+  from dsv4_jax.config import ModelConfig
+  cfg = ModelConfig.from_hf_config(config)
+  entries, layer_bytes = [], {}
+  for unit, specs in stream.unit_specs(cfg).items():
+    for path, spec in stream.flatten(specs):
+      expert_leaf = stream.is_expert_leaf(path)
+      for e in (range(spec.shape[0]) if expert_leaf else [None]):
+        name = stream.official_name(unit, path, e)
+        for stored in _stored_layout(name, spec.shape[1:] if expert_leaf else spec.shape, spec.kind == "int"):
+          nb = int(np.prod(stored[2])) * _ITEMSIZE[stored[1]]
+          entries.append(stored + (nb,))
+          layer_bytes[unit] = layer_bytes.get(unit, 0) + nb
+  entries.sort(key=lambda x: release_order(x[0]))
+  total = sum(x[3] for x in entries)
+  shards, cur, acc = [], [], 0
+  for x in entries:
+    if x[0].startswith("mtp.") or len(shards) == n_shards - 1:
+      cur.append(x)
+      continue
+    cur.append(x)
+    acc += x[3]
+    if acc >= total * (len(shards) + 1) / n_shards:
+      shards.append(cur)
+      cur = []
+  shards.append(cur)
+  shards = [s for s in shards if s]
+  os.makedirs(out_dir, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    header, off = {}, 0
+    for name, dt, shape, nb in shard:
+      header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nb]}
+      off += nb
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(os.path.join(out_dir, fname), "wb") as f:
+      f.write(len(h).to_bytes(8, "little"))
+      f.write(h)
+      for name, dt, shape, nb in shard:
+        f.write(_random_bytes(rng, dt, shape, cfg.n_routed_experts))
+    weight_map.update({x[0]: fname for x in shard})
+  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(dict(config, quantization_config=dict(QUANTIZATION_CONFIG)), f, indent=1)
+  shard_sizes = [sum(x[3] for x in s) for s in shards]
+  return {"total": total, "largest_shard": max(shard_sizes), "n_shards": len(shards),
+          "largest_layer": max(v for k, v in layer_bytes.items() if k != "top"), "top": layer_bytes["top"]}

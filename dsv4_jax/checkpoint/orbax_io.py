@@ -15,6 +15,7 @@ whole arrays, and a stacked leaf is only complete after the last layer of the mo
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from typing import Any
@@ -51,9 +52,15 @@ def _to_storage(tree: dict) -> dict:
                       is_leaf=lambda v: isinstance(v, QArray))
 
 
+def _checkpointer() -> ocp.Checkpointer:
+  # No zstd: fp8 / fp4 codes hardly compress, and the compressed copy would add a unit of host memory.
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+
+
 def save_unit(root: str, unit: str, tree: dict) -> dict:
   """Writes one unit (host arrays / QArrays); returns its manifest entry {leaf path: record}."""
-  ocp.PyTreeCheckpointer().save(unit_dir(root, unit), _to_storage(tree))
+  _checkpointer().save(unit_dir(root, unit), _to_storage(tree))
+  _release_freed_memory()
   return {"/".join(p): leaf_record(v) for p, v in stream.flatten(tree)}
 
 
@@ -73,7 +80,7 @@ def restore_unit(root: str, unit: str, leaves: dict[str, dict], shardings: dict[
         flat_args[path + (part,)] = ocp.ArrayRestoreArgs(sharding=sh[part] or default)
     else:
       flat_args[path] = ocp.ArrayRestoreArgs(sharding=sh or default)
-  restored = ocp.PyTreeCheckpointer().restore(
+  restored = _checkpointer().restore(
       unit_dir(root, unit), args=ocp.args.PyTreeRestore(restore_args=stream.unflatten(flat_args)))
   out = {}
   for name, rec in leaves.items():
@@ -84,6 +91,14 @@ def restore_unit(root: str, unit: str, leaves: dict[str, dict], shardings: dict[
       node = QArray(node["values"], node["scales"], tuple(rec["block"]), rec["fmt"])
     out[tuple(name.split("/"))] = node
   return stream.unflatten(out)
+
+
+def _release_freed_memory() -> None:
+  """Return freed heap pages to the OS (glibc keeps them in per-thread arenas of the writer threads)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def write_manifest(root: str, manifest: dict) -> None:
@@ -109,8 +124,3 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if not os.path.isdir(unit_dir(root, unit)):
       raise ValueError(f"{root}: unit {unit!r} listed in {MANIFEST} is missing on disk.")
   return m
-
-
-def dtype_of(rec: dict):
-  return np.dtype(rec["dtype"]) if rec["dtype"] in np.sctypeDict else np.dtype(getattr(__import__("ml_dtypes"),
-                                                                                         rec["dtype"]))

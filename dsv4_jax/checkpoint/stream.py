@@ -103,9 +103,10 @@ _DEQUANTISED = ("attn.wo_a.weight",)      # quantised in the hub files, run dens
 
 
 def _dense_f32(q: QArray) -> np.ndarray:
-  if q.fmt == "fp4":
-    return formats.dequant_fp4(q.values, q.scales.view(np.uint8) if q.scales.dtype == np.uint8 else q.scales)
-  return formats.dequant_fp8(q.values, q.scales, q.block[0])
+  """Host QArray [..., O, I] -> fp32, exact (leading stacked / expert axes allowed)."""
+  v = formats.unpack_fp4(q.values) if q.fmt == "fp4" else q.values.astype(np.float32)
+  s = np.repeat(np.repeat(formats.scale_to_f32(q.scales), q.block[0], -2), q.block[1], -1)
+  return v * s[..., : v.shape[-2], : v.shape[-1]]
 
 
 def dequantize_host(q: QArray) -> np.ndarray:
@@ -147,15 +148,15 @@ def _check(official: str, value, spec: ParamSpec, index: tuple, source: str, cfg
                        f"{'int32 table' if spec.kind == 'int' else 'float'}.")
     return
   dt = value.dtype
+  if dt in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+    raise ValueError(f"{source}: tensor {official!r} has dtype {dt} but no scale tensor beside it; expected "
+                     f"its '.scale' (e8m0) or a dense float tensor.")
   if spec.kind == "int":
     if not np.issubdtype(dt, np.integer):
       raise ValueError(f"{source}: tensor {official!r} has dtype {dt}, expected an integer table (int64).")
   elif not (np.issubdtype(dt, np.floating) or dt == ml_dtypes.bfloat16):
     raise ValueError(f"{source}: tensor {official!r} has dtype {dt}, expected a float tensor "
                      f"({'fp32' if spec.kind == 'f32' else 'bf16, or fp8/fp4 with a scale tensor'}).")
-  elif dt in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
-    raise ValueError(f"{source}: tensor {official!r} has dtype {dt} but no scale tensor beside it; expected "
-                     f"its '.scale' (e8m0).")
 
 
 def _store_dtype(value, spec: ParamSpec):
