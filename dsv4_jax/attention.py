@@ -129,3 +129,60 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray) -> jnp.ndar
     idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + S, -1)], axis=-1)
   o = sparse_attention(q, kv, idx, p["attn_sink"], cfg.softmax_scale)
   return output_projection(p, cfg, o, cos, sin)
+
+
+# ---- cached inference: append S tokens per row at its own start position ----------------------------
+
+def cached_window_indices(positions: jnp.ndarray, start: jnp.ndarray, window: int) -> jnp.ndarray:
+  """Window rows of each query in concat([ring (W slots), this call's raw KV]).
+
+  positions: [B,S], start: [B] -> [B,S,W] int32: positions >= start are this call's (row W + p - start),
+  older ones sit in ring slot p mod W; -1 before position 0.
+  """
+  p = positions[..., None] - (window - 1) + jnp.arange(window)
+  s = start[:, None, None]
+  return jnp.where(p >= s, window + p - s, jnp.where(p >= 0, p % window, -1)).astype(jnp.int32)
+
+
+def ring_update(win: jnp.ndarray, kv: jnp.ndarray, start: jnp.ndarray, lengths: jnp.ndarray) -> jnp.ndarray:
+  """Writes the last min(lengths, W) new raw entries of each row to slots position mod W.
+  win: [B,W,K], kv: [B,S,K] -> [B,W,K]."""
+  W, S = win.shape[1], kv.shape[1]
+  i = jnp.arange(S)[None]
+  keep = (i < lengths[:, None]) & (i >= lengths[:, None] - W)
+  slot = jnp.where(keep, (start[:, None] + i) % W, W)
+  return jax.vmap(lambda w, s, v: w.at[s].set(v.astype(w.dtype), mode="drop"))(win, slot, kv)
+
+
+def attention_step(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, start: jnp.ndarray,
+                   lengths: jnp.ndarray, cache: dict) -> tuple[jnp.ndarray, dict]:
+  """Attention over the cache plus `lengths[b]` new tokens at positions start[b]...
+
+  x: [B,S,D] (attn_norm output, rows right-padded); cache: this layer's cache (see dsv4_jax/cache.py).
+  Returns ([B,S,D], updated layer cache). New compressed entries are written before attending, so an
+  entry is visible to the token that completes it (docs/architecture.md §3.2).
+  """
+  B, S, _ = x.shape
+  W = cfg.window_size
+  positions = start[:, None] + jnp.arange(S, dtype=jnp.int32)
+  cos, sin = rope_angles(cfg, ratio > 0, positions)
+  q, kv, qr = project_qkv(p, cfg, x, cos, sin)
+  rows = [cache["win"].astype(kv.dtype), kv]
+  idx = cached_window_indices(positions, start, W)
+  new = dict(cache)
+  if ratio:
+    new["comp"], new["comp_state"] = compressor.append(p["compressor"], cfg, x, ratio, start, lengths,
+                                                       cache["comp_state"], cache["comp"])
+    if ratio == indexer.CSA_RATIO:
+      new["idx"], new["idx_state"] = compressor.append(p["indexer"]["compressor"], cfg, x, ratio, start,
+                                                       lengths, cache["idx_state"], cache["idx"], indexer=True)
+      qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
+      keys = new["idx"].astype(qI.dtype)
+      comp_idx = indexer.select_topk(indexer.index_scores(qI, w, keys), positions, cfg.index_topk)
+    else:
+      comp_idx = hca_indices(positions, new["comp"].shape[1], ratio)
+    rows.append(new["comp"].astype(kv.dtype))
+    idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + W + S, -1)], axis=-1)
+  o = sparse_attention(q, jnp.concatenate(rows, axis=1), idx, p["attn_sink"], cfg.softmax_scale)
+  new["win"] = ring_update(cache["win"], kv, start, lengths)
+  return output_projection(p, cfg, o, cos, sin), new

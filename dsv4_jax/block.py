@@ -39,3 +39,19 @@ def block(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.
   X = mhc_sublayer(X, p["hc_ffn"], cfg,
                    lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids))
   return constrain(X, ("batch", "seq", None, "act_embed"))
+
+
+def block_step(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray,
+               start: jnp.ndarray, lengths: jnp.ndarray, cache: dict) -> tuple[jnp.ndarray, dict]:
+  """Cached block: X [B,S,nh,D] of new tokens at positions start[b].. -> (X, updated layer cache)."""
+  new_cache = {}
+
+  def attn(x):
+    out, new_cache["layer"] = attention.attention_step(p["attn"], cfg, ratio, rms_norm(x, p["attn_norm"], cfg.norm_eps),
+                                                       start, lengths, cache)
+    return out
+
+  X = mhc_sublayer(X, p["hc_attn"], cfg, attn)
+  X = mhc_sublayer(X, p["hc_ffn"], cfg,
+                   lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids))
+  return constrain(X, ("batch", "seq", None, "act_embed")), new_cache["layer"]

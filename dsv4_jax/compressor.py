@@ -89,3 +89,52 @@ def compress(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, indexer: boo
 def visible_count(t: jnp.ndarray, ratio: int) -> jnp.ndarray:
   """Number of compressed entries visible to query position t: entry i is visible iff i < (t+1)//m."""
   return (t + 1) // ratio
+
+
+def _take_rows(a: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
+  """a: [B, N, ...], rows: [B, M] (clipped into range) -> [B, M, ...]."""
+  rows = jnp.clip(rows, 0, a.shape[1] - 1)
+  return jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
+
+
+def append(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start: jnp.ndarray, lengths: jnp.ndarray,
+           state: dict, entries: jnp.ndarray, indexer: bool = False) -> tuple[jnp.ndarray, dict]:
+  """Appends `lengths[b]` tokens at positions start[b].. to a sequence's compressor, emitting every window
+  that completes into the cache of entries. Equal to `compress` on the whole sequence, chunk by chunk.
+
+  x: [B,S,D] (rows right-padded), start/lengths: [B]; state: the cache's comp_state / idx_state;
+  entries: [B, N/m, c] -> (entries with the new ones written at their index, new state).
+  A row with start == 0 starts from an empty state, whatever the state holds.
+  """
+  m, (B, S, _) = ratio, x.shape
+  positions = start[:, None] + jnp.arange(S)
+  C, Z = project(p, x, m, positions)                                  # [B,S,cc]
+  r = (start % m)[:, None]                                           # tokens of this window already seen
+  w0 = start[:, None] - r                                            # first position of that window
+  n_win = -(-(S + m - 1) // m)
+  j = jnp.arange(n_win * m)[None]                                    # position w0 + j
+  src = jnp.where(j < r, j, m + j - r)                               # into concat([tail, new])
+  valid = (j < r) | (j - r < lengths[:, None])
+  take = lambda a, b: jnp.where(valid[..., None], _take_rows(jnp.concatenate([a, b], 1), src), 0.0)
+  bufC, bufZ = take(state["tail_C"], C), take(state["tail_Z"], Z)    # [B, n_win*m, cc], window-aligned
+
+  fresh = (start == 0)[:, None, None]
+  prev = None
+  if overlaps(m):
+    prev = (jnp.where(fresh, 0.0, state["prev_C"]), jnp.where(fresh, -jnp.inf, state["prev_Z"]))
+  E = pool(bufC, bufZ, m, prev)                                      # [B, n_win, c]
+  entry_ids = w0 // m + jnp.arange(n_win)[None]                      # [B, n_win]
+  end = (start + lengths)[:, None]
+  n_done = end // m                                                  # entries complete after the call
+  E = finish(E, p, cfg, m, entry_ids, indexer)
+  rows = jnp.where(entry_ids < n_done, entry_ids, entries.shape[1])  # out of range: dropped
+  entries = jax.vmap(lambda e, i, v: e.at[i].set(v.astype(e.dtype), mode="drop"))(entries, rows, E)
+
+  tail_rows = n_done * m - w0 + jnp.arange(m)[None]                  # the new incomplete window
+  new_state = {"tail_C": _take_rows(bufC, tail_rows), "tail_Z": _take_rows(bufZ, tail_rows)}
+  if overlaps(m):
+    last_rows = (n_done - 1) * m - w0 + jnp.arange(m)[None]          # the last complete window
+    completed = (n_done - 1 >= w0 // m)[..., None]
+    new_state["prev_C"] = jnp.where(completed, _take_rows(bufC, last_rows), prev[0])
+    new_state["prev_Z"] = jnp.where(completed, _take_rows(bufZ, last_rows), prev[1])
+  return entries, new_state

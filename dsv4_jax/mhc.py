@@ -45,12 +45,14 @@ def _mixes(X: jnp.ndarray, fn: jnp.ndarray, norm_eps: float) -> tuple[jnp.ndarra
 
 def sinkhorn(logits: jnp.ndarray, iters: int, eps: float) -> jnp.ndarray:
   """[..., n, n] -> row softmax, then alternate column / row normalisation, ending on columns."""
-  m = jax.nn.softmax(logits, axis=-1) + eps
-  m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-  for _ in range(iters - 1):
-    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
-    m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-  return m
+  def normalise_columns(m):
+    return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+
+  def row_then_column(_, m):
+    return normalise_columns(m / (jnp.sum(m, axis=-1, keepdims=True) + eps))
+
+  m = normalise_columns(jax.nn.softmax(logits, axis=-1) + eps)
+  return jax.lax.fori_loop(0, iters - 1, row_then_column, m)
 
 
 def hc_pre(X: jnp.ndarray, p: dict, nh: int, iters: int, hc_eps: float, norm_eps: float):
