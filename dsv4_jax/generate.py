@@ -1,0 +1,131 @@
+"""Generation: prefill the prompts, then decode inside one jitted `lax.while_loop` (no host round trip per
+token), stopping each sequence on EOS / stop ids or at `max_new_tokens`."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4_jax.cache import init_cache
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.inference import check_append, step
+from dsv4_jax.sampling import Sampling, sample
+
+
+@dataclasses.dataclass
+class GenerateResult:
+  prompts: list[list[int]]
+  tokens: list[list[int]]           # generated ids per sequence (a final stop id included)
+  stop_reasons: list[str]           # "eos" | "stop_id" | "max_new_tokens"
+  timings: dict                     # seconds: compile_prefill, prefill, compile_decode, decode; decode tokens/s
+
+
+def pad_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """A list of token-id lists (or an int array [B,S]) -> right-padded int32 [B,S] and lengths [B]."""
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    arr = np.asarray(prompts)
+    if arr.ndim != 2:
+      raise ValueError(f"prompts array must be [batch, seq]; got shape {arr.shape}.")
+    prompts = arr.tolist()
+  prompts = [list(map(int, p)) for p in prompts]
+  if not prompts:
+    raise ValueError("no prompts given.")
+  for b, p in enumerate(prompts):
+    if not p:
+      raise ValueError(f"prompt {b} is empty: every prompt needs at least one token (e.g. BOS).")
+    bad = [t for t in p if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(f"prompt {b}: token id {bad[0]} is outside the vocabulary [0, {vocab_size}).")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, : len(p)] = p
+  return tokens, lengths
+
+
+def _decode_loop(params, cfg: ModelConfig, sampling: Sampling, max_new: int, eos_id: int, logits, cache, key,
+                 stop_ids):
+  """Samples max_new tokens per row (or until every row stopped). Returns (tokens [B,max_new], n [B],
+  stopped_by [B] (0 none, 1 eos, 2 stop id), cache)."""
+  B = logits.shape[0]
+
+  def cond(s):
+    i, _, _, stopped, *_ = s
+    return (i < max_new) & jnp.any(stopped == 0)
+
+  def body(s):
+    i, out, n, stopped, logits, cache, key = s
+    key, sub = jax.random.split(key)
+    tok = sample(logits, sub, sampling)
+    live = stopped == 0
+    out = out.at[:, i].set(jnp.where(live, tok, 0))
+    n = n + live.astype(jnp.int32)
+    is_eos = tok == eos_id
+    is_stop = jnp.isin(tok, stop_ids) if stop_ids.size else jnp.zeros_like(is_eos)
+    stopped = jnp.where(live & is_eos, 1, jnp.where(live & is_stop, 2, stopped))
+    feed = (stopped == 0) & (i + 1 < max_new)
+    logits, cache = step(params, cfg, tok[:, None], feed.astype(jnp.int32), cache)
+    return i + 1, out, n, stopped, logits, cache, key
+
+  init = (jnp.int32(0), jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32),
+          jnp.zeros((B,), jnp.int32), logits, cache, key)
+  _, out, n, stopped, _, cache, _ = jax.lax.while_loop(cond, body, init)
+  return out, n, stopped, cache
+
+
+def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampling: Sampling | None = None,
+             rng: jax.Array | None = None, stop_ids: Sequence[int] = (), stop_on_eos: bool = True,
+             max_seq_len: int | None = None, cache_dtype=None) -> GenerateResult:
+  """Generates up to `max_new_tokens` for each prompt (lists of ids of any lengths, or [B,S]).
+
+  The cache holds `max_seq_len` tokens (default: the longest prompt plus max_new_tokens); everything is
+  checked before any compute. Seeded by `rng` (default key 0): the same call gives the same tokens.
+  """
+  sampling = sampling or Sampling()
+  rng = jax.random.key(0) if rng is None else rng
+  tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+  need = int(lengths.max()) + max_new_tokens
+  max_seq_len = max_seq_len or need
+  if need > max_seq_len or need > cfg.max_seq_len:
+    limit = min(max_seq_len, cfg.max_seq_len)
+    raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens={max_new_tokens} "
+                     f"needs {need} positions but the cache holds {limit} (max_seq_len={max_seq_len}, config "
+                     f"max_seq_len={cfg.max_seq_len}); shorten the prompt or lower max_new_tokens.")
+  stops = jnp.asarray(list(stop_ids), jnp.int32)
+  eos_id = cfg.eos_token_id if stop_on_eos else -1
+  cache = init_cache(cfg, tokens.shape[0], max_seq_len, cache_dtype)
+  check_append(cfg, tokens, lengths, cache)
+
+  timings = {}
+  t0 = time.perf_counter()
+  prefill_c = jax.jit(step, static_argnums=1, donate_argnums=4).lower(
+      params, cfg, tokens, lengths, cache).compile()
+  timings["compile_prefill_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  logits, cache = prefill_c(params, tokens, lengths, cache)
+  logits.block_until_ready()
+  timings["prefill_s"] = time.perf_counter() - t0
+
+  loop = jax.jit(_decode_loop, static_argnums=(1, 2, 3, 4), donate_argnums=6)
+  t0 = time.perf_counter()
+  loop_c = loop.lower(params, cfg, sampling, max_new_tokens, eos_id, logits, cache, rng, stops).compile()
+  timings["compile_decode_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out, n, stopped, cache = loop_c(params, logits, cache, rng, stops)
+  out, n, stopped = jax.device_get((out, n, stopped))
+  timings["decode_s"] = time.perf_counter() - t0
+  n_tokens = int(np.sum(n))
+  timings["decode_tokens_per_s"] = n_tokens / timings["decode_s"] if timings["decode_s"] > 0 else float("nan")
+  timings["prefill_tokens"] = int(lengths.sum())
+  reasons = {0: "max_new_tokens", 1: "eos", 2: "stop_id"}
+  return GenerateResult(
+      prompts=[tokens[b, : lengths[b]].tolist() for b in range(len(lengths))],
+      tokens=[out[b, : n[b]].tolist() for b in range(len(n))],
+      stop_reasons=[reasons[int(s)] for s in stopped],
+      timings=timings)

@@ -1,0 +1,161 @@
+"""What the launch scripts need around the model: memory checks before allocating, loading or random
+init, text prompts through the V4 chat format, and printing results."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+import jax
+import numpy as np
+
+from dsv4_jax.cache import cache_size
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.generate import GenerateResult, generate
+from dsv4_jax.sampling import Sampling
+from dsv4_jax.transformer import abstract_params, init_params
+
+log = logging.getLogger(__name__)
+GB = 1e9
+
+
+def available_memory_bytes() -> tuple[int, str]:
+  """Memory the model can use on the default backend, and what it is."""
+  devices = jax.devices()
+  if devices[0].platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+      return int(info["MemAvailable"].split()[0]) * 1024, "available host RAM"
+    except (OSError, KeyError, ValueError):
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM"
+  stats = [d.memory_stats() or {} for d in devices]
+  total = sum(int(s.get("bytes_limit", 0)) for s in stats)
+  return total, f"memory of {len(devices)} {devices[0].platform} device(s)"
+
+
+def required_memory_bytes(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None) -> dict:
+  params = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(abstract_params(cfg)))
+  size = cache_size(cfg, str(np.dtype(cache_dtype or cfg.dtype)))
+  cache = batch * (size.bytes_per_token * max_seq_len + size.bytes_per_sequence)
+  return {"params": int(params), "cache": int(cache), "total": int(params + cache)}
+
+
+def check_fits(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None) -> None:
+  """Raises, before anything is allocated, when weights + cache exceed the memory at hand."""
+  need = required_memory_bytes(cfg, batch, max_seq_len, cache_dtype)
+  have, what = available_memory_bytes()
+  if have and need["total"] > have:
+    raise MemoryError(
+        f"config {cfg.name!r} in {cfg.dtype} needs {need['total'] / GB:.1f} GB ({need['params'] / GB:.1f} GB of "
+        f"weights + {need['cache'] / GB:.2f} GB of KV cache for {batch} x {max_seq_len} tokens) but the "
+        f"{what} is {have / GB:.1f} GB. Use a machine (or mesh) with more memory, a smaller config "
+        f"(--config=tiny), or a shorter --max_seq_len.")
+
+
+def check_checkpoint_config(path: str, cfg: ModelConfig) -> None:
+  """A checkpoint with a config.json must describe the same architecture as `cfg`."""
+  cj = os.path.join(path, "config.json") if os.path.isdir(path) else None
+  if not cj or not os.path.isfile(cj):
+    return
+  other = ModelConfig.from_hf_config(cj)
+  runtime_fields = {"name", "dtype", "quant_sim", "attn_impl", "max_seq_len", "expert_dtype"}
+  diff = [(f.name, getattr(cfg, f.name), getattr(other, f.name)) for f in dataclasses.fields(cfg)
+          if f.name not in runtime_fields and getattr(cfg, f.name) != getattr(other, f.name)]
+  if diff:
+    lines = "; ".join(f"{n}: config {a!r} vs checkpoint {b!r}" for n, a, b in diff[:6])
+    raise ValueError(f"checkpoint {path} does not match config {cfg.name!r}: {lines}. Pick the matching "
+                     f"--config (or load_config({cj!r})).")
+
+
+def load_or_init(cfg: ModelConfig, checkpoint: str | None, seed: int = 0) -> dict:
+  if checkpoint:
+    from dsv4_jax.weights import load_params
+    check_checkpoint_config(checkpoint, cfg)
+    print(f"loading {checkpoint} ...", file=sys.stderr)
+    return load_params(checkpoint, cfg)
+  print(f"NOTE: no --checkpoint given: config {cfg.name!r} runs on RANDOM weights (seed {seed}); "
+        "the generated tokens are meaningless.", file=sys.stderr)
+  return init_params(cfg, jax.random.key(seed))
+
+
+@dataclasses.dataclass
+class Runner:
+  params: dict
+  cfg: ModelConfig
+  sampling: Sampling
+  max_new_tokens: int
+  max_seq_len: int | None = None
+  stop_ids: tuple = ()
+  cache_dtype: str | None = None
+  rng: jax.Array | None = None
+
+  def __call__(self, prompts) -> GenerateResult:
+    return generate(self.params, self.cfg, prompts, self.max_new_tokens, sampling=self.sampling, rng=self.rng,
+                    stop_ids=self.stop_ids, max_seq_len=self.max_seq_len, cache_dtype=self.cache_dtype)
+
+
+def encode_text(tok, prompt: str | None, chat_file: str | None, thinking_mode: str, raw: bool) -> list[int]:
+  from dsv4_jax.chat import chat_prompt, load_chat
+  if raw:
+    return [tok.bos_id] + tok.encode(prompt)
+  text = chat_prompt(load_chat(chat_file) if chat_file else prompt, thinking_mode=thinking_mode)
+  return tok.encode(text)
+
+
+def show_completion(tok, ids: list[int], thinking_mode: str | None, stream=None) -> dict | None:
+  """Prints decoded text; in chat mode through the streaming parser (reasoning / answer / tool calls)."""
+  stream = stream or sys.stdout
+  if thinking_mode is None:
+    stream.write(tok.decode(ids) + "\n")
+    return None
+  from dsv4_jax.chat import EventPrinter, StreamParser, to_message
+  from dsv4_jax.tokenizer import StreamDecoder
+  parser, dec, printer, events = StreamParser(thinking_mode), StreamDecoder(tok), EventPrinter(stream), []
+  for t in ids:
+    if t == tok.eos_id:
+      break
+    ev = parser.feed(dec.push([t]))
+    printer(ev)
+    events += ev
+  ev = parser.feed(dec.flush()) + parser.finish()
+  printer(ev)
+  stream.write("\n")
+  return to_message(events + ev)
+
+
+def report(result: GenerateResult, tok=None, thinking_mode: str | None = None) -> None:
+  for b, (p, g, why) in enumerate(zip(result.prompts, result.tokens, result.stop_reasons)):
+    print(f"[{b}] prompt {len(p)} tokens -> {len(g)} new tokens (stop: {why})")
+    print(f"[{b}] ids: {','.join(map(str, g))}")
+    if tok is not None:
+      show_completion(tok, g, thinking_mode)
+  t = result.timings
+  print(f"prefill {t['prefill_tokens']} tokens in {t['prefill_s']:.3f} s (compile {t['compile_prefill_s']:.1f} s); "
+        f"decode {t['decode_tokens_per_s']:.1f} tokens/s (compile {t['compile_decode_s']:.1f} s)", file=sys.stderr)
+
+
+def result_json(result: GenerateResult, cfg: ModelConfig, random_weights: bool) -> dict:
+  return {"config": cfg.name, "random_weights": random_weights, "prompt_ids": result.prompts,
+          "generated_ids": result.tokens, "stop_reasons": result.stop_reasons, "timings": result.timings}
+
+
+def interactive_chat(run: Runner, tok, thinking_mode: str) -> None:
+  """A multi-turn loop on stdin: each turn re-encodes the conversation and generates the reply."""
+  from dsv4_jax.chat import chat_prompt
+  messages = []
+  print("chat: empty line or EOF to quit", file=sys.stderr)
+  while True:
+    try:
+      line = input("user> ")
+    except EOFError:
+      break
+    if not line.strip():
+      break
+    messages.append({"role": "user", "content": line})
+    result = run([tok.encode(chat_prompt(messages, thinking_mode=thinking_mode))])
+    reply = show_completion(tok, result.tokens[0], thinking_mode) or {}
+    messages.append({"role": "assistant", "content": reply.get("content", ""),
+                     "reasoning_content": reply.get("reasoning_content", ""),
+                     **({"tool_calls": reply["tool_calls"]} if reply.get("tool_calls") else {})})

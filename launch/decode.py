@@ -1,0 +1,117 @@
+r"""Generate with DeepSeek-V4.
+
+  python -m launch.decode --config=tiny --prompt_ids=5,17,300 --max_new_tokens=32
+  python -m launch.decode --config=flash --checkpoint=DIR --prompt="Hello" --temperature=0.7 --top_p=0.9
+  python -m launch.decode --config=flash --checkpoint=DIR --chat=messages.json --thinking_mode=thinking
+  python -m launch.decode --config=flash --checkpoint=DIR --chat=-        # interactive multi-turn chat
+
+`--config` is a name from configs/ (flash, pro, flash_base, pro_base, tiny) or a .py config file;
+override fields with `--config.FIELD=VALUE` (e.g. `--config.dtype=float32`). Without `--checkpoint`
+the model runs on random weights (the output says so). `--output_json` writes prompt ids, generated
+ids, stop reasons and timings for scripts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dsv4_jax.config import config_names
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _config_path_argv(argv: list[str]) -> list[str]:
+  """Lets `--config=flash` name a file in configs/ (config_flags wants a path)."""
+  out = []
+  for a in argv:
+    if a.startswith("--config=") and a[len("--config="):] in config_names():
+      a = "--config=" + os.path.join(_CONFIG_DIR, a[len("--config="):] + ".py")
+    out.append(a)
+  return out
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_CONFIG_DIR, "tiny.py"),
+                                          "configs/ name or .py config file.", lock_config=False)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir: safetensors (official or HF names) or "
+                                  "an Orbax checkpoint written by launch.convert.")
+_PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "Comma-separated token ids; ';' separates sequences.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text prompt, sent as one user turn in the V4 chat format "
+                              "(with --raw, tokenized as is).")
+_RAW = flags.DEFINE_bool("raw", False, "With --prompt: no chat template, just BOS + the text.")
+_CHAT = flags.DEFINE_string("chat", None, "A messages JSON file, or '-' for an interactive chat.")
+_THINKING = flags.DEFINE_enum("thinking_mode", "chat", ["chat", "thinking"], "V4 chat mode.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json / .model (default: DeepSeek-V4's).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per sequence.")
+_MAX_SEQ = flags.DEFINE_integer("max_seq_len", None, "Cache capacity (default: longest prompt + max_new_tokens).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0 = off.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling and random-weight seed.")
+_STOP_IDS = flags.DEFINE_string("stop_ids", "", "Extra comma-separated stop token ids (EOS always stops).")
+_CACHE_DTYPE = flags.DEFINE_string("cache_dtype", None, "KV cache storage dtype (default: compute dtype).")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write ids and timings here.")
+
+
+def _ids(spec: str) -> list[list[int]]:
+  try:
+    return [[int(t) for t in seq.split(",") if t.strip()] for seq in spec.split(";")]
+  except ValueError:
+    raise app.UsageError(f"--prompt_ids={spec!r}: expected comma-separated integers, ';' between sequences.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax
+
+  from dsv4_jax import runtime
+  from dsv4_jax.config import describe, from_config_dict
+  from dsv4_jax.sampling import Sampling
+
+  cfg = from_config_dict(_CONFIG.value)
+  sources = [f for f in (_PROMPT_IDS.value, _PROMPT.value, _CHAT.value) if f is not None]
+  if len(sources) > 1:
+    raise app.UsageError("give one of --prompt_ids, --prompt, --chat.")
+  sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  stop_ids = [int(t) for t in _STOP_IDS.value.split(",") if t.strip()]
+  print(describe(cfg), file=sys.stderr)
+
+  tok = None
+  if _PROMPT.value is not None or _CHAT.value is not None:
+    from dsv4_jax.tokenizer import load_tokenizer
+    tok = load_tokenizer(_TOKENIZER.value)
+    if tok.vocab_size > cfg.vocab_size:
+      raise app.UsageError(f"the tokenizer has {tok.vocab_size} ids but config {cfg.name!r} only {cfg.vocab_size}; "
+                           "text prompts need a real-vocabulary config (e.g. --config=flash).")
+
+  interactive = _CHAT.value == "-"
+  if interactive:
+    prompts = []
+  elif _CHAT.value is not None or _PROMPT.value is not None:
+    prompts = [runtime.encode_text(tok, _PROMPT.value, _CHAT.value, _THINKING.value, _RAW.value)]
+  else:
+    prompts = _ids(_PROMPT_IDS.value or str(cfg.bos_token_id))
+  longest = max((len(p) for p in prompts), default=0)
+  max_seq = _MAX_SEQ.value or (4096 if interactive else longest + _MAX_NEW.value)
+  runtime.check_fits(cfg, batch=max(1, len(prompts)), max_seq_len=max_seq, cache_dtype=_CACHE_DTYPE.value)
+
+  params = runtime.load_or_init(cfg, _CHECKPOINT.value, seed=_SEED.value)
+  run = runtime.Runner(params, cfg, sampling, max_new_tokens=_MAX_NEW.value, max_seq_len=_MAX_SEQ.value,
+                       stop_ids=tuple(stop_ids), cache_dtype=_CACHE_DTYPE.value, rng=jax.random.key(_SEED.value))
+  if interactive:
+    runtime.interactive_chat(run, tok, _THINKING.value)
+    return
+  result = run(prompts)
+  runtime.report(result, tok, _THINKING.value if (tok and not _RAW.value) else None)
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(runtime.result_json(result, cfg, random_weights=_CHECKPOINT.value is None), f, indent=1)
+
+
+if __name__ == "__main__":
+  sys.argv = _config_path_argv(sys.argv)
+  app.run(main)
