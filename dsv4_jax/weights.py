@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import warnings
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +47,9 @@ def _sharding(axes: tuple, shape: tuple, mesh: Mesh | None):
 
 def leaf_sharding(spec: ParamSpec, value, mesh: Mesh | None):
   """The sharding of a dense leaf, or {"values", "scales"} for a QArray (same axes, own shapes)."""
-  if isinstance(value, QArray) or isinstance(value, dict):
-    vs, ss = (value.values.shape, value.scales.shape) if isinstance(value, QArray) else (value["values"],
-                                                                                       value["scales"])
-    return {"values": _sharding(spec.axes, tuple(vs), mesh), "scales": _sharding(spec.axes, tuple(ss), mesh)}
+  if isinstance(value, QArray):
+    return {"values": _sharding(spec.axes, tuple(value.values.shape), mesh),
+            "scales": _sharding(spec.axes, tuple(value.scales.shape), mesh)}
   return _sharding(spec.axes, tuple(value.shape), mesh)
 
 
@@ -185,12 +184,13 @@ def _restore_units(root: str, cfg: ModelConfig, mesh):
     flat_specs = {"/".join(p): s for p, s in stream.flatten(specs[unit])}
     shardings = {}
     for name, rec in leaves.items():
-      form = {"values": rec["shape"][:-1] + [rec["shape"][-1] // 2] if rec["fmt"] == "fp4" else rec["shape"],
-              "scales": rec.get("scale_shape")} if rec["fmt"] else np.empty((0,))
+      axes = flat_specs[name].axes
       if rec["fmt"]:
-        shardings[name] = leaf_sharding(flat_specs[name], form, mesh)
+        values_shape = rec["shape"][:-1] + [rec["shape"][-1] // 2] if rec["fmt"] == "fp4" else rec["shape"]
+        shardings[name] = {"values": _sharding(axes, tuple(values_shape), mesh),
+                           "scales": _sharding(axes, tuple(rec["scale_shape"]), mesh)}
       else:
-        shardings[name] = _sharding(flat_specs[name].axes, tuple(rec["shape"]), mesh)
+        shardings[name] = _sharding(axes, tuple(rec["shape"]), mesh)
     yield unit, orbax_io.restore_unit(root, unit, leaves, shardings)
 
 

@@ -244,7 +244,7 @@ def load_into_hf(model, dense: dict[str, np.ndarray]) -> None:
     new[f"model.layers.{n}.mlp.experts.down_proj"] = np.stack(
         [dense[f"layers.{n}.ffn.experts.{e}.w2.weight"] for e in range(E)])
   assert set(new) == set(sd), sorted(set(sd) ^ set(new))
-  assert inter * 2 == new[f"model.layers.0.mlp.experts.gate_up_proj"].shape[1]
+  assert inter * 2 == new["model.layers.0.mlp.experts.gate_up_proj"].shape[1]
   model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in new.items()}, strict=True)
 
 

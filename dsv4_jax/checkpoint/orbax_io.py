@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from dsv4_jax.checkpoint import stream
