@@ -169,6 +169,8 @@ def test_logits_match_hf_on_released_format(spec_name, tmp_path):
   print(f"spec {spec_name}: prefill max relative error vs HF {err:.2e}")
   assert err < 1e-4
 
+  if spec_name != "A":
+    return                          # cached decode once (compiles prefill + decode_step: the slow part)
   inference = pytest.importorskip("dsv4_jax.inference", reason="decode path (dsv4_jax.inference) not merged yet")
   new = 6
   _, ref_steps = hf_oracle.hf_greedy(model, tokens, new, return_logits=True)
