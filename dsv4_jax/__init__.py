@@ -15,7 +15,7 @@ _EXPORTS = {
     "load_params": "weights",
     "init_cache": "cache", "cache_size": "cache",
     "prefill": "inference", "decode_step": "inference",
-    "generate": "generate", "GenerateResult": "generate", "Sampling": "sampling",
+    "generate": "generation", "GenerateResult": "generation", "Sampling": "sampling",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from dsv4_jax.cache import cache_size
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.generate import GenerateResult, generate
+from dsv4_jax.generation import GenerateResult, generate
 from dsv4_jax.sampling import Sampling
 from dsv4_jax.transformer import abstract_params, init_params
 

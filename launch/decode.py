@@ -112,6 +112,14 @@ def main(argv):
       json.dump(runtime.result_json(result, cfg, random_weights=_CHECKPOINT.value is None), f, indent=1)
 
 
+def _main(argv):
+  try:
+    main(argv)
+  except (ValueError, MemoryError, FileNotFoundError) as e:     # user errors: the message says what to change
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   sys.argv = _config_path_argv(sys.argv)
-  app.run(main)
+  app.run(_main)

@@ -1,0 +1,202 @@
+"""Cached inference reproduces the uncached forward pass; generation; the launch script; bad input."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv4_jax import (Sampling, cache_size, decode_step, forward, generate, init_cache, init_params, load_config,
+                      prefill)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT_LENGTHS = [1, 3, 4, 5, 7, 8, 9, 127, 128, 129, 150]
+
+CONFIGS = {
+    # Flash-like recipe: window 16, HCA ratio 8, 3 hash layers, top-4 indexer.
+    "tiny": load_config("tiny"),
+    # Pro-like pattern (HCA first), the real 128-token window, HCA ratio 16, top-6.
+    "tiny_pro": dataclasses.replace(load_config("tiny"), name="tiny_pro", window_size=128, index_topk=6,
+                                    compress_ratios=(16, 16, 4, 16, 4, 16, 4, 0), n_hash_layers=2),
+}
+_fwd = jax.jit(forward, static_argnums=1)
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request):
+  cfg = CONFIGS[request.param]
+  return cfg, init_params(cfg, jax.random.key(1))
+
+
+def test_cached_decode_equals_forward(model):
+  """A batch of prompts of lengths 1..150 (one padded prefill), then 12 decode steps: every step's logits
+  equal `forward` on the whole sequence at that position."""
+  cfg, params = model
+  B, steps = len(PROMPT_LENGTHS), 12
+  total = max(PROMPT_LENGTHS) + steps
+  seqs = np.asarray(jax.random.randint(jax.random.key(2), (B, total), 0, cfg.vocab_size), np.int32)
+  lengths = np.array(PROMPT_LENGTHS, np.int32)
+  tokens = np.where(np.arange(total - steps)[None] < lengths[:, None], seqs[:, : total - steps], 0)
+  # the forward oracle for each row: its prompt followed by its 12 decode tokens, left-aligned
+  rows = np.stack([seqs[b, : lengths[b] + steps] for b in range(B) for _ in [0]] and
+                  [np.pad(seqs[b, : lengths[b] + steps], (0, total - lengths[b] - steps)) for b in range(B)])
+  full = np.asarray(_fwd(params, cfg, rows).logits)
+
+  cache = init_cache(cfg, B, total + 4)
+  logits, cache = prefill(params, cfg, tokens, lengths, cache)
+  errs = [_rel(np.asarray(logits), full[np.arange(B), lengths - 1])]
+  for s in range(steps):
+    nxt = seqs[np.arange(B), lengths + s]
+    logits, cache = decode_step(params, cfg, nxt, cache)
+    errs.append(_rel(np.asarray(logits), full[np.arange(B), lengths + s]))
+  print(cfg.name, "max relative error per step", [f"{e:.1e}" for e in errs])
+  assert max(errs) < 1e-5
+  assert np.asarray(cache["length"]).tolist() == (lengths + steps).tolist()
+
+
+def test_indexer_selects_fewer_than_visible_in_these_runs(model):
+  cfg, _ = model
+  assert (max(PROMPT_LENGTHS) + 1) // 4 > cfg.index_topk     # later queries see more entries than top-k
+
+
+def test_chunked_prefill_equals_one_prefill_and_rows_alone(model):
+  cfg, params = model
+  toks = np.asarray(jax.random.randint(jax.random.key(3), (2, 42), 0, cfg.vocab_size), np.int32)
+  one, c1 = prefill(params, cfg, toks, np.array([42, 42]), init_cache(cfg, 2, 64))
+  c2 = init_cache(cfg, 2, 64)
+  for a, b in [(0, 5), (5, 12), (12, 42)]:
+    chunked, c2 = prefill(params, cfg, toks[:, a:b], np.array([b - a, b - a]), c2)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(one), rtol=1e-5, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+  # different lengths in one batch == each row alone
+  mixed, _ = prefill(params, cfg, toks, np.array([42, 17]), init_cache(cfg, 2, 64))
+  alone, _ = prefill(params, cfg, toks[1:, :17], np.array([17]), init_cache(cfg, 1, 64))
+  np.testing.assert_allclose(np.asarray(mixed[1]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(mixed[0]), np.asarray(one[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_new_prefill_after_short_prompt_does_not_leak_state():
+  """The reference leaks compressor state into a fresh prompt shorter than 4 tokens; we reset per sequence."""
+  cfg = CONFIGS["tiny"]
+  params = init_params(cfg, jax.random.key(4))
+  toks = np.asarray(jax.random.randint(jax.random.key(5), (1, 12), 0, cfg.vocab_size), np.int32)
+  fresh, _ = prefill(params, cfg, toks[:, :3], np.array([3]), init_cache(cfg, 1, 32))
+  used, cache = prefill(params, cfg, toks[:, 3:], np.array([9]), init_cache(cfg, 1, 32))
+  cache = dict(cache, length=jnp.zeros_like(cache["length"]))           # reuse the buffers for a new prompt
+  again, _ = prefill(params, cfg, toks[:, :3], np.array([3]), cache)
+  np.testing.assert_allclose(np.asarray(again), np.asarray(fresh), rtol=1e-6, atol=1e-6)
+
+
+def test_quant_sim_cached_equals_uncached():
+  cfg = dataclasses.replace(CONFIGS["tiny"], quant_sim=True)
+  params = init_params(cfg, jax.random.key(6))
+  seq = np.asarray(jax.random.randint(jax.random.key(7), (1, 40), 0, cfg.vocab_size), np.int32)
+  full = np.asarray(_fwd(params, cfg, seq).logits)[0]
+  logits, cache = prefill(params, cfg, seq[:, :30], np.array([30]), init_cache(cfg, 1, 48))
+  errs = [_rel(np.asarray(logits)[0], full[29])]
+  for t in range(30, 40):
+    logits, cache = decode_step(params, cfg, seq[:, t], cache)
+    errs.append(_rel(np.asarray(logits)[0], full[t]))
+  assert max(errs) < 1e-5, errs
+
+
+def test_cache_size_matches_performance_doc():
+  flash, pro = load_config("flash"), load_config("pro")
+  assert cache_size(flash, "bfloat16").bytes_per_token == 6880
+  assert cache_size(pro, "bfloat16").bytes_per_token == 9848
+  assert cache_size(flash, "paper").bytes_per_token == 3450
+  assert cache_size(pro, "paper").bytes_per_token == 4939.5
+  assert cache_size(flash, "paper").scale_bytes_per_token > 0
+  # constant per sequence: windows (incl. MTP) 5.5 MiB + compressor states 11.6 MiB for Flash in bf16
+  assert round(cache_size(flash, "bfloat16").bytes_per_sequence / 2 ** 20, 1) == 17.1
+
+
+def test_generate_is_greedy_seeded_and_stops():
+  cfg = CONFIGS["tiny"]
+  params = init_params(cfg, jax.random.key(8))
+  r = generate(params, cfg, [[5, 17, 300], [1, 2, 3, 4, 5, 6, 7]], 10)
+  for p, g in zip(r.prompts, r.tokens):
+    lg = np.asarray(_fwd(params, cfg, np.array([p + g])).logits)[0]
+    assert lg[len(p) - 1:-1].argmax(-1).tolist() == g                 # greedy = argmax of forward
+  s = Sampling(temperature=0.9, top_k=20, top_p=0.9)
+  a = generate(params, cfg, [[5, 17, 300]], 12, sampling=s, rng=jax.random.key(3))
+  b = generate(params, cfg, [[5, 17, 300]], 12, sampling=s, rng=jax.random.key(3))
+  c = generate(params, cfg, [[5, 17, 300]], 12, sampling=s, rng=jax.random.key(4))
+  assert a.tokens == b.tokens and a.tokens != c.tokens
+  stop = r.tokens[0][3]
+  st = generate(params, cfg, [[5, 17, 300]], 10, stop_ids=[stop])
+  assert st.tokens[0] == r.tokens[0][: r.tokens[0].index(stop) + 1] and st.stop_reasons == ["stop_id"]
+  assert r.stop_reasons == ["max_new_tokens"] * 2
+  assert r.timings["decode_tokens_per_s"] > 0 and r.timings["prefill_s"] > 0
+
+
+def test_sampling_filters():
+  from dsv4_jax.sampling import sample
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.split(jax.random.key(0), 1)[0]
+  top2 = np.asarray(sample(logits, keys, Sampling(1.0, top_k=2)))
+  assert set(top2.tolist()) == {0, 1}
+  nucleus = np.asarray(sample(logits, keys, Sampling(1.0, top_p=0.7)))     # 0.5 + 0.3 covers 0.7
+  assert set(nucleus.tolist()) == {0, 1}
+  full = np.asarray(sample(logits, keys, Sampling(1.0)))
+  assert set(full.tolist()) == {0, 1, 2, 3} and abs((full == 0).mean() - 0.5) < 0.05
+  with pytest.raises(ValueError, match="top_p"):
+    Sampling(1.0, top_p=0.0)
+
+
+def test_bad_input_stops_before_compute():
+  cfg = CONFIGS["tiny"]
+  params = init_params(cfg, jax.random.key(9))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    generate(params, cfg, [[1, cfg.vocab_size]], 4)
+  with pytest.raises(ValueError, match="empty"):
+    generate(params, cfg, [[1, 2], []], 4)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    generate(params, cfg, [[1, 2]], 0)
+  with pytest.raises(ValueError, match="needs 12 positions but the cache holds 8"):
+    generate(params, cfg, [[1, 2]], 10, max_seq_len=8)
+  cache = init_cache(cfg, 1, 8)
+  with pytest.raises(ValueError, match="exceed the cache's max_seq_len=8"):
+    prefill(params, cfg, np.ones((1, 9), np.int32), np.array([9]), cache)
+  with pytest.raises(ValueError, match="does not match the cache's batch of 1"):
+    prefill(params, cfg, np.ones((2, 3), np.int32), np.array([3, 3]), cache)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    prefill(params, cfg, np.full((1, 3), -1, np.int32), np.array([3]), cache)
+
+
+def test_checkpoint_config_mismatch_is_named(tmp_path):
+  from dsv4_jax.runtime import check_checkpoint_config
+  (tmp_path / "config.json").write_text(json.dumps({
+      "model_type": "deepseek_v4", "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": 7,
+      "num_attention_heads": 4, "head_dim": 96, "qk_rope_head_dim": 32, "q_lora_rank": 64, "o_groups": 2,
+      "o_lora_rank": 64, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+      "compress_ratios": [0, 0, 4, 8, 4, 8, 4, 0]}))
+  with pytest.raises(ValueError, match="dim: config 128 vs checkpoint 256"):
+    check_checkpoint_config(str(tmp_path), CONFIGS["tiny"])
+
+
+def test_launch_decode_end_to_end(tmp_path):
+  out = tmp_path / "o.json"
+  cmd = [sys.executable, "-m", "launch.decode", "--config=tiny", "--prompt_ids=5,17,300;7,8",
+         "--max_new_tokens=6", f"--output_json={out}", "--temperature=0.7", "--top_p=0.9", "--seed=1"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "RANDOM weights" in proc.stderr
+  data = json.loads(out.read_text())
+  assert data["prompt_ids"] == [[5, 17, 300], [7, 8]] and data["random_weights"] is True
+  assert [len(g) for g in data["generated_ids"]] == [6, 6] and data["stop_reasons"] == ["max_new_tokens"] * 2
+  assert all(0 <= t < 512 for g in data["generated_ids"] for t in g)
+  assert data["timings"]["decode_tokens_per_s"] > 0
+  bad = subprocess.run([sys.executable, "-m", "launch.decode", "--config=tiny", "--prompt_ids=5,9999"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert bad.returncode == 2 and "token id 9999 is outside the vocabulary [0, 512)" in bad.stderr
