@@ -70,31 +70,35 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
-def _init_one(spec: ParamSpec, key: jax.Array, dtype) -> jax.Array:
+def _init_one(spec: ParamSpec, rng: np.random.Generator, dtype) -> np.ndarray:
   kind, *args = spec.init
   dt = spec.dtype(dtype)
+
+  def normal(std):
+    return (std * rng.standard_normal(spec.shape, np.float32)).astype(dt)
+
   if kind == "fan_in":            # linear weights [..., out, in]: unit-variance outputs
-    std = spec.shape[-1] ** -0.5
-    return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dt)
+    return normal(spec.shape[-1] ** -0.5)
   if kind == "normal":
-    return (args[0] * jax.random.normal(key, spec.shape, jnp.float32)).astype(dt)
+    return normal(args[0])
   if kind == "normal_plus_one":   # norm weights, scales: 1 + noise
-    return (1.0 + args[0] * jax.random.normal(key, spec.shape, jnp.float32)).astype(dt)
+    return (1.0 + args[0] * rng.standard_normal(spec.shape, np.float32)).astype(dt)
   if kind == "zeros":
-    return jnp.zeros(spec.shape, dt)
+    return np.zeros(spec.shape, dt)
   if kind == "hash":              # tid2eid [..., V, k]: k distinct experts per token id
-    n_experts = args[0]
-    noise = jax.random.uniform(key, spec.shape[:-1] + (n_experts,))
-    return jnp.argsort(noise, axis=-1)[..., : spec.shape[-1]].astype(dt)
+    noise = rng.random(spec.shape[:-1] + (args[0],), np.float32)
+    return np.argsort(noise, axis=-1)[..., : spec.shape[-1]].astype(dt)
   raise ValueError(f"Unknown init {spec.init!r}.")
 
 
 def init_from_specs(specs: Any, key: jax.Array, dtype=jnp.bfloat16) -> Any:
-  """Random parameters; each leaf's key is derived from its path, so adding a weight elsewhere does not
-  change the others."""
+  """Random parameters, drawn on the host (no compilation) and placed on the default device. Each leaf's
+  stream is seeded by (key, its path), so adding a weight elsewhere does not change the others."""
+  seed = [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
+
   def leaf(path, spec):
-    k = jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
-    return _init_one(spec, k, dtype)
+    rng = np.random.default_rng(seed + [zlib.crc32(path_str(path).encode())])
+    return jnp.asarray(_init_one(spec, rng, dtype))
   return jax.tree_util.tree_map_with_path(leaf, specs, is_leaf=is_spec)
 
 

@@ -104,8 +104,7 @@ def abstract_params(cfg: ModelConfig, dtype=None):
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
   """Random parameters for experiments (weights in `dtype`, default the config's compute dtype)."""
-  specs = param_specs(cfg)
-  return jax.jit(lambda k: params_lib.init_from_specs(specs, k, dtype or cfg.dtype))(key)
+  return params_lib.init_from_specs(param_specs(cfg), key, dtype or cfg.dtype)
 
 
 class ForwardOutput(NamedTuple):
