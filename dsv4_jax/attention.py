@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import compressor, indexer, quant
+from dsv4_jax import compressor, indexer, kv_format, quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import fp8_linear
 from dsv4_jax.norm import head_rms_rescale, rms_norm
@@ -144,14 +144,14 @@ def cached_window_indices(positions: jnp.ndarray, start: jnp.ndarray, window: in
   return jnp.where(p >= s, window + p - s, jnp.where(p >= 0, p % window, -1)).astype(jnp.int32)
 
 
-def ring_update(win: jnp.ndarray, kv: jnp.ndarray, start: jnp.ndarray, lengths: jnp.ndarray) -> jnp.ndarray:
+def ring_update(win, kv: jnp.ndarray, start: jnp.ndarray, lengths: jnp.ndarray, rope_dim: int):
   """Writes the last min(lengths, W) new raw entries of each row to slots position mod W.
-  win: [B,W,K], kv: [B,S,K] -> [B,W,K]."""
-  W, S = win.shape[1], kv.shape[1]
+  win: [B,W,K] (in its storage format, dsv4_jax/kv_format.py), kv: [B,S,K] -> the updated ring."""
+  W, S = jax.tree.leaves(win)[0].shape[1], kv.shape[1]
   i = jnp.arange(S)[None]
   keep = (i < lengths[:, None]) & (i >= lengths[:, None] - W)
   slot = jnp.where(keep, (start[:, None] + i) % W, W)
-  return jax.vmap(lambda w, s, v: w.at[s].set(v.astype(w.dtype), mode="drop"))(win, slot, kv)
+  return kv_format.write_rows(win, slot, kv, rope_dim)
 
 
 def attention_step(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, start: jnp.ndarray,
@@ -167,7 +167,7 @@ def attention_step(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, start:
   positions = start[:, None] + jnp.arange(S, dtype=jnp.int32)
   cos, sin = rope_angles(cfg, ratio > 0, positions)
   q, kv, qr = project_qkv(p, cfg, x, cos, sin)
-  rows = [cache["win"].astype(kv.dtype), kv]
+  rows = [kv_format.decode(cache["win"], kv.dtype), kv]
   idx = cached_window_indices(positions, start, W)
   new = dict(cache)
   if ratio:
@@ -177,12 +177,12 @@ def attention_step(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, start:
       new["idx"], new["idx_state"] = compressor.append(p["indexer"]["compressor"], cfg, x, ratio, start,
                                                        lengths, cache["idx_state"], cache["idx"], indexer=True)
       qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
-      keys = new["idx"].astype(qI.dtype)
+      keys = kv_format.decode(new["idx"], qI.dtype)
       comp_idx = indexer.select_topk(indexer.index_scores(qI, w, keys), positions, cfg.index_topk)
     else:
-      comp_idx = hca_indices(positions, new["comp"].shape[1], ratio)
-    rows.append(new["comp"].astype(kv.dtype))
+      comp_idx = hca_indices(positions, jax.tree.leaves(new["comp"])[0].shape[1], ratio)
+    rows.append(kv_format.decode(new["comp"], kv.dtype))
     idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + W + S, -1)], axis=-1)
   o = sparse_attention(q, jnp.concatenate(rows, axis=1), idx, p["attn_sink"], cfg.softmax_scale)
-  new["win"] = ring_update(cache["win"], kv, start, lengths)
+  new["win"] = ring_update(cache["win"], kv, start, lengths, cfg.rope_head_dim)
   return output_projection(p, cfg, o, cos, sin), new

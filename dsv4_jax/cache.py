@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import compressor, indexer
+from dsv4_jax import compressor, indexer, kv_format
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.transformer import layer_plan
 
 F32 = jnp.float32
-STORAGE_DTYPES = ("bfloat16", "float32")
+STORAGE_DTYPES = ("bfloat16", "float32", "paper")
 
 
 def _state_shapes(B: int, ratio: int, c: int) -> dict:
@@ -35,62 +35,63 @@ def _state_shapes(B: int, ratio: int, c: int) -> dict:
   return {k: (B, ratio, (2 if overlap else 1) * c) for k in names}
 
 
-def layer_cache_shapes(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, dtype) -> dict:
-  """{name: ShapeDtypeStruct} (nested for the compressor states) of one layer's cache."""
-  K = cfg.head_dim
-  sds = jax.ShapeDtypeStruct
-  out = {"win": sds((B, cfg.window_size, K), dtype)}
+def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None) -> dict:
+  """One layer's empty cache (with a leading [reps] axis for scanned layers)."""
+  lead = (B,) if reps is None else (reps, B)
+  dense = cfg.dtype if storage == "paper" else storage        # paper: RoPE dims in the compute dtype
+  main_fmt, idx_fmt = ("fp8", "fp4") if storage == "paper" else ("dense", "dense")
+  K, r = cfg.head_dim, cfg.rope_head_dim
+
+  def entries(n, width, fmt):
+    return kv_format.empty(lead + (n, width), fmt, dense, r)
+
+  def state(c):
+    out = {k: jnp.zeros(lead + s[1:], F32) for k, s in _state_shapes(B, ratio, c).items()}
+    for k in ("tail_Z", "prev_Z"):
+      if k in out:
+        out[k] = jnp.full(out[k].shape, -jnp.inf, F32)       # softmax weight 0 for "no token yet"
+    return out
+
+  out = {"win": entries(cfg.window_size, K, main_fmt)}
   if ratio:
-    out["comp"] = sds((B, max_seq_len // ratio, K), dtype)
-    out["comp_state"] = {k: sds(s, F32) for k, s in _state_shapes(B, ratio, K).items()}
+    out["comp"] = entries(max_seq_len // ratio, K, main_fmt)
+    out["comp_state"] = state(K)
   if ratio == indexer.CSA_RATIO:
-    out["idx"] = sds((B, max_seq_len // ratio, cfg.index_head_dim), dtype)
-    out["idx_state"] = {k: sds(s, F32) for k, s in _state_shapes(B, ratio, cfg.index_head_dim).items()}
+    out["idx"] = entries(max_seq_len // ratio, cfg.index_head_dim, idx_fmt)
+    out["idx_state"] = state(cfg.index_head_dim)
   return out
-
-
-def cache_shapes(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None) -> dict:
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  plan = layer_plan(cfg)
-
-  def layer(i):
-    return layer_cache_shapes(cfg, cfg.layer_ratio(i), batch_size, max_seq_len, dtype)
-
-  def stacked(tree):
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct((plan.reps,) + s.shape, s.dtype), tree)
-
-  return {
-      "length": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-      "max_seq_len": jax.ShapeDtypeStruct((), jnp.int32),
-      "layers": {
-          "prefix": [layer(i) for i in plan.prefix],
-          "stack": [stacked(layer(i)) for i in plan.period],
-          "suffix": [layer(i) for i in plan.suffix],
-      },
-  }
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None) -> dict:
   """An empty cache for `batch_size` sequences of up to `max_seq_len` tokens.
 
-  `dtype`: storage dtype of KV entries ("bfloat16" or "float32"; default the compute dtype).
+  `dtype`: storage of KV entries: "bfloat16", "float32" (default: the compute dtype), or "paper" (fp8 e4m3
+  non-RoPE dims with per-64 power-of-two scales + bf16 RoPE dims; fp4 indexer keys with per-32 scales;
+  see dsv4_jax/kv_format.py). Compressor states are fp32 in every case.
   """
-  dtype = str(jnp.dtype(dtype or cfg.dtype))
-  if dtype not in STORAGE_DTYPES:
-    raise ValueError(f"cache dtype {dtype!r} is not supported; expected one of {STORAGE_DTYPES}.")
+  storage = dtype if dtype == "paper" else str(jnp.dtype(dtype or cfg.dtype))   # "paper" keeps RoPE dims in
+  # the compute dtype: bf16 as in the paper for bf16 models, fp32 in fp32 test runs (so it stays lossless)
+  if storage not in STORAGE_DTYPES:
+    raise ValueError(f"cache dtype {storage!r} is not supported; expected one of {STORAGE_DTYPES}.")
   if batch_size < 1 or max_seq_len < 1:
     raise ValueError(f"init_cache: batch_size={batch_size} and max_seq_len={max_seq_len} must be >= 1.")
-  shapes = cache_shapes(cfg, batch_size, max_seq_len, dtype)
+  if storage == "paper" and (cfg.nope_head_dim % 64 or cfg.index_head_dim % 32):
+    raise ValueError(f"the paper's cache format needs head_dim - rope_head_dim ({cfg.nope_head_dim}) divisible "
+                     f"by 64 and index_head_dim ({cfg.index_head_dim}) by 32.")
+  plan = layer_plan(cfg)
 
-  def fill(path, s):
-    name = str(getattr(path[-1], "key", ""))
-    if name in ("tail_Z", "prev_Z"):
-      return jnp.full(s.shape, -jnp.inf, s.dtype)      # softmax weight 0 for "no token yet"
-    return jnp.zeros(s.shape, s.dtype)
+  def layer(i, reps=None):
+    return _layer_cache(cfg, cfg.layer_ratio(i), batch_size, max_seq_len, storage, reps)
 
-  cache = jax.tree_util.tree_map_with_path(fill, shapes)
-  cache["max_seq_len"] = jnp.asarray(max_seq_len, jnp.int32)
-  return cache
+  return {
+      "length": jnp.zeros((batch_size,), jnp.int32),
+      "max_seq_len": jnp.asarray(max_seq_len, jnp.int32),
+      "layers": {
+          "prefix": [layer(i) for i in plan.prefix],
+          "stack": [layer(i, plan.reps) for i in plan.period],
+          "suffix": [layer(i) for i in plan.suffix],
+      },
+  }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import quant
+from dsv4_jax import kv_format, quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear
 from dsv4_jax.norm import rms_norm
@@ -103,7 +103,8 @@ def append(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start: jnp.nda
   that completes into the cache of entries. Equal to `compress` on the whole sequence, chunk by chunk.
 
   x: [B,S,D] (rows right-padded), start/lengths: [B]; state: the cache's comp_state / idx_state;
-  entries: [B, N/m, c] -> (entries with the new ones written at their index, new state).
+  entries: [B, N/m, c] in a kv_format storage form -> (entries with the new ones written at their index,
+  new state).
   A row with start == 0 starts from an empty state, whatever the state holds.
   """
   m, (B, S, _) = ratio, x.shape
@@ -127,8 +128,8 @@ def append(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start: jnp.nda
   end = (start + lengths)[:, None]
   n_done = end // m                                                  # entries complete after the call
   E = finish(E, p, cfg, m, entry_ids, indexer)
-  rows = jnp.where(entry_ids < n_done, entry_ids, entries.shape[1])  # out of range: dropped
-  entries = jax.vmap(lambda e, i, v: e.at[i].set(v.astype(e.dtype), mode="drop"))(entries, rows, E)
+  rows = jnp.where(entry_ids < n_done, entry_ids, jax.tree.leaves(entries)[0].shape[1])   # out of range: dropped
+  entries = kv_format.write_rows(entries, rows, E, cfg.rope_head_dim)
 
   tail_rows = n_done * m - w0 + jnp.arange(m)[None]                  # the new incomplete window
   new_state = {"tail_C": _take_rows(bufC, tail_rows), "tail_Z": _take_rows(bufZ, tail_rows)}

@@ -35,16 +35,22 @@ def available_memory_bytes() -> tuple[int, str]:
   return total, f"memory of {len(devices)} {devices[0].platform} device(s)"
 
 
-def required_memory_bytes(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None) -> dict:
-  params = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(abstract_params(cfg)))
-  size = cache_size(cfg, str(np.dtype(cache_dtype or cfg.dtype)))
-  cache = batch * (size.bytes_per_token * max_seq_len + size.bytes_per_sequence)
+def required_memory_bytes(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None,
+                          checkpoint: str | None = None) -> dict:
+  """Weights (the checkpoint's size on disk, which stays quantised when loaded; else dense in cfg.dtype)
+  plus the KV cache."""
+  if checkpoint and os.path.isdir(checkpoint):
+    params = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(checkpoint) for f in fs)
+  else:
+    params = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(abstract_params(cfg)))
+  size = cache_size(cfg, cache_dtype if cache_dtype == "paper" else str(np.dtype(cache_dtype or cfg.dtype)))
+  cache = batch * ((size.bytes_per_token + size.scale_bytes_per_token) * max_seq_len + size.bytes_per_sequence)
   return {"params": int(params), "cache": int(cache), "total": int(params + cache)}
 
 
-def check_fits(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None) -> None:
+def check_fits(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None, checkpoint: str | None = None):
   """Raises, before anything is allocated, when weights + cache exceed the memory at hand."""
-  need = required_memory_bytes(cfg, batch, max_seq_len, cache_dtype)
+  need = required_memory_bytes(cfg, batch, max_seq_len, cache_dtype, checkpoint)
   have, what = available_memory_bytes()
   if have and need["total"] > have:
     raise MemoryError(

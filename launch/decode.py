@@ -52,7 +52,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1.0 = off.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and random-weight seed.")
 _STOP_IDS = flags.DEFINE_string("stop_ids", "", "Extra comma-separated stop token ids (EOS always stops).")
-_CACHE_DTYPE = flags.DEFINE_string("cache_dtype", None, "KV cache storage dtype (default: compute dtype).")
+_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "paper"],
+                                 "KV cache storage (default: the compute dtype); paper = fp8/fp4 + scales.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write ids and timings here.")
 
 
@@ -97,7 +98,8 @@ def main(argv):
     prompts = _ids(_PROMPT_IDS.value or str(cfg.bos_token_id))
   longest = max((len(p) for p in prompts), default=0)
   max_seq = _MAX_SEQ.value or (4096 if interactive else longest + _MAX_NEW.value)
-  runtime.check_fits(cfg, batch=max(1, len(prompts)), max_seq_len=max_seq, cache_dtype=_CACHE_DTYPE.value)
+  runtime.check_fits(cfg, batch=max(1, len(prompts)), max_seq_len=max_seq, cache_dtype=_CACHE_DTYPE.value,
+                     checkpoint=_CHECKPOINT.value)
 
   params = runtime.load_or_init(cfg, _CHECKPOINT.value, seed=_SEED.value)
   run = runtime.Runner(params, cfg, sampling, max_new_tokens=_MAX_NEW.value, max_seq_len=_MAX_SEQ.value,

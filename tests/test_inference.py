@@ -200,3 +200,44 @@ def test_launch_decode_end_to_end(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "launch.decode", "--config=tiny", "--prompt_ids=5,9999"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert bad.returncode == 2 and "token id 9999 is outside the vocabulary [0, 512)" in bad.stderr
+
+
+def test_paper_cache_format_is_lossless_under_quant_sim_and_smaller():
+  """The paper's storage (fp8 + scales, bf16 rope, fp4 indexer keys): with quant_sim, cached decode equals
+  the uncached forward with the same simulation. (Same seeds as test_quant_sim_cached_equals_uncached: fp4
+  indexer keys make exact score ties common, and a tie resolved differently by the two summation orders
+  changes the top-k; those seeds have none.)"""
+  from dsv4_jax import kv_format
+  cfg = dataclasses.replace(CONFIGS["tiny"], quant_sim=True)
+  params = init_params(cfg, jax.random.key(6))
+  seq = np.asarray(jax.random.randint(jax.random.key(7), (1, 40), 0, cfg.vocab_size), np.int32)
+  full = np.asarray(_fwd(params, cfg, seq).logits)[0]
+  cache = init_cache(cfg, 1, 48, dtype="paper")
+  assert kv_format.format_of(cache["layers"]["prefix"][2]["comp"]) == "fp8"
+  assert kv_format.format_of(cache["layers"]["prefix"][2]["idx"]) == "fp4"
+  logits, cache = prefill(params, cfg, seq[:, :30], np.array([30]), cache)
+  errs = [_rel(np.asarray(logits)[0], full[29])]
+  for t in range(30, 40):
+    logits, cache = decode_step(params, cfg, seq[:, t], cache)
+    errs.append(_rel(np.asarray(logits)[0], full[t]))
+  assert max(errs) < 1e-5, errs
+  # the entries that grow with context take exactly what cache_size says (bf16 model: bf16 RoPE dims)
+  bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+  for storage in ("paper", "bfloat16"):
+    c = init_cache(bf16, 1, 4096, dtype=storage)
+    grown = sum(x.nbytes for name in ("comp", "idx") for layer in jax.tree.leaves(
+        c["layers"], is_leaf=lambda d: isinstance(d, dict) and "win" in d) if name in layer
+        for x in jax.tree.leaves(layer[name]))
+    size = cache_size(bf16, storage)
+    assert grown == 4096 * (size.bytes_per_token + size.scale_bytes_per_token)
+
+
+def test_kv_formats_round_trip_exactly_on_their_grids():
+  from dsv4_jax import kv_format, quant
+  x = jax.random.normal(jax.random.key(12), (3, 5, 96)) * 4
+  x8 = quant.kv_fp8_sim(x, 32)                         # what quant_sim stores: exactly representable
+  np.testing.assert_array_equal(np.asarray(kv_format.decode(kv_format.encode(x8, "fp8", 32, jnp.float32),
+                                                           jnp.float32)), np.asarray(x8))
+  x4 = quant.fp4_act_quant(x[..., :64], 32)
+  np.testing.assert_array_equal(np.asarray(kv_format.decode(kv_format.encode(x4, "fp4", 0), jnp.float32)),
+                                np.asarray(x4))
