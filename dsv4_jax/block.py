@@ -32,13 +32,16 @@ def mhc_sublayer(X: jnp.ndarray, hc: dict, cfg: ModelConfig, sublayer) -> jnp.nd
   return mhc.hc_post(sublayer(x), X, post, comb)
 
 
+def ffn_sublayer(p: dict, cfg: ModelConfig, X: jnp.ndarray, token_ids: jnp.ndarray) -> jnp.ndarray:
+  return mhc_sublayer(X, p["hc_ffn"], cfg,
+                      lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids))
+
+
 def block(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray) -> jnp.ndarray:
   """Full-sequence block. X: [B,S,nh,D] streams, token_ids: [B,S] (hash routing) -> [B,S,nh,D]."""
   X = mhc_sublayer(X, p["hc_attn"], cfg,
                    lambda x: attention.attention(p["attn"], cfg, ratio, rms_norm(x, p["attn_norm"], cfg.norm_eps)))
-  X = mhc_sublayer(X, p["hc_ffn"], cfg,
-                   lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids))
-  return constrain(X, ("batch", "seq", None, "act_embed"))
+  return constrain(ffn_sublayer(p, cfg, X, token_ids), ("batch", "seq", None, "act_embed"))
 
 
 def block_step(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray,
@@ -52,6 +55,4 @@ def block_step(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids:
     return out
 
   X = mhc_sublayer(X, p["hc_attn"], cfg, attn)
-  X = mhc_sublayer(X, p["hc_ffn"], cfg,
-                   lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids))
-  return constrain(X, ("batch", "seq", None, "act_embed")), new_cache["layer"]
+  return constrain(ffn_sublayer(p, cfg, X, token_ids), ("batch", "seq", None, "act_embed")), new_cache["layer"]

@@ -241,3 +241,33 @@ def test_kv_formats_round_trip_exactly_on_their_grids():
   x4 = quant.fp4_act_quant(x[..., :64], 32)
   np.testing.assert_array_equal(np.asarray(kv_format.decode(kv_format.encode(x4, "fp4", 0), jnp.float32)),
                                 np.asarray(x4))
+
+
+def test_config_too_big_fails_before_allocating():
+  from dsv4_jax.runtime import check_fits
+  with pytest.raises(MemoryError, match=r"config 'flash' in bfloat16 needs 5\d\d\.\d GB"):
+    check_fits(load_config("flash"), batch=1, max_seq_len=4096)
+
+
+def test_launch_decode_text_prompt_and_chat_file(tmp_path):
+  """--prompt / --chat go through the V4 tokenizer and chat format (a tiny model with the real vocabulary)."""
+  from dsv4_jax.chat import chat_prompt
+  from dsv4_jax.tokenizer import load_tokenizer
+  chat = tmp_path / "chat.json"
+  chat.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hi there"}]}))
+  tok = load_tokenizer()
+  expected = {
+      "--prompt=Hello world": tok.encode(chat_prompt("Hello world", thinking_mode="chat")),
+      f"--chat={chat}": tok.encode(chat_prompt([{"role": "system", "content": "Be brief."},
+                                               {"role": "user", "content": "Hi there"}], thinking_mode="chat")),
+  }
+  for flag, ids in expected.items():
+    out = tmp_path / "o.json"
+    proc = subprocess.run([sys.executable, "-m", "launch.decode", "--config=tiny", "--config.vocab_size=129280",
+                           flag, "--max_new_tokens=3", f"--output_json={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["prompt_ids"] == [ids] and ids[0] == tok.bos_id
+    assert "[0] ids:" in proc.stdout
