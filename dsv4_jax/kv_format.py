@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from dsv4_jax import quant
 
 F32 = jnp.float32
-_E2M1 = jnp.array([0, .5, 1, 1.5, 2, 3, 4, 6], F32)
+_E2M1 = jnp.array(quant.E2M1_VALUES[:8], F32)
 
 
 def _exponent_byte(s: jnp.ndarray) -> jnp.ndarray:

@@ -24,7 +24,7 @@ F32 = jnp.float32
 FP8_BLOCK = (128, 128)
 FP4_BLOCK = (1, 32)
 FORMATS = ("fp8", "fp4")
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+from dsv4_jax.quant import E2M1_VALUES  # noqa: E402
 
 
 @struct.dataclass

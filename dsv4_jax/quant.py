@@ -14,6 +14,8 @@ import numpy as np
 F32 = jnp.float32
 FP8_MAX = 448.0
 FP4_MAX = 6.0
+# fp4 e2m1 code -> value: codes 0-7 the grid, 8-15 the same negated (sign bit 3), as the released checkpoints.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def pow2_ceil(v: jnp.ndarray) -> jnp.ndarray:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+from dsv4_jax.quant import E2M1_VALUES as _E2M1  # noqa: E402
+
+E2M1_VALUES = np.array(_E2M1, np.float32)
 
 
 def scale_to_f32(scale: np.ndarray) -> np.ndarray:
