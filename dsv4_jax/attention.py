@@ -66,6 +66,38 @@ def sparse_attention(q: jnp.ndarray, kv: jnp.ndarray, idx: jnp.ndarray, attn_sin
   return (o / denom).astype(q.dtype)
 
 
+def map_query_chunks(fn, chunk: int, per_query: tuple, shared: tuple = ()):
+  """fn(*per_query, *shared) computed `chunk` queries at a time (lax.map), bounding the memory of what fn
+  materialises per query (gathered KV rows, index scores). per_query arrays are [B, S, ...]; the result
+  is [B, S, ...]."""
+  B, S = per_query[0].shape[:2]
+  if S <= chunk:
+    return fn(*per_query, *shared)
+  n = -(-S // chunk)
+  pad = n * chunk - S
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode="edge")
+    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+  out = jax.lax.map(lambda xs: fn(*xs, *shared), tuple(split(x) for x in per_query))
+  out = jnp.moveaxis(out, 0, 1)
+  return out.reshape(B, n * chunk, *out.shape[3:])[:, :S]
+
+
+def select_entries(cfg: ModelConfig, qI, w, positions, keys) -> jnp.ndarray:
+  """Indexer top-k, chunked over queries: [B,S,k] entry ids (-1 = none)."""
+  return map_query_chunks(
+      lambda qI, w, pos, keys: indexer.select_topk(indexer.index_scores(qI, w, keys), pos, cfg.index_topk),
+      cfg.query_chunk, (qI, w, positions), (keys,))
+
+
+def attend(q, kv, idx, attn_sink, cfg: ModelConfig) -> jnp.ndarray:
+  """`sparse_attention` chunked over queries."""
+  return map_query_chunks(lambda q, idx, kv: sparse_attention(q, kv, idx, attn_sink, cfg.softmax_scale),
+                          cfg.query_chunk, (q, idx), (kv,))
+
+
 def window_indices(positions: jnp.ndarray, window: int, first_position: jnp.ndarray | int = 0) -> jnp.ndarray:
   """Rows of the raw-KV array holding the window of each query, for raw KV stored by position.
 
@@ -122,12 +154,12 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray) -> jnp.ndar
     if ratio == indexer.CSA_RATIO:
       keys = compressor.compress(p["indexer"]["compressor"], cfg, x, ratio, indexer=True)
       qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
-      comp_idx = indexer.select_topk(indexer.index_scores(qI, w, keys), positions, cfg.index_topk)
+      comp_idx = select_entries(cfg, qI, w, positions, keys)
     else:
       comp_idx = hca_indices(positions, entries.shape[1], ratio)
     kv = jnp.concatenate([kv, entries], axis=1)                                     # [B, S + C, K]
     idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + S, -1)], axis=-1)
-  o = sparse_attention(q, kv, idx, p["attn_sink"], cfg.softmax_scale)
+  o = attend(q, kv, idx, p["attn_sink"], cfg)
   return output_projection(p, cfg, o, cos, sin)
 
 
@@ -177,12 +209,11 @@ def attention_step(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, start:
       new["idx"], new["idx_state"] = compressor.append(p["indexer"]["compressor"], cfg, x, ratio, start,
                                                        lengths, cache["idx_state"], cache["idx"], indexer=True)
       qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
-      keys = kv_format.decode(new["idx"], qI.dtype)
-      comp_idx = indexer.select_topk(indexer.index_scores(qI, w, keys), positions, cfg.index_topk)
+      comp_idx = select_entries(cfg, qI, w, positions, kv_format.decode(new["idx"], qI.dtype))
     else:
       comp_idx = hca_indices(positions, jax.tree.leaves(new["comp"])[0].shape[1], ratio)
     rows.append(kv_format.decode(new["comp"], kv.dtype))
     idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + W + S, -1)], axis=-1)
-  o = sparse_attention(q, jnp.concatenate(rows, axis=1), idx, p["attn_sink"], cfg.softmax_scale)
+  o = attend(q, jnp.concatenate(rows, axis=1), idx, p["attn_sink"], cfg)
   new["win"] = ring_update(cache["win"], kv, start, lengths, cfg.rope_head_dim)
   return output_projection(p, cfg, o, cos, sin), new

@@ -61,6 +61,7 @@ class ModelConfig:
   dtype: str = "bfloat16"              # compute / activation dtype
   quant_sim: bool = True               # reproduce the reference's QAT numerics (§4)
   attn_impl: str = "xla"               # "xla" (plain jnp reference) | "pallas"
+  query_chunk: int = 512               # queries per block in attention and indexer (bounds gathered memory)
 
   def __post_init__(self):
     object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -94,6 +95,8 @@ class ModelConfig:
       bad("dtype", self.dtype, f"one of {_DTYPES}")
     if self.expert_dtype not in _EXPERT_DTYPES:
       bad("expert_dtype", self.expert_dtype, f"one of {_EXPERT_DTYPES}")
+    if self.query_chunk < 1:
+      bad("query_chunk", self.query_chunk, ">= 1")
     if self.attn_impl not in ("xla", "pallas"):
       bad("attn_impl", self.attn_impl, "'xla' or 'pallas'")
     if self.score_func != "sqrtsoftplus":

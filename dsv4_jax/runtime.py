@@ -66,7 +66,7 @@ def check_checkpoint_config(path: str, cfg: ModelConfig) -> None:
   if not cj or not os.path.isfile(cj):
     return
   other = ModelConfig.from_hf_config(cj)
-  runtime_fields = {"name", "dtype", "quant_sim", "attn_impl", "max_seq_len", "expert_dtype"}
+  runtime_fields = {"name", "dtype", "quant_sim", "attn_impl", "query_chunk", "max_seq_len", "expert_dtype"}
   diff = [(f.name, getattr(cfg, f.name), getattr(other, f.name)) for f in dataclasses.fields(cfg)
           if f.name not in runtime_fields and getattr(cfg, f.name) != getattr(other, f.name)]
   if diff:

@@ -196,3 +196,19 @@ def test_forward_under_a_mesh(tiny):
     spec = sharding.logical_to_spec(("batch", "seq", "act_heads", None), mesh)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
   assert spec == jax.sharding.PartitionSpec(None, None, None, None)    # size-1 axes are dropped
+
+
+def test_query_chunking_changes_nothing(tiny):
+  """Attention and the indexer run `query_chunk` queries at a time (bounded memory); results are the same."""
+  from dsv4_jax import init_cache, prefill
+  cfg, params = tiny
+  small = dataclasses.replace(cfg, query_chunk=7)
+  tokens = np.asarray(jax.random.randint(jax.random.key(9), (2, 40), 0, cfg.vocab_size), np.int32)
+  f = jax.jit(forward, static_argnums=1)
+  a, b = f(params, cfg, tokens), f(params, small, tokens)
+  np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(b.mtp_logits), np.asarray(a.mtp_logits), rtol=1e-5, atol=1e-5)
+  lens = np.array([40, 23])
+  la, _ = prefill(params, cfg, tokens, lens, init_cache(cfg, 2, 48))
+  lb, _ = prefill(params, small, tokens, lens, init_cache(small, 2, 48))
+  np.testing.assert_allclose(np.asarray(lb), np.asarray(la), rtol=1e-5, atol=1e-5)
