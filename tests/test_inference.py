@@ -271,3 +271,11 @@ def test_launch_decode_text_prompt_and_chat_file(tmp_path):
     data = json.loads(out.read_text())
     assert data["prompt_ids"] == [ids] and ids[0] == tok.bos_id
     assert "[0] ids:" in proc.stdout
+
+
+def test_launch_decode_interactive_chat():
+  proc = subprocess.run([sys.executable, "-m", "launch.decode", "--config=tiny", "--config.vocab_size=129280",
+                         "--chat=-", "--max_new_tokens=3", "--max_seq_len=256"], cwd=ROOT, input="Hi there\nAgain\n\n",
+                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.count("user> ") == 3            # two turns answered, then the empty line ends the chat
