@@ -74,27 +74,45 @@ def shared_expert(p: dict, cfg: ModelConfig, x: jnp.ndarray) -> jnp.ndarray:
   return fp8_linear(h.astype(x.dtype), p["w2"], cfg.quant_sim)
 
 
-def _grouped(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray:
+def _expert_mlp(p: dict, cfg: ModelConfig, xs: jnp.ndarray, wts: jnp.ndarray, matmul) -> jnp.ndarray:
+  """Clamped SwiGLU of one (token, slot) per row: xs [N,D], wts [N] routing weights, matmul(a, w) applies
+  each row's expert weight w [E, out, in] -> [N,D] in xs.dtype."""
+  if cfg.quant_sim:
+    xs = quant.act_quant(xs, 128)
+  h = swiglu(matmul(xs, p["w1"]), matmul(xs, p["w3"]), cfg.swiglu_limit)
+  h = (h * wts[:, None]).astype(xs.dtype)
+  if cfg.quant_sim:
+    h = quant.act_quant(h, 128)
+  return matmul(h, p["w2"]).astype(xs.dtype)
+
+
+def _grouped(x: jnp.ndarray, w, group_sizes: jnp.ndarray) -> jnp.ndarray:
   """x: [N, in] sorted by expert; w: [E, out, in] -> [N, out] fp32."""
   return jax.lax.ragged_dot(x, jnp.swapaxes(dense(w, x.dtype), 1, 2), group_sizes, preferred_element_type=F32)
 
 
+def _gathered(x: jnp.ndarray, w, experts: jnp.ndarray) -> jnp.ndarray:
+  """x: [N, in], row n through expert experts[n]; only those experts' weights are read (and dequantised)."""
+  w_rows = jax.tree.map(lambda a: a[experts], w)                 # [N, out, in] (QArray: values and scales)
+  return jnp.einsum("ni,noi->no", x, dense(w_rows, x.dtype), preferred_element_type=F32)
+
+
 def routed_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """x: [T,D], idx/w: [T,k] -> sum_k w * expert(x): [T,D] fp32 (each expert's output rounded to x.dtype,
-  as the reference's bf16 GEMM output)."""
+  as the reference's bf16 GEMM output).
+
+  Fewer (token, slot) pairs than experts (decode): gather just the chosen experts' weights. Otherwise sort
+  the pairs by expert and run grouped matmuls (`ragged_dot`). Same math either way.
+  """
   T, k = idx.shape
   flat = idx.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  group_sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
-  xs = x[order // k]
-  if cfg.quant_sim:
-    xs = quant.act_quant(xs, 128)
-  h = swiglu(_grouped(xs, p["w1"], group_sizes), _grouped(xs, p["w3"], group_sizes), cfg.swiglu_limit)
-  h = (h * w.reshape(-1)[order][:, None]).astype(x.dtype)
-  if cfg.quant_sim:
-    h = quant.act_quant(h, 128)
-  y = _grouped(h, p["w2"], group_sizes).astype(x.dtype)
-  y = jnp.zeros((T * k, y.shape[-1]), y.dtype).at[order].set(y)
+  if T * k < cfg.n_routed_experts:
+    y = _expert_mlp(p, cfg, jnp.repeat(x, k, axis=0), w.reshape(-1), lambda a, wt: _gathered(a, wt, flat))
+  else:
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
+    y = _expert_mlp(p, cfg, x[order // k], w.reshape(-1)[order], lambda a, wt: _grouped(a, wt, group_sizes))
+    y = jnp.zeros_like(y).at[order].set(y)
   return jnp.sum(y.reshape(T, k, -1).astype(F32), axis=1)
 
 
