@@ -28,6 +28,28 @@ SCRIPT = textwrap.dedent("""
       err = max(float(np.abs(np.asarray(out) - ref).max()), float(np.abs(np.asarray(last) - ref[:, -1]).max()))
       print(shape, "max abs diff", err)
       assert err < 2e-5, (shape, err)
+
+    # load_params straight onto the mesh: every weight arrives sharded, and the logits are unchanged
+    import dataclasses, sys, tempfile
+    sys.path.insert(0, "tests")
+    import hf_oracle
+    from dsv4_jax import ModelConfig, load_params
+    spec = hf_oracle.SPEC_A
+    model, hf_cfg = hf_oracle.make_hf_model(spec, 0)
+    d = tempfile.mkdtemp()
+    hf_oracle.save_official(model, hf_cfg, d, spec)
+    cfg = dataclasses.replace(ModelConfig.from_hf_config(d), dtype="float32", quant_sim=False)
+    toks = hf_oracle.make_tokens(spec, 0, B=4, S=37).astype(np.int32)
+    ref = np.asarray(jax.jit(forward, static_argnums=1)(load_params(d, cfg), cfg, toks).logits)
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2})
+    placed = load_params(d, cfg, mesh=mesh)
+    n_sharded = sum(len(x.sharding.device_set) == 4 and not x.sharding.is_fully_replicated
+                    for x in jax.tree.leaves(placed))
+    assert n_sharded > 10, n_sharded
+    with sharding.use_mesh(mesh):
+      got = np.asarray(jax.jit(forward, static_argnums=1)(placed, cfg, toks).logits)
+    print("load_params on mesh: sharded leaves", n_sharded, "max abs diff", float(np.abs(got - ref).max()))
+    assert float(np.abs(got - ref).max()) < 2e-5
     print("ok")
 """)
 
