@@ -107,7 +107,7 @@ def append(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start: jnp.nda
   new state).
   A row with start == 0 starts from an empty state, whatever the state holds.
   """
-  m, (B, S, _) = ratio, x.shape
+  m, S = ratio, x.shape[1]
   positions = start[:, None] + jnp.arange(S)
   C, Z = project(p, x, m, positions)                                  # [B,S,cc]
   r = (start % m)[:, None]                                           # tokens of this window already seen

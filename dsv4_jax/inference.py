@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax import block, head
-from dsv4_jax.cache import init_cache  # noqa: F401  (re-exported)
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.transformer import check_tokens, embed_streams, layer_plan
 
