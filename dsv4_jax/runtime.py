@@ -60,6 +60,16 @@ def check_fits(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None,
         f"(--config=tiny), or a shorter --max_seq_len.")
 
 
+def checkpoint_config(path: str, dtype: str | None = None) -> ModelConfig:
+  """The config.json a checkpoint directory carries (hub, save_pretrained or reference key set)."""
+  cj = os.path.join(path, "config.json")
+  if not os.path.isfile(cj):
+    raise FileNotFoundError(f"checkpoint {path!r} has no config.json; pass --config=NAME (one of configs/) or a "
+                            ".py config file.")
+  cfg = ModelConfig.from_hf_config(cj)
+  return dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
+
+
 def check_checkpoint_config(path: str, cfg: ModelConfig) -> None:
   """A checkpoint with a config.json must describe the same architecture as `cfg`."""
   cj = os.path.join(path, "config.json") if os.path.isdir(path) else None

@@ -6,8 +6,9 @@ r"""Generate with DeepSeek-V4.
   python -m launch.decode --config=flash --checkpoint=DIR --chat=-        # interactive multi-turn chat
 
 `--config` is a name from configs/ (flash, pro, flash_base, pro_base, tiny) or a .py config file;
-override fields with `--config.FIELD=VALUE` (e.g. `--config.dtype=float32`). Without `--checkpoint`
-the model runs on random weights (the output says so). `--output_json` writes prompt ids, generated
+override fields with `--config.FIELD=VALUE` (e.g. `--config.dtype=float32`). Without `--config`, a
+`--checkpoint` holding a config.json supplies the config (`--dtype` picks the compute dtype). Without
+`--checkpoint` the model runs on random weights (the output says so). `--output_json` writes prompt ids, generated
 ids, stop reasons and timings for scripts.
 """
 from __future__ import annotations
@@ -55,6 +56,9 @@ _STOP_IDS = flags.DEFINE_string("stop_ids", "", "Extra comma-separated stop toke
 _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "paper"],
                                  "KV cache storage (default: the compute dtype); paper = fp8/fp4 + scales.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write ids and timings here.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype when the config comes from "
+                           "the checkpoint's config.json (no --config).")
+_CONFIG_GIVEN = any(a.startswith("--config") for a in sys.argv[1:])   # else a checkpoint's config.json is used
 
 
 def _ids(spec: str) -> list[list[int]]:
@@ -73,7 +77,10 @@ def main(argv):
   from dsv4_jax.config import describe, from_config_dict
   from dsv4_jax.sampling import Sampling
 
-  cfg = from_config_dict(_CONFIG.value)
+  if _CONFIG_GIVEN or not _CHECKPOINT.value:
+    cfg = from_config_dict(_CONFIG.value)
+  else:
+    cfg = runtime.checkpoint_config(_CHECKPOINT.value, dtype=_DTYPE.value)
   sources = [f for f in (_PROMPT_IDS.value, _PROMPT.value, _CHAT.value) if f is not None]
   if len(sources) > 1:
     raise app.UsageError("give one of --prompt_ids, --prompt, --chat.")

@@ -279,3 +279,26 @@ def test_launch_decode_interactive_chat():
                         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.count("user> ") == 3            # two turns answered, then the empty line ends the chat
+
+
+def test_convert_then_decode_from_the_checkpoint(tmp_path):
+  """launch.convert, then launch.decode --checkpoint (the config comes from its config.json): the same tokens
+  as `generate` on the source safetensors in-process."""
+  import hf_oracle
+  from dsv4_jax import ModelConfig, load_params
+  spec = hf_oracle.SPEC_A
+  model, hf_cfg = hf_oracle.make_hf_model(spec, hf_oracle.MODEL_SEED)
+  src, out, js = tmp_path / "st", tmp_path / "orbax", tmp_path / "o.json"
+  hf_oracle.save_official(model, hf_cfg, str(src), spec)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  conv = subprocess.run([sys.executable, "-m", "launch.convert", f"--input={src}", f"--output={out}"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert conv.returncode == 0, conv.stderr[-2000:]
+  dec = subprocess.run([sys.executable, "-m", "launch.decode", f"--checkpoint={out}", "--prompt_ids=5,17,30;7,8",
+                        "--max_new_tokens=8", "--dtype=float32", f"--output_json={js}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert dec.returncode == 0, dec.stderr[-2000:]
+  data = json.loads(js.read_text())
+  assert data["random_weights"] is False
+  cfg = dataclasses.replace(ModelConfig.from_hf_config(src), dtype="float32")
+  assert data["generated_ids"] == generate(load_params(src, cfg), cfg, [[5, 17, 30], [7, 8]], 8).tokens
