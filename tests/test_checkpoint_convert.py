@@ -171,16 +171,16 @@ def test_logits_match_hf_on_released_format(spec_name, tmp_path):
 
   if spec_name != "A":
     return                          # cached decode once (compiles prefill + decode_step: the slow part)
-  inference = pytest.importorskip("dsv4_jax.inference", reason="decode path (dsv4_jax.inference) not merged yet")
+  from dsv4_jax import decode_step, init_cache, prefill
   new = 6
   _, ref_steps = hf_oracle.hf_greedy(model, tokens, new, return_logits=True)
   B, S = tokens.shape
-  cache = inference.init_cache(cfg, batch_size=B, max_seq_len=S + new)
-  logits, cache = inference.prefill(params, cfg, tokens.astype(np.int32), np.full((B,), S, np.int32), cache)
+  cache = init_cache(cfg, batch_size=B, max_seq_len=S + new)
+  logits, cache = prefill(params, cfg, tokens.astype(np.int32), np.full((B,), S, np.int32), cache)
   steps = [np.asarray(logits)]
   for _ in range(new - 1):          # feed HF's greedy choices, so both decode the same sequence
     nxt = np.argmax(ref_steps[:, len(steps) - 1], -1).astype(np.int32)
-    logits, cache = inference.decode_step(params, cfg, nxt, cache)
+    logits, cache = decode_step(params, cfg, nxt, cache)
     steps.append(np.asarray(logits))
   got = np.stack(steps, 1)
   err = float(np.max(np.abs(got - ref_steps)) / np.max(np.abs(ref_steps)))
