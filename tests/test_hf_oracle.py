@@ -9,8 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch  # noqa: E402  (the test extra installs torch and transformers: a missing one is an error)
 
 import hf_oracle as H  # noqa: E402
 
