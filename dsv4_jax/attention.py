@@ -98,14 +98,12 @@ def attend(q, kv, idx, attn_sink, cfg: ModelConfig) -> jnp.ndarray:
                           cfg.query_chunk, (q, idx), (kv,))
 
 
-def window_indices(positions: jnp.ndarray, window: int, first_position: jnp.ndarray | int = 0) -> jnp.ndarray:
-  """Rows of the raw-KV array holding the window of each query, for raw KV stored by position.
+def window_indices(positions: jnp.ndarray, window: int) -> jnp.ndarray:
+  """Rows of the raw-KV array holding the window of each query, for raw KV stored by position from 0.
 
-  positions: [B,S] absolute query positions -> [B,S,window] int32 = positions - first_position - (window-1-j)
-  (oldest first), -1 where the position is before `first_position`.
+  positions: [B,S] -> [B,S,window] int32 = positions - (window-1-j) (oldest first), -1 before position 0.
   """
-  rel = positions - first_position
-  idx = rel[..., None] - (window - 1) + jnp.arange(window)
+  idx = positions[..., None] - (window - 1) + jnp.arange(window)
   return jnp.where(idx >= 0, idx, -1).astype(jnp.int32)
 
 

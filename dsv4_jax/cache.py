@@ -27,11 +27,11 @@ F32 = jnp.float32
 STORAGE_DTYPES = ("bfloat16", "float32", "paper")
 
 
-def _state_shapes(B: int, ratio: int, c: int) -> dict:
-  """The incomplete window's projections; with overlap (CSA) also the last complete window's."""
+def _state_shapes(ratio: int, c: int) -> dict:
+  """Per sequence: the incomplete window's projections; with overlap (CSA) also the last complete window's."""
   overlap = compressor.overlaps(ratio)
   names = ("tail_C", "tail_Z", "prev_C", "prev_Z") if overlap else ("tail_C", "tail_Z")
-  return {k: (B, ratio, (2 if overlap else 1) * c) for k in names}
+  return {k: (ratio, (2 if overlap else 1) * c) for k in names}
 
 
 def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None) -> dict:
@@ -45,7 +45,7 @@ def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage
     return kv_format.empty(lead + (n, width), fmt, dense, r)
 
   def state(c):
-    out = {k: jnp.zeros(lead + s[1:], F32) for k, s in _state_shapes(B, ratio, c).items()}
+    out = {k: jnp.zeros(lead + s, F32) for k, s in _state_shapes(ratio, c).items()}
     for k in ("tail_Z", "prev_Z"):
       if k in out:
         out[k] = jnp.full(out[k].shape, -jnp.inf, F32)       # softmax weight 0 for "no token yet"
@@ -124,9 +124,9 @@ def cache_size(cfg: ModelConfig, storage: str = "bfloat16") -> CacheSize:
     if ratio:
       per_tok += main / ratio
       scale += main_scale / ratio
-      per_seq += sum(4 * np.prod(s[1:]) for s in _state_shapes(1, ratio, K).values())
+      per_seq += sum(4 * np.prod(s) for s in _state_shapes(ratio, K).values())
     if ratio == indexer.CSA_RATIO:
       per_tok += idx / ratio
       scale += idx_scale / ratio
-      per_seq += sum(4 * np.prod(s[1:]) for s in _state_shapes(1, ratio, cI).values())
+      per_seq += sum(4 * np.prod(s) for s in _state_shapes(ratio, cI).values())
   return CacheSize(per_tok, per_seq, scale)

@@ -12,7 +12,7 @@ import numpy as np
 
 from dsv4_jax.cache import init_cache
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.inference import check_append, step
+from dsv4_jax.inference import step
 from dsv4_jax.sampling import Sampling, sample
 
 
@@ -116,8 +116,7 @@ def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampl
                      f"max_seq_len={cfg.max_seq_len}); shorten the prompt or lower max_new_tokens.")
   stops = jnp.asarray(list(stop_ids), jnp.int32)
   eos_id = cfg.eos_token_id if stop_on_eos else -1
-  cache = init_cache(cfg, tokens.shape[0], max_seq_len, cache_dtype)
-  check_append(cfg, tokens, lengths, cache)
+  cache = init_cache(cfg, tokens.shape[0], max_seq_len, cache_dtype)   # ids and capacity checked above
 
   timings = {}
   prefill_c, timings["compile_prefill_s"] = _aot(

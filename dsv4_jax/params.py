@@ -59,8 +59,10 @@ def logical_axes(specs: Any) -> Any:
   return jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec)
 
 
-def count(specs: Any) -> int:
-  return int(sum(np.prod(s.shape, dtype=np.int64) for s in jax.tree.leaves(specs, is_leaf=is_spec)))
+def count(specs: Any, where=lambda path: True) -> int:
+  """Number of parameters in the spec tree, of the leaves whose "a/b/c" path satisfies `where`."""
+  flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+  return int(sum(np.prod(s.shape, dtype=np.int64) for p, s in flat if where(path_str(p))))
 
 
 def path_str(path) -> str:

@@ -53,10 +53,6 @@ class QArray:
     return dequantize(self, dtype)
 
 
-def is_qarray(x) -> bool:
-  return isinstance(x, QArray)
-
-
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
   """e8m0 scale shape for a logical weight shape [..., O, I] (partial blocks round up, as the reference)."""
   *lead, o, i = shape

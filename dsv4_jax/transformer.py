@@ -188,17 +188,11 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
   specs = param_specs(cfg)
   main = {k: v for k, v in specs.items() if k != "mtp"}
 
-  def routed(path):
-    return "/experts/" in path
-
-  def count(tree, pred=lambda p: True):
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=params_lib.is_spec)[0]
-    return int(sum(np.prod(s.shape, dtype=np.int64) for p, s in flat if pred(params_lib.path_str(p))))
-
-  total, routed_n = count(main), count(main, routed)
-  idle = routed_n * (cfg.n_routed_experts - cfg.n_activated_experts) // cfg.n_routed_experts
+  count = params_lib.count
+  total, routed = count(main), count(main, lambda path: "/experts/" in path)
+  idle = routed * (cfg.n_routed_experts - cfg.n_activated_experts) // cfg.n_routed_experts
   return {
       "total": total,
       "total_with_mtp": count(specs),
-      "active": total - idle - count(main["embed"]) - count(main, lambda p: "tid2eid" in p),
+      "active": total - idle - count(main["embed"]) - count(main, lambda path: "tid2eid" in path),
   }

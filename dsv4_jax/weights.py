@@ -216,8 +216,3 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mes
     builder.add(unit, tree)
     seen.append(unit)
   return builder.result(seen)
-
-
-def read_checkpoint(path: str, cfg: ModelConfig) -> dict[str, dict]:
-  """Host trees of every unit of a safetensors checkpoint (for tools and tests; loads it all)."""
-  return dict(stream.stream_units(path, cfg))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -111,16 +110,3 @@ def checkpoint_files(directory: str) -> list[str]:
   if not files:
     raise FileNotFoundError(f"No *.safetensors files in {directory!r}.")
   return [os.path.join(directory, f) for f in files]
-
-
-def iter_tensors(files: list[str]) -> Iterator[tuple[str, SafetensorsFile]]:
-  """(name, file) for every tensor, shard by shard; duplicate names across shards are an error."""
-  seen: dict[str, str] = {}
-  for path in files:
-    st = SafetensorsFile(path)
-    for name in st.keys():
-      if name in seen:
-        raise ValueError(f"Tensor {name!r} appears in both {seen[name]} and {path}.")
-      seen[name] = path
-      yield name, st
-    st.close()
