@@ -2,15 +2,21 @@
 
 One shared 512-d KV head (MQA) with an attention sink per query head. Every query attends its
 128-token sliding window; CSA layers add the top-k compressed entries the indexer picks, HCA layers
-all visible compressed entries. Attention is gather-based: `sparse_attention` takes per-query int32
-index lists into one KV array, never an L x L mask.
+all visible compressed entries. Attention is gather-based (`ops.sparse_attention`: per-query int32 index
+lists into the KV rows, never an L x L mask).
+
+One path for the whole sequence (`forward`) and for the cache (prefill chunks, decode): the same
+compressor (`compressor.compress_chunk`), indexer top-k and sparse attention ops; only where the rows
+come from differs (this call's KV and entries, or the cache's ring and stores). Queries run
+`cfg.query_chunk` at a time, so what a query materialises (its gathered rows, its indexer scores over
+one key block at a time) is bounded whatever S is.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import compressor, indexer, kv_format, quant
+from dsv4_jax import compressor, indexer, ops, quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import fp8_linear
 from dsv4_jax.norm import head_rms_rescale, rms_norm
@@ -41,91 +47,23 @@ def attention_specs(cfg: ModelConfig, ratio: int) -> dict:
   return specs
 
 
-def sparse_attention(q: jnp.ndarray, kv: jnp.ndarray, idx: jnp.ndarray, attn_sink: jnp.ndarray,
-                     softmax_scale: float) -> jnp.ndarray:
-  """Reference sparse MQA with an attention sink (the semantics of the reference's sparse_attn kernel).
-
-  q:    [B, S, H, K]  queries (compute dtype)
-  kv:   [B, N, K]     the one shared KV head; keys and values are the same vectors
-  idx:  [B, S, T]     int32 rows of `kv` each query attends; -1 = masked
-  attn_sink: [H]      fp32 logit of a value-less sink per head
-  returns [B, S, H, K] in q.dtype.
-
-  logits z = q.k * scale (fp32); p_j = exp(z_j - m) / (sum_j exp(z_j - m) + exp(sink - m)), m = max_j z_j;
-  the unnormalised p is rounded to q.dtype before P.V (fp32 accumulate), as the reference kernel does.
-  """
-  valid = idx >= 0
-  rows = jax.vmap(lambda kv_b, idx_b: kv_b[idx_b])(kv, jnp.where(valid, idx, 0))      # [B,S,T,K]
-  z = jnp.einsum("bshk,bstk->bsht", q, rows, preferred_element_type=F32) * softmax_scale
-  z = jnp.where(valid[:, :, None, :], z, -jnp.inf)
-  m = jnp.max(z, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  e = jnp.exp(z - m)
-  denom = jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(attn_sink.astype(F32)[:, None] - m)
-  o = jnp.einsum("bsht,bstk->bshk", e.astype(q.dtype), rows, preferred_element_type=F32)
-  return (o / denom).astype(q.dtype)
-
-
-def map_query_chunks(fn, chunk: int, per_query: tuple, shared: tuple = ()):
-  """fn(*per_query, *shared) computed `chunk` queries at a time (lax.map), bounding the memory of what fn
-  materialises per query (gathered KV rows, index scores). per_query arrays are [B, S, ...]; the result
-  is [B, S, ...]."""
-  B, S = per_query[0].shape[:2]
-  if S <= chunk:
-    return fn(*per_query, *shared)
-  n = -(-S // chunk)
-  pad = n * chunk - S
-
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode="edge")
-    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
-  out = jax.lax.map(lambda xs: fn(*xs, *shared), tuple(split(x) for x in per_query))
-  out = jnp.moveaxis(out, 0, 1)
-  return out.reshape(B, n * chunk, *out.shape[3:])[:, :S]
-
-
-def select_entries(cfg: ModelConfig, qI, w, positions, keys) -> jnp.ndarray:
-  """Indexer top-k, chunked over queries: [B,S,k] entry ids (-1 = none)."""
-  return map_query_chunks(
-      lambda qI, w, pos, keys: indexer.select_topk(indexer.index_scores(qI, w, keys), pos, cfg.index_topk),
-      cfg.query_chunk, (qI, w, positions), (keys,))
-
-
-def attend(q, kv, idx, attn_sink, cfg: ModelConfig) -> jnp.ndarray:
-  """`sparse_attention` chunked over queries."""
-  return map_query_chunks(lambda q, idx, kv: sparse_attention(q, kv, idx, attn_sink, cfg.softmax_scale),
-                          cfg.query_chunk, (q, idx), (kv,))
-
-
-def window_indices(positions: jnp.ndarray, window: int) -> jnp.ndarray:
-  """Rows of the raw-KV array holding the window of each query, for raw KV stored by position from 0.
-
-  positions: [B,S] -> [B,S,window] int32 = positions - (window-1-j) (oldest first), -1 before position 0.
-  """
-  idx = positions[..., None] - (window - 1) + jnp.arange(window)
-  return jnp.where(idx >= 0, idx, -1).astype(jnp.int32)
-
-
-def hca_indices(positions: jnp.ndarray, n_entries: int, ratio: int) -> jnp.ndarray:
-  """All compressed entries visible to each query: [B,S,n_entries] int32, -1 where not yet visible."""
-  ids = jnp.arange(n_entries, dtype=jnp.int32)
-  return jnp.where(ids < compressor.visible_count(positions, ratio)[..., None], ids, -1)
-
-
-def project_qkv(p: dict, cfg: ModelConfig, x: jnp.ndarray, cos, sin):
-  """x: [B,S,D] -> q [B,S,H,K], kv [B,S,K], qr [B,S,dc] (the query latent the indexer reuses)."""
+def project_q(p: dict, cfg: ModelConfig, x: jnp.ndarray, cos, sin):
+  """x: [B,S,D] -> q [B,S,H,K], qr [B,S,dc] (the query latent the indexer reuses)."""
   B, S, _ = x.shape
   qr = rms_norm(fp8_linear(x, p["wq_a"], cfg.quant_sim), p["q_norm"], cfg.norm_eps)
   q = fp8_linear(qr, p["wq_b"], cfg.quant_sim).reshape(B, S, cfg.n_heads, cfg.head_dim)
   q = head_rms_rescale(q, cfg.norm_eps)
   q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+  return constrain(q, ("batch", "seq", "act_heads", None)), qr
+
+
+def project_kv(p: dict, cfg: ModelConfig, x: jnp.ndarray, cos, sin) -> jnp.ndarray:
+  """x: [B,S,D] -> the shared KV head [B,S,K] (normalised, rotated, fp8-simulated under quant_sim)."""
   kv = rms_norm(fp8_linear(x, p["wkv"], cfg.quant_sim), p["kv_norm"], cfg.norm_eps)
   kv = apply_rope(kv, cos, sin)
   if cfg.quant_sim:
     kv = quant.kv_fp8_sim(kv, cfg.rope_head_dim)
-  q = constrain(q, ("batch", "seq", "act_heads", None))
-  return q, kv, qr
+  return kv
 
 
 def output_projection(p: dict, cfg: ModelConfig, o: jnp.ndarray, cos, sin) -> jnp.ndarray:
@@ -139,79 +77,96 @@ def output_projection(p: dict, cfg: ModelConfig, o: jnp.ndarray, cos, sin) -> jn
   return fp8_linear(o.reshape(B, S, g * cfg.o_lora_rank), p["wo_b"], cfg.quant_sim)
 
 
-def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray) -> jnp.ndarray:
-  """Full-sequence attention (positions 0..S-1, no cache). x: [B,S,D] (attn_norm output) -> [B,S,D]."""
-  B, S, _ = x.shape
-  positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-  cos, sin = rope_angles(cfg, ratio > 0, positions)
-  q, kv, qr = project_qkv(p, cfg, x, cos, sin)
-  idx = window_indices(positions, cfg.window_size)
-  if ratio:
-    entries = compressor.compress(p["compressor"], cfg, x, ratio)                   # [B,C,K]
-    entries = constrain(entries, ("batch", "act_comp", None))
-    if ratio == indexer.CSA_RATIO:
-      keys = compressor.compress(p["indexer"]["compressor"], cfg, x, ratio, indexer=True)
-      qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
-      comp_idx = select_entries(cfg, qI, w, positions, keys)
-    else:
-      comp_idx = hca_indices(positions, entries.shape[1], ratio)
-    kv = jnp.concatenate([kv, entries], axis=1)                                     # [B, S + C, K]
-    idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + S, -1)], axis=-1)
-  o = attend(q, kv, idx, p["attn_sink"], cfg)
-  return output_projection(p, cfg, o, cos, sin)
+def map_query_chunks(fn, chunk: int, per_query: tuple):
+  """fn(*per_query) computed `chunk` queries at a time (lax.map), bounding what fn materialises per query.
+  per_query arrays are [B, S, ...]; the result is [B, S, ...]."""
+  B, S = per_query[0].shape[:2]
+  if S <= chunk:
+    return fn(*per_query)
+  n = -(-S // chunk)
+  pad = n * chunk - S
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode="edge")
+    return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+  out = jax.lax.map(lambda xs: fn(*xs), tuple(split(x) for x in per_query))
+  out = jnp.moveaxis(out, 0, 1)
+  return out.reshape(B, n * chunk, *out.shape[3:])[:, :S]
 
 
-# ---- cached inference: append S tokens per row at its own start position ----------------------------
+def window_indices(positions: jnp.ndarray, start: jnp.ndarray, window: int, ring: int) -> jnp.ndarray:
+  """Window rows of each query in concat([ring (`ring` slots: 0 or W), this call's raw KV]).
 
-def cached_window_indices(positions: jnp.ndarray, start: jnp.ndarray, window: int) -> jnp.ndarray:
-  """Window rows of each query in concat([ring (W slots), this call's raw KV]).
-
-  positions: [B,S], start: [B] -> [B,S,W] int32: positions >= start are this call's (row W + p - start),
-  older ones sit in ring slot p mod W; -1 before position 0.
+  positions: [B,S], start: [B] (position of the call's first token) -> [B,S,W] int32 (oldest first):
+  positions >= start are this call's (row ring + p - start), older ones sit in ring slot p mod W; -1
+  before position 0.
   """
   p = positions[..., None] - (window - 1) + jnp.arange(window)
   s = start[:, None, None]
-  return jnp.where(p >= s, window + p - s, jnp.where(p >= 0, p % window, -1)).astype(jnp.int32)
+  return jnp.where(p >= s, ring + p - s, jnp.where(p >= 0, p % window, -1)).astype(jnp.int32)
 
 
-def ring_update(win, kv: jnp.ndarray, start: jnp.ndarray, lengths: jnp.ndarray, rope_dim: int):
-  """Writes the last min(lengths, W) new raw entries of each row to slots position mod W.
-  win: [B,W,K] (in its storage format, dsv4_jax/kv_format.py), kv: [B,S,K] -> the updated ring."""
-  W, S = jax.tree.leaves(win)[0].shape[1], kv.shape[1]
-  i = jnp.arange(S)[None]
-  keep = (i < lengths[:, None]) & (i >= lengths[:, None] - W)
-  slot = jnp.where(keep, (start[:, None] + i) % W, W)
-  return kv_format.write_rows(win, slot, kv, rope_dim)
+def attend(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
+           ring: int, window: ops.Rows, comp: ops.Rows | None, keys: ops.Rows | None) -> jnp.ndarray:
+  """Queries of x [B,Q,D] at `positions` [B,Q] attend their window, plus (CSA) the indexer's top-k of
+  `comp` or (HCA) every visible row of `comp` -> [B,Q,D]."""
+  cos, sin = rope_angles(cfg, ratio > 0, positions)
+  q, qr = project_q(p, cfg, x, cos, sin)
+  widx = window_indices(positions, start, cfg.window_size, ring)
+  comp_idx = comp_visible = None
+  if ratio == indexer.CSA_RATIO:
+    qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
+    comp_idx = ops.indexer_topk(cfg, qI, w, keys, compressor.visible_count(positions, ratio), cfg.index_topk)
+  elif ratio:
+    comp_visible = compressor.visible_count(positions, ratio)
+  o = ops.sparse_attention(cfg, q, p["attn_sink"], window, widx, comp, comp_idx, comp_visible)
+  return output_projection(p, cfg, o, cos, sin)
 
 
-def attention_step(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, start: jnp.ndarray,
-                   lengths: jnp.ndarray, cache: dict) -> tuple[jnp.ndarray, dict]:
-  """Attention over the cache plus `lengths[b]` new tokens at positions start[b]...
+def _append(cache, name: str, p: dict, cfg: ModelConfig, x, ratio: int, start, lengths, is_indexer: bool):
+  """Feeds this call's tokens to a compressor and writes the entries they complete into store `name`."""
+  E, ids, n_done, state = compressor.compress_chunk(p, cfg, x, ratio, start, lengths, cache.state(name + "_state"),
+                                                    is_indexer)
+  rows = jnp.where(ids < n_done[:, None], ids, jnp.iinfo(jnp.int32).max)         # partial windows: dropped
+  return cache.write(name, rows, E).set_state(name + "_state", state)
 
-  x: [B,S,D] (attn_norm output, rows right-padded); cache: this layer's cache (see dsv4_jax/cache.py).
-  Returns ([B,S,D], updated layer cache). New compressed entries are written before attending, so an
-  entry is visible to the token that completes it (docs/architecture.md §3.2).
+
+def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: jnp.ndarray | None = None,
+              lengths: jnp.ndarray | None = None, cache=None):
+  """Attention of x [B,S,D] (attn_norm output) -> ([B,S,D], cache).
+
+  Without a cache: the whole sequence from position 0 (`forward`); entries come from compressing x.
+  With a cache (`cache.LayerCache`): row b appends lengths[b] tokens at positions[b] = start[b] + arange(S)
+  (rows right-padded); the entries those tokens complete are written to the stores before attending (an
+  entry is visible to the token that completes it, docs/architecture.md §3.2), the window reads the ring
+  plus this call's KV, and the ring takes the new KV last.
   """
   B, S, _ = x.shape
-  W = cfg.window_size
-  positions = start[:, None] + jnp.arange(S, dtype=jnp.int32)
-  cos, sin = rope_angles(cfg, ratio > 0, positions)
-  q, kv, qr = project_qkv(p, cfg, x, cos, sin)
-  rows = [kv_format.decode(cache["win"], kv.dtype), kv]
-  idx = cached_window_indices(positions, start, W)
-  new = dict(cache)
-  if ratio:
-    new["comp"], new["comp_state"] = compressor.append(p["compressor"], cfg, x, ratio, start, lengths,
-                                                       cache["comp_state"], cache["comp"])
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  start = positions[:, 0]
+  kv = project_kv(p, cfg, x, *rope_angles(cfg, ratio > 0, positions))
+  comp = keys = None
+  if cache is None:
+    ring, window = 0, ops.Rows(kv)
+    if ratio:
+      comp = ops.Rows(constrain(compressor.compress(p["compressor"], cfg, x, ratio), ("batch", "act_comp", None)))
     if ratio == indexer.CSA_RATIO:
-      new["idx"], new["idx_state"] = compressor.append(p["indexer"]["compressor"], cfg, x, ratio, start,
-                                                       lengths, cache["idx_state"], cache["idx"], indexer=True)
-      qI, w = indexer.index_queries(p["indexer"], cfg, x, qr, cos, sin)
-      comp_idx = select_entries(cfg, qI, w, positions, kv_format.decode(new["idx"], qI.dtype))
-    else:
-      comp_idx = hca_indices(positions, jax.tree.leaves(new["comp"])[0].shape[1], ratio)
-    rows.append(kv_format.decode(new["comp"], kv.dtype))
-    idx = jnp.concatenate([idx, jnp.where(comp_idx >= 0, comp_idx + W + S, -1)], axis=-1)
-  o = attend(q, jnp.concatenate(rows, axis=1), idx, p["attn_sink"], cfg)
-  new["win"] = ring_update(cache["win"], kv, start, lengths, cfg.rope_head_dim)
-  return output_projection(p, cfg, o, cos, sin), new
+      keys = ops.Rows(compressor.compress(p["indexer"]["compressor"], cfg, x, ratio, indexer=True))
+  else:
+    if ratio:
+      cache = _append(cache, "comp", p["compressor"], cfg, x, ratio, start, lengths, False)
+      comp = cache.rows("comp", ratio)
+    if ratio == indexer.CSA_RATIO:
+      cache = _append(cache, "idx", p["indexer"]["compressor"], cfg, x, ratio, start, lengths, True)
+      keys = cache.rows("idx", ratio)
+    ring, window = cfg.window_size, ops.Rows(jnp.concatenate([cache.window(kv.dtype), kv], axis=1))
+  out = map_query_chunks(lambda xc, pc: attend(p, cfg, ratio, xc, pc, start, ring, window, comp, keys),
+                         cfg.query_chunk, (x, positions))
+  if cache is not None:
+    W = cfg.window_size
+    i = jnp.arange(S)[None]
+    keep = (i < lengths[:, None]) & (i >= lengths[:, None] - W)                    # the last min(len, W) new
+    cache = cache.write("win", jnp.where(keep, (start[:, None] + i) % W, W), kv)
+  return out, cache

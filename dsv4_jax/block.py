@@ -32,27 +32,26 @@ def mhc_sublayer(X: jnp.ndarray, hc: dict, cfg: ModelConfig, sublayer) -> jnp.nd
   return mhc.hc_post(sublayer(x), X, post, comb)
 
 
-def ffn_sublayer(p: dict, cfg: ModelConfig, X: jnp.ndarray, token_ids: jnp.ndarray) -> jnp.ndarray:
-  return mhc_sublayer(X, p["hc_ffn"], cfg,
-                      lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids))
+def ffn_sublayer(p: dict, cfg: ModelConfig, X: jnp.ndarray, token_ids: jnp.ndarray, valid=None) -> jnp.ndarray:
+  return mhc_sublayer(X, p["hc_ffn"], cfg, lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps),
+                                                             token_ids, valid=valid))
 
 
-def block(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray) -> jnp.ndarray:
-  """Full-sequence block. X: [B,S,nh,D] streams, token_ids: [B,S] (hash routing) -> [B,S,nh,D]."""
-  X = mhc_sublayer(X, p["hc_attn"], cfg,
-                   lambda x: attention.attention(p["attn"], cfg, ratio, rms_norm(x, p["attn_norm"], cfg.norm_eps)))
-  return constrain(ffn_sublayer(p, cfg, X, token_ids), ("batch", "seq", None, "act_embed"))
+def block(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray,
+          positions: jnp.ndarray | None = None, lengths: jnp.ndarray | None = None, cache=None):
+  """X: [B,S,nh,D] streams, token_ids: [B,S] (hash routing) -> ([B,S,nh,D], cache).
 
-
-def block_step(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray,
-               start: jnp.ndarray, lengths: jnp.ndarray, cache: dict) -> tuple[jnp.ndarray, dict]:
-  """Cached block: X [B,S,nh,D] of new tokens at positions start[b].. -> (X, updated layer cache)."""
-  new_cache = {}
+  Without a cache: the whole sequence from position 0. With one (`cache.LayerCache`): row b appends
+  lengths[b] tokens at `positions[b]`; its padded positions skip the MoE.
+  """
+  out = {}
 
   def attn(x):
-    out, new_cache["layer"] = attention.attention_step(p["attn"], cfg, ratio, rms_norm(x, p["attn_norm"], cfg.norm_eps),
-                                                       start, lengths, cache)
-    return out
+    y, out["cache"] = attention.attention(p["attn"], cfg, ratio, rms_norm(x, p["attn_norm"], cfg.norm_eps),
+                                          positions, lengths, cache)
+    return y
 
   X = mhc_sublayer(X, p["hc_attn"], cfg, attn)
-  return constrain(ffn_sublayer(p, cfg, X, token_ids), ("batch", "seq", None, "act_embed")), new_cache["layer"]
+  valid = None if lengths is None else jnp.arange(X.shape[1])[None] < lengths[:, None]
+  X = constrain(ffn_sublayer(p, cfg, X, token_ids, valid), ("batch", "seq", None, "act_embed"))
+  return X, out["cache"]

@@ -1,77 +1,78 @@
-"""The inference cache (docs/architecture.md §3), one sequence position per batch row.
+"""The inference cache (docs/architecture.md §3): separate stores per layer kind, in the layout the kernels
+read, updated in place.
 
-Per layer, by type:
-    win        [B, W, K]       ring of the last W raw KV entries, slot = position mod W       (every layer)
-    comp       [B, N/m, K]     compressed KV entries, entry i at row i                        (CSA, HCA)
+Per layer, by type (stores are `kv_format.Store`s: rows of uint32 words, see dsv4_jax/kv_format.py):
+    win        [B, W, words]       ring of the last W raw KV entries, slot = position mod W     (every layer)
+    comp       [B, N/m, words]     compressed KV entries, entry i at row i                      (CSA, HCA)
     comp_state {tail_C, tail_Z (, prev_C, prev_Z): [B, m, coff*K] fp32}
-                               projections of the current incomplete window (slot = pos mod m) and,
-                               for CSA, of the last complete one (its first-half channels feed the next entry)
-    idx        [B, N/4, cI]    the indexer's compressed keys                                   (CSA)
-    idx_state  like comp_state, for the indexer's compressor                                    (CSA)
-and `length [B]`: tokens already in the cache for each row, `max_seq_len []`: its capacity. Which slots and
-entries are valid follows from `length`. The cache mirrors the parameter tree's layer layout
-(prefix / stack with a leading [reps] axis / suffix), so the scanned layers scan over their caches too.
+                                   the compressor's carried state (compressor.empty_state)
+    idx        [B, N/4, words]     the indexer's compressed keys                                 (CSA)
+    idx_state  like comp_state, for the indexer's compressor                                     (CSA)
+and `length [B]`: tokens already in the cache for each row; `max_seq_len []`: its capacity N. Which slots
+and entries are valid follows from `length`. The layer caches mirror the parameter tree (prefix / stack
+with a leading [reps] axis / suffix).
+
+In place: the step carries the whole cache through its layer loop (`lax.scan` carry, donated by the jitted
+entry points); a layer writes only its new rows (scatter at [rep, b, row]) and reads only what the math
+needs through `LayerCache` (window ring, the chosen compressed rows, the first `live` rows of a store), so a
+decode step never copies a store whole. Every leaf has logical axes (`cache_axes`) in the one rules table.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsv4_jax import compressor, indexer, kv_format
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.kv_format import Layout, Store
+from dsv4_jax.ops import Rows
 from dsv4_jax.transformer import layer_plan
 
 F32 = jnp.float32
 STORAGE_DTYPES = ("bfloat16", "float32", "paper")
+MIN_LIVE = 1024           # smallest live bucket (tokens) of the decode step; buckets double from here
 
 
-def _state_shapes(ratio: int, c: int) -> dict:
-  """Per sequence: the incomplete window's projections; with overlap (CSA) also the last complete window's."""
-  overlap = compressor.overlaps(ratio)
-  names = ("tail_C", "tail_Z", "prev_C", "prev_Z") if overlap else ("tail_C", "tail_Z")
-  return {k: (ratio, (2 if overlap else 1) * c) for k in names}
+def layouts(cfg: ModelConfig, storage: str) -> tuple[Layout, Layout]:
+  """(main entries, indexer keys) layouts of a storage choice."""
+  if storage == "paper":     # RoPE dims in the compute dtype: bf16 as in the paper for bf16 models, fp32 in fp32
+    return (Layout("fp8", cfg.head_dim, cfg.rope_head_dim, cfg.dtype), Layout("fp4", cfg.index_head_dim))
+  return Layout(storage, cfg.head_dim), Layout(storage, cfg.index_head_dim)
 
 
 def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None) -> dict:
   """One layer's empty cache (with a leading [reps] axis for scanned layers)."""
   lead = (B,) if reps is None else (reps, B)
-  dense = cfg.dtype if storage == "paper" else storage        # paper: RoPE dims in the compute dtype
-  main_fmt, idx_fmt = ("fp8", "fp4") if storage == "paper" else ("dense", "dense")
-  K, r = cfg.head_dim, cfg.rope_head_dim
-
-  def entries(n, width, fmt):
-    return kv_format.empty(lead + (n, width), fmt, dense, r)
-
-  def state(c):
-    out = {k: jnp.zeros(lead + s, F32) for k, s in _state_shapes(ratio, c).items()}
-    for k in ("tail_Z", "prev_Z"):
-      if k in out:
-        out[k] = jnp.full(out[k].shape, -jnp.inf, F32)       # softmax weight 0 for "no token yet"
-    return out
-
-  out = {"win": entries(cfg.window_size, K, main_fmt)}
+  main, idx = layouts(cfg, storage)
+  out = {"win": kv_format.empty(lead, cfg.window_size, main)}
   if ratio:
-    out["comp"] = entries(max_seq_len // ratio, K, main_fmt)
-    out["comp_state"] = state(K)
+    out["comp"] = kv_format.empty(lead, max_seq_len // ratio, main)
+    out["comp_state"] = compressor.empty_state(ratio, cfg.head_dim, lead)
   if ratio == indexer.CSA_RATIO:
-    out["idx"] = entries(max_seq_len // ratio, cfg.index_head_dim, idx_fmt)
-    out["idx_state"] = state(cfg.index_head_dim)
+    out["idx"] = kv_format.empty(lead, max_seq_len // ratio, idx)
+    out["idx_state"] = compressor.empty_state(ratio, cfg.index_head_dim, lead)
   return out
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None) -> dict:
+def storage_name(cfg: ModelConfig, dtype=None) -> str:
+  storage = dtype if dtype == "paper" else str(jnp.dtype(dtype or cfg.dtype))
+  if storage not in STORAGE_DTYPES:
+    raise ValueError(f"cache dtype {storage!r} is not supported; expected one of {STORAGE_DTYPES}.")
+  return storage
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None) -> dict:
   """An empty cache for `batch_size` sequences of up to `max_seq_len` tokens.
 
   `dtype`: storage of KV entries: "bfloat16", "float32" (default: the compute dtype), or "paper" (fp8 e4m3
-  non-RoPE dims with per-64 power-of-two scales + bf16 RoPE dims; fp4 indexer keys with per-32 scales;
-  see dsv4_jax/kv_format.py). Compressor states are fp32 in every case.
+  non-RoPE dims with per-64 power-of-two scales + RoPE dims in the compute dtype; fp4 indexer keys with
+  per-32 scales; see dsv4_jax/kv_format.py). Compressor states are fp32 in every case. With `mesh` (or
+  under `sharding.use_mesh`), every leaf is placed by its logical axes (`cache_axes`).
   """
-  storage = dtype if dtype == "paper" else str(jnp.dtype(dtype or cfg.dtype))   # "paper" keeps RoPE dims in
-  # the compute dtype: bf16 as in the paper for bf16 models, fp32 in fp32 test runs (so it stays lossless)
-  if storage not in STORAGE_DTYPES:
-    raise ValueError(f"cache dtype {storage!r} is not supported; expected one of {STORAGE_DTYPES}.")
+  storage = storage_name(cfg, dtype)
   if batch_size < 1 or max_seq_len < 1:
     raise ValueError(f"init_cache: batch_size={batch_size} and max_seq_len={max_seq_len} must be >= 1.")
   if storage == "paper" and (cfg.nope_head_dim % 64 or cfg.index_head_dim % 32):
@@ -82,7 +83,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None) 
   def layer(i, reps=None):
     return _layer_cache(cfg, cfg.layer_ratio(i), batch_size, max_seq_len, storage, reps)
 
-  return {
+  cache = {
       "length": jnp.zeros((batch_size,), jnp.int32),
       "max_seq_len": jnp.asarray(max_seq_len, jnp.int32),
       "layers": {
@@ -91,42 +92,124 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None) 
           "suffix": [layer(i) for i in plan.suffix],
       },
   }
+  from dsv4_jax import sharding
+  if mesh is not None or sharding.active_mesh()[0] is not None:
+    shardings = jax.tree.map(lambda axes: sharding.logical_sharding(axes, mesh), cache_axes(cache),
+                             is_leaf=lambda x: isinstance(x, tuple))
+    cache = jax.device_put(cache, shardings)
+  return cache
+
+
+def cache_axes(cache: dict) -> dict:
+  """Logical axes of every cache leaf (a tree of tuples shaped like the cache's leaves)."""
+  def layer(c: dict, stacked: bool) -> dict:
+    lead = ("layers",) if stacked else ()
+    out = {}
+    for name, v in c.items():
+      if isinstance(v, Store):
+        seq = "cache_window" if name == "win" else "cache_seq"
+        out[name] = Store(lead + ("cache_batch", seq, None), v.layout)
+      else:
+        out[name] = {k: lead + ("cache_batch", None, None) for k in v}
+    return out
+
+  layers = cache["layers"]
+  return {"length": ("cache_batch",), "max_seq_len": (),
+          "layers": {"prefix": [layer(c, False) for c in layers["prefix"]],
+                     "stack": [layer(c, True) for c in layers["stack"]],
+                     "suffix": [layer(c, False) for c in layers["suffix"]]}}
+
+
+def live_bucket(n_tokens: int, capacity: int) -> int:
+  """The static `live` bound a step compiles for: the smallest MIN_LIVE * 2^j >= n_tokens, capped at the
+  capacity. Compressed stores are read up to live // m rows, so step cost follows the longest live
+  sequence (within 2x), not the capacity; one executable per bucket."""
+  b = MIN_LIVE
+  while b < n_tokens:
+    b *= 2
+  return min(b, capacity)
+
+
+@dataclasses.dataclass
+class LayerCache:
+  """One layer's stores inside the cache tree: `tree` is that layer's dict; for a scanned group its leaves
+  have a leading [reps] axis and `rep` is this layer's index. `live`: tokens the reads cover (static)."""
+  tree: dict
+  rep: jax.Array | None
+  live: int
+
+  def _get(self, x):
+    return x if self.rep is None else jax.lax.dynamic_index_in_dim(x, self.rep, 0, keepdims=False)
+
+  def _set(self, x, value):
+    return value if self.rep is None else jax.lax.dynamic_update_index_in_dim(x, value, self.rep, 0)
+
+  def state(self, name: str) -> dict:
+    return {k: self._get(v) for k, v in self.tree[name].items()}
+
+  def set_state(self, name: str, value: dict) -> "LayerCache":
+    new = {k: self._set(self.tree[name][k], v) for k, v in value.items()}
+    return dataclasses.replace(self, tree=dict(self.tree, **{name: new}))
+
+  def rows(self, name: str, ratio: int = 1) -> Rows:
+    """The first live // ratio rows of a store (the window ring: all W rows), read in place."""
+    s: Store = self.tree[name]
+    n = s.n_rows if name == "win" else max(1, min(s.n_rows, self.live // ratio))
+    return Rows(s.words, s.layout, self.rep, n)
+
+  def window(self, dtype) -> jnp.ndarray:
+    """The ring decoded: [B, W, K]."""
+    s: Store = self.tree["win"]
+    return s.layout.decode(self._get(s.words), dtype)
+
+  def write(self, name: str, rows: jnp.ndarray, values: jnp.ndarray) -> "LayerCache":
+    """Writes values [B, M, K] at rows [B, M] (rows out of range are dropped): a scatter of M rows."""
+    s: Store = self.tree[name]
+    enc = s.layout.encode(values)
+    b = jnp.arange(rows.shape[0])[:, None]
+    if self.rep is None:
+      words = s.words.at[b, rows].set(enc, mode="drop")
+    else:
+      words = s.words.at[self.rep, b, rows].set(enc, mode="drop")
+    return dataclasses.replace(self, tree=dict(self.tree, **{name: Store(words, s.layout)}))
+
+
+def decoded(cache: dict, dtype=F32) -> dict:
+  """The cache with every store decoded to values (for tests and inspection)."""
+  return jax.tree.map(lambda x: x.decode(dtype) if isinstance(x, Store) else x, cache,
+                      is_leaf=lambda x: isinstance(x, Store))
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheSize:
   bytes_per_token: float      # grows with context: compressed entries and indexer keys, whole model
   bytes_per_sequence: float   # constant: windows of every layer (and MTP) and compressor states
-  scale_bytes_per_token: float = 0.0
+  scale_bytes_per_token: float = 0.0    # quantisation scales and their padding to 32-bit words
 
 
 def cache_size(cfg: ModelConfig, storage: str = "bfloat16") -> CacheSize:
   """KV-cache bytes of a config (docs/architecture.md §3.3, docs/performance.md).
 
   storage "bfloat16" / "float32": every KV entry in that dtype. "paper": the format of the report:
-  448 fp8 e4m3 + 64 bf16 dims per main entry (scales: one e8m0 byte per 64 fp8 values), indexer keys in
-  fp4 e2m1 (one e8m0 byte per 32 values).
+  448 fp8 e4m3 + 64 bf16 dims per main entry (scales: one e8m0 byte per 64 fp8 values, padded to a word),
+  indexer keys in fp4 e2m1 (one e8m0 byte per 32 values).
   """
-  K, r, cI = cfg.head_dim, cfg.rope_head_dim, cfg.index_head_dim
-  if storage in ("bfloat16", "float32"):
-    b = 2 if storage == "bfloat16" else 4
-    main, idx, main_scale, idx_scale = K * b, cI * b, 0.0, 0.0
-  elif storage == "paper":
-    main, idx = (K - r) * 1 + r * 2, cI / 2
-    main_scale, idx_scale = (K - r) / 64, cI / 32
-  else:
+  if storage not in STORAGE_DTYPES:
     raise ValueError(f"storage {storage!r}: expected 'bfloat16', 'float32' or 'paper'.")
-  per_tok = scale = 0.0
-  per_seq = 0.0
+  main_l, idx_l = layouts(dataclasses.replace(cfg, dtype="bfloat16") if storage == "paper" else cfg, storage)
+  main, idx = main_l.nbytes - main_l.scale_bytes, idx_l.nbytes - idx_l.scale_bytes
+  per_tok = scale = per_seq = 0.0
   for i in range(cfg.n_total_layers):
     ratio = cfg.layer_ratio(i)
-    per_seq += cfg.window_size * main
+    per_seq += cfg.window_size * main_l.nbytes
     if ratio:
       per_tok += main / ratio
-      scale += main_scale / ratio
-      per_seq += sum(4 * np.prod(s) for s in _state_shapes(ratio, K).values())
+      scale += main_l.scale_bytes / ratio
+      per_seq += sum(4 * np.prod(s.shape) for s in jax.tree.leaves(
+          jax.eval_shape(lambda: compressor.empty_state(ratio, cfg.head_dim, ()))))
     if ratio == indexer.CSA_RATIO:
       per_tok += idx / ratio
-      scale += idx_scale / ratio
-      per_seq += sum(4 * np.prod(s) for s in _state_shapes(ratio, cI).values())
+      scale += idx_l.scale_bytes / ratio
+      per_seq += sum(4 * np.prod(s.shape) for s in jax.tree.leaves(
+          jax.eval_shape(lambda: compressor.empty_state(ratio, cfg.index_head_dim, ()))))
   return CacheSize(per_tok, per_seq, scale)

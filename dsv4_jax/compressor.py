@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import kv_format, quant
+from dsv4_jax import quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear
 from dsv4_jax.norm import rms_norm
@@ -76,19 +76,18 @@ def finish(E: jnp.ndarray, p: dict, cfg: ModelConfig, ratio: int, entry_ids: jnp
   return E
 
 
-def compress(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, indexer: bool = False) -> jnp.ndarray:
-  """All complete windows of a sequence that starts at position 0. x: [B,S,D] -> [B, S//m, c]."""
-  B, S, _ = x.shape
-  n = S // ratio
-  positions = jnp.broadcast_to(jnp.arange(n * ratio), (B, n * ratio))
-  C, Z = project(p, x[:, : n * ratio], ratio, positions)
-  E = pool(C, Z, ratio)
-  return finish(E, p, cfg, ratio, jnp.broadcast_to(jnp.arange(n), (B, n)), indexer)
-
-
 def visible_count(t: jnp.ndarray, ratio: int) -> jnp.ndarray:
   """Number of compressed entries visible to query position t: entry i is visible iff i < (t+1)//m."""
   return (t + 1) // ratio
+
+
+def empty_state(ratio: int, c: int, lead: tuple) -> dict:
+  """The state of a sequence that has seen no token: projections of the incomplete window (tail_C, tail_Z)
+  and, with overlap (CSA), of the last complete window (prev_C, prev_Z); each fp32 lead + [m, coff*c].
+  Z = -inf gives "no token" a softmax weight of 0."""
+  cc = (2 if overlaps(ratio) else 1) * c
+  names = ("tail_C", "tail_Z", "prev_C", "prev_Z") if overlaps(ratio) else ("tail_C", "tail_Z")
+  return {k: jnp.full(lead + (ratio, cc), -jnp.inf if k.endswith("Z") else 0.0, F32) for k in names}
 
 
 def _take_rows(a: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
@@ -97,15 +96,16 @@ def _take_rows(a: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
   return jnp.take_along_axis(a, rows.reshape(rows.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
-def append(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start: jnp.ndarray, lengths: jnp.ndarray,
-           state: dict, entries: jnp.ndarray, indexer: bool = False) -> tuple[jnp.ndarray, dict]:
-  """Appends `lengths[b]` tokens at positions start[b].. to a sequence's compressor, emitting every window
-  that completes into the cache of entries. Equal to `compress` on the whole sequence, chunk by chunk.
+def compress_chunk(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start: jnp.ndarray,
+                   lengths: jnp.ndarray, state: dict, indexer: bool = False):
+  """Feeds `lengths[b]` tokens at positions start[b].. to a sequence's compressor: the one compression
+  function of the model (whole prompts run it chunk by chunk, decoding one token at a time).
 
-  x: [B,S,D] (rows right-padded), start/lengths: [B]; state: the cache's comp_state / idx_state;
-  entries: [B, N/m, c] in a kv_format storage form -> (entries with the new ones written at their index,
-  new state).
-  A row with start == 0 starts from an empty state, whatever the state holds.
+  x: [B,S,D] (rows right-padded), start/lengths: [B], state: see `empty_state` (a row with start == 0
+  starts empty, whatever the state holds) -> (E [B, n_win, c] finished entries in the compute dtype,
+  entry_ids [B, n_win], n_done [B] entries complete after the call, new state).
+  E[:, j] is entry entry_ids[:, j]; only those with entry_ids < n_done are complete (the rest are partial
+  windows, never to be stored). Memory: the projections of S + m tokens, fp32.
   """
   m, S = ratio, x.shape[1]
   positions = start[:, None] + jnp.arange(S)
@@ -125,17 +125,42 @@ def append(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start: jnp.nda
     prev = (jnp.where(fresh, 0.0, state["prev_C"]), jnp.where(fresh, -jnp.inf, state["prev_Z"]))
   E = pool(bufC, bufZ, m, prev)                                      # [B, n_win, c]
   entry_ids = w0 // m + jnp.arange(n_win)[None]                      # [B, n_win]
-  end = (start + lengths)[:, None]
-  n_done = end // m                                                  # entries complete after the call
+  n_done = (start + lengths) // m                                    # entries complete after the call
   E = finish(E, p, cfg, m, entry_ids, indexer)
-  rows = jnp.where(entry_ids < n_done, entry_ids, jax.tree.leaves(entries)[0].shape[1])   # out of range: dropped
-  entries = kv_format.write_rows(entries, rows, E, cfg.rope_head_dim)
 
-  tail_rows = n_done * m - w0 + jnp.arange(m)[None]                  # the new incomplete window
+  tail_rows = n_done[:, None] * m - w0 + jnp.arange(m)[None]         # the new incomplete window
   new_state = {"tail_C": _take_rows(bufC, tail_rows), "tail_Z": _take_rows(bufZ, tail_rows)}
   if overlaps(m):
-    last_rows = (n_done - 1) * m - w0 + jnp.arange(m)[None]          # the last complete window
-    completed = (n_done - 1 >= w0 // m)[..., None]
+    last_rows = (n_done[:, None] - 1) * m - w0 + jnp.arange(m)[None]  # the last complete window
+    completed = (n_done[:, None] - 1 >= w0 // m)[..., None]
     new_state["prev_C"] = jnp.where(completed, _take_rows(bufC, last_rows), prev[0])
     new_state["prev_Z"] = jnp.where(completed, _take_rows(bufZ, last_rows), prev[1])
-  return entries, new_state
+  return E, entry_ids, n_done, new_state
+
+
+def compress(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, indexer: bool = False,
+             chunk: int | None = None) -> jnp.ndarray:
+  """All entries of a sequence that starts at position 0: x [B,S,D] -> [B, n, c] with entry i at row i;
+  rows i < S // m are the complete windows (the rest are partial, and never visible).
+
+  Runs `compress_chunk` over chunks of `chunk` tokens (default cfg.query_chunk, rounded up to a multiple of
+  m) carrying the state, so the fp32 projections exist for one chunk at a time.
+  """
+  B, S, _ = x.shape
+  Q = -(-(chunk or cfg.query_chunk) // ratio) * ratio
+  c = p["norm"].shape[0]
+  state = empty_state(ratio, c, (B,))
+  if S <= Q:
+    return compress_chunk(p, cfg, x, ratio, jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32), state,
+                          indexer)[0]
+  n = -(-S // Q)
+  xs = jnp.moveaxis(jnp.pad(x, ((0, 0), (0, n * Q - S), (0, 0))).reshape(B, n, Q, -1), 1, 0)
+
+  def body(state, ic):
+    i, xc = ic
+    start = jnp.full((B,), i * Q, jnp.int32)
+    E, _, _, state = compress_chunk(p, cfg, xc, ratio, start, jnp.clip(S - start, 0, Q), state, indexer)
+    return state, E[:, : Q // ratio]
+
+  _, E = jax.lax.scan(body, state, (jnp.arange(n), xs))                # [n, B, Q/m, c]
+  return jnp.moveaxis(E, 0, 1).reshape(B, n * Q // ratio, c)

@@ -1,5 +1,6 @@
-"""Generation: prefill the prompts, then decode inside one jitted `lax.while_loop` (no host round trip per
-token), stopping each sequence on EOS / stop ids or at `max_new_tokens`."""
+"""Generation: prefill the prompts, then decode inside jitted `lax.while_loop`s (no host round trip per
+token), stopping each sequence on EOS / stop ids or at `max_new_tokens`. The decode runs in segments, one
+per live bucket (cache.live_bucket): a step's cost follows the tokens the rows hold, not the capacity."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.cache import init_cache
+from dsv4_jax.cache import init_cache, live_bucket
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.inference import step
 from dsv4_jax.sampling import Sampling, sample
@@ -47,38 +48,50 @@ def pad_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
   return tokens, lengths
 
 
-def _decode_loop(params, cfg: ModelConfig, sampling: Sampling, max_new: int, eos_id: int, logits, cache, key,
-                 stop_ids):
-  """Samples max_new tokens per row (or until every row stopped). Returns (tokens [B,max_new], n [B],
-  stopped_by [B] (0 none, 1 eos, 2 stop id), cache)."""
-  B = logits.shape[0]
+def _record(i, tok, state, eos_id, stop_ids):
+  """Stores token i of every still-running row and updates the stop flags (0 running, 1 eos, 2 stop id)."""
+  out, n, stopped = state
+  running = stopped == 0
+  out = out.at[:, i].set(jnp.where(running, tok, 0))
+  n = n + running.astype(jnp.int32)
+  is_stop = jnp.isin(tok, stop_ids) if stop_ids.size else jnp.zeros_like(running)
+  stopped = jnp.where(running & (tok == eos_id), 1, jnp.where(running & is_stop, 2, stopped))
+  return out, n, stopped
 
+
+def _first_token(logits, key, sampling: Sampling, max_new: int, eos_id: int, stop_ids):
+  """Token 0 of every row, sampled from the prefill logits -> (tokens [B,max_new], n, stopped, last, key)."""
+  B = logits.shape[0]
+  key, sub = jax.random.split(key)
+  tok = sample(logits, sub, sampling)
+  state = (jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32))
+  return (*_record(0, tok, state, eos_id, stop_ids), tok, key)
+
+
+def _decode_loop(params, cfg: ModelConfig, sampling: Sampling, live: int, eos_id: int, i0, i1, out, n, stopped,
+                 last, cache, key, stop_ids):
+  """Tokens i0..i1-1 (or until every row stopped): each iteration appends the last token of the running
+  rows (stopped rows append nothing) and samples the next; no step runs after the last token. `live`
+  (static) bounds the tokens any row holds during these steps (see inference.step)."""
   def cond(s):
     i, _, _, stopped, *_ = s
-    return (i < max_new) & jnp.any(stopped == 0)
+    return (i < i1) & jnp.any(stopped == 0)
 
   def body(s):
-    i, out, n, stopped, logits, cache, key = s
+    i, out, n, stopped, last, cache, key = s
+    logits, cache = step(params, cfg, last[:, None], (stopped == 0).astype(jnp.int32), cache, live)
     key, sub = jax.random.split(key)
     tok = sample(logits, sub, sampling)
-    live = stopped == 0
-    out = out.at[:, i].set(jnp.where(live, tok, 0))
-    n = n + live.astype(jnp.int32)
-    is_eos = tok == eos_id
-    is_stop = jnp.isin(tok, stop_ids) if stop_ids.size else jnp.zeros_like(is_eos)
-    stopped = jnp.where(live & is_eos, 1, jnp.where(live & is_stop, 2, stopped))
-    feed = (stopped == 0) & (i + 1 < max_new)
-    logits, cache = step(params, cfg, tok[:, None], feed.astype(jnp.int32), cache)
-    return i + 1, out, n, stopped, logits, cache, key
+    out, n, stopped = _record(i, tok, (out, n, stopped), eos_id, stop_ids)
+    return i + 1, out, n, stopped, tok, cache, key
 
-  init = (jnp.int32(0), jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32),
-          jnp.zeros((B,), jnp.int32), logits, cache, key)
-  _, out, n, stopped, _, cache, _ = jax.lax.while_loop(cond, body, init)
-  return out, n, stopped, cache
+  _, out, n, stopped, last, cache, key = jax.lax.while_loop(cond, body, (i0, out, n, stopped, last, cache, key))
+  return out, n, stopped, last, cache, key
 
 
-_PREFILL = jax.jit(step, static_argnums=1, donate_argnums=4)
-_DECODE = jax.jit(_decode_loop, static_argnums=(1, 2, 3, 4), donate_argnums=6)
+_PREFILL = jax.jit(step, static_argnums=(1, 5), donate_argnums=4)
+_FIRST = jax.jit(_first_token, static_argnums=(2, 3, 4))
+_DECODE = jax.jit(_decode_loop, static_argnums=(1, 2, 3, 4), donate_argnums=11)
 _EXECUTABLES: dict = {}
 
 
@@ -119,21 +132,32 @@ def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampl
   cache = init_cache(cfg, tokens.shape[0], max_seq_len, cache_dtype)   # ids and capacity checked above
 
   timings = {}
+  used = int(lengths.max())
+  live = live_bucket(used, max_seq_len)
   prefill_c, timings["compile_prefill_s"] = _aot(
-      ("prefill", cfg), (params, tokens, lengths, cache),
-      lambda: _PREFILL.lower(params, cfg, tokens, lengths, cache))
+      ("prefill", cfg, live), (params, tokens, lengths, cache),
+      lambda: _PREFILL.lower(params, cfg, tokens, lengths, cache, live))
   t0 = time.perf_counter()
   logits, cache = prefill_c(params, tokens, lengths, cache)
   logits.block_until_ready()
   timings["prefill_s"] = time.perf_counter() - t0
 
-  loop_c, timings["compile_decode_s"] = _aot(
-      ("decode", cfg, sampling, max_new_tokens, eos_id), (params, logits, cache, rng, stops),
-      lambda: _DECODE.lower(params, cfg, sampling, max_new_tokens, eos_id, logits, cache, rng, stops))
   t0 = time.perf_counter()
-  out, n, stopped, cache = loop_c(params, logits, cache, rng, stops)
+  timings["compile_decode_s"] = 0.0
+  out, n, stopped, last, key = _FIRST(logits, rng, sampling, max_new_tokens, eos_id, stops)
+  i = 1
+  while i < max_new_tokens and bool(jax.device_get(jnp.any(stopped == 0))):
+    # one executable per live bucket: tokens i..i1-1 keep every row within `live` tokens
+    live = live_bucket(used + i, max_seq_len)
+    i1 = min(max_new_tokens, live - used + 1)
+    args = (jnp.int32(i), jnp.int32(i1), out, n, stopped, last, cache, key, stops)
+    loop_c, secs = _aot(("decode", cfg, sampling, live, eos_id), (params, *args),
+                        lambda: _DECODE.lower(params, cfg, sampling, live, eos_id, *args))
+    timings["compile_decode_s"] += secs
+    out, n, stopped, last, cache, key = loop_c(params, *args)
+    i = i1
   out, n, stopped = jax.device_get((out, n, stopped))
-  timings["decode_s"] = time.perf_counter() - t0
+  timings["decode_s"] = time.perf_counter() - t0 - timings["compile_decode_s"]
   n_tokens = int(np.sum(n))
   timings["decode_tokens_per_s"] = n_tokens / timings["decode_s"] if timings["decode_s"] > 0 else float("nan")
   timings["prefill_tokens"] = int(lengths.sum())

@@ -11,58 +11,71 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import block, head
+from dsv4_jax import head
+from dsv4_jax.cache import live_bucket
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.transformer import check_tokens, embed_streams, layer_plan
+from dsv4_jax.transformer import check_tokens, embed_streams, run_layers
 
 
-def run_layers_cached(layers: dict, caches: dict, cfg: ModelConfig, X, tokens, start, lengths):
-  """The main stack over the cache: X [B,S,nh,D] -> (X, new layer caches)."""
-  plan = layer_plan(cfg)
-
-  def apply(p, c, i, X):
-    return block.block_step(p, cfg, cfg.layer_ratio(i), X, tokens, start, lengths, c)
-
-  new = {"prefix": [], "stack": [], "suffix": []}
-  for p, c, i in zip(layers["prefix"], caches["prefix"], plan.prefix):
-    X, c = apply(p, c, i, X)
-    new["prefix"].append(c)
-  if plan.reps:
-    def body(X, pc):
-      ps, cs = pc
-      out = []
-      for p, c, i in zip(ps, cs, plan.period):
-        X, c = apply(p, c, i, X)
-        out.append(c)
-      return X, out
-    X, new["stack"] = jax.lax.scan(body, X, (list(layers["stack"]), list(caches["stack"])))
-  for p, c, i in zip(layers["suffix"], caches["suffix"], plan.suffix):
-    X, c = apply(p, c, i, X)
-    new["suffix"].append(c)
-  return X, new
+def _last(X: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
+  """X [B,S,nh,D], idx [B] -> [B,1,nh,D]."""
+  return jnp.take_along_axis(X, jnp.clip(idx, 0, X.shape[1] - 1)[:, None, None, None], axis=1)
 
 
-def step(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray, cache: dict):
+def step(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray, cache: dict,
+         live: int | None = None):
   """tokens [B,S] (row b's first lengths[b] are real), lengths [B] -> (logits [B,V] fp32 at each row's last
-  new token, updated cache). Pure; see `prefill` / `decode_step` for the checked, jitted entry points."""
+  new token, updated cache). Pure; see `prefill` / `decode_step` for the checked, jitted entry points.
+
+  `live` (static): a bound on the tokens any row holds after the call; compressed stores are read up to
+  live // m rows, so the cost follows the live context, not the capacity (default: the whole capacity).
+  A call longer than cfg.query_chunk runs as a scan over chunks of that many tokens through the whole
+  stack (a chunked prefill inside one executable): activations exist for one chunk at a time, the cache
+  is the only thing that grows with S, and only the last positions reach the head.
+  """
   tokens = tokens.astype(jnp.int32)
   lengths = lengths.astype(jnp.int32)
   start = cache["length"]
-  X = embed_streams(params, cfg, tokens)
-  X, layer_caches = run_layers_cached(params["layers"], cache["layers"], cfg, X, tokens, start, lengths)
-  last = jnp.clip(lengths - 1, 0, tokens.shape[1] - 1)
-  X_last = jnp.take_along_axis(X, last[:, None, None, None], axis=1)              # [B,1,nh,D]
+  live = live or cfg.max_seq_len
+  B, S = tokens.shape
+  Q = cfg.query_chunk
+
+  def run(layer_caches, toks, start_c, len_c):
+    positions = start_c[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)
+    X = embed_streams(params, cfg, toks)
+    return run_layers(params["layers"], cfg, X, toks, positions=positions, lengths=len_c, caches=layer_caches,
+                      live=live)
+
+  if S <= Q:
+    X, layer_caches = run(cache["layers"], tokens, start, lengths)
+    X_last = _last(X, lengths - 1)
+  else:
+    n = -(-S // Q)
+    chunks = jnp.moveaxis(jnp.pad(tokens, ((0, 0), (0, n * Q - S))).reshape(B, n, Q), 1, 0)
+
+    def body(carry, xs):
+      layer_caches, X_last = carry
+      c, toks = xs
+      done = jnp.minimum(c * Q, lengths)
+      X, layer_caches = run(layer_caches, toks, start + done, jnp.clip(lengths - c * Q, 0, Q))
+      here = (lengths > 0) & ((lengths - 1) // Q == c)
+      X_last = jnp.where(here[:, None, None, None], _last(X, lengths - 1 - c * Q), X_last)
+      return (layer_caches, X_last), None
+
+    X0 = jnp.zeros((B, 1, cfg.hc_mult, cfg.dim), cfg.dtype)
+    (layer_caches, X_last), _ = jax.lax.scan(body, (cache["layers"], X0), (jnp.arange(n), chunks))
   logits = head.logits(X_last, params["hc_head"], params["norm"], params["head"], cfg)[:, 0]
   new_cache = dict(cache, length=start + lengths, layers=layer_caches)
   return logits, new_cache
 
 
-_step_jit = jax.jit(step, static_argnums=1, donate_argnums=4)
+_step_jit = jax.jit(step, static_argnums=(1, 5), donate_argnums=4)
 
 
-def check_append(cfg: ModelConfig, tokens, lengths, cache: dict) -> None:
+def check_append(cfg: ModelConfig, tokens, lengths, cache: dict) -> int:
   """Host-side checks before any compute: ids in the vocabulary, lengths within the chunk, the batch and
-  the capacity of the cache. JAX would otherwise clamp or drop silently."""
+  the capacity of the cache (JAX would otherwise clamp or drop silently). Returns the live bucket of the
+  call (`cache.live_bucket`)."""
   check_tokens(tokens, cfg)
   B, S = tokens.shape
   lengths = np.asarray(lengths)
@@ -81,6 +94,7 @@ def check_append(cfg: ModelConfig, tokens, lengths, cache: dict) -> None:
     b = int(over[0])
     raise ValueError(f"sequence {b}: {int(used[b])} cached + {int(lengths[b])} new tokens exceed the cache's "
                      f"max_seq_len={cap}; build a larger cache (init_cache(..., max_seq_len=...)).")
+  return live_bucket(int((used + lengths).max()), cap)
 
 
 def prefill(params: dict, cfg: ModelConfig, tokens, lengths, cache: dict):
@@ -89,13 +103,17 @@ def prefill(params: dict, cfg: ModelConfig, tokens, lengths, cache: dict):
   Returns (logits [B,V] at each row's last token, cache). The input cache is donated (invalid afterwards).
   """
   tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
-  check_append(cfg, tokens, lengths, cache)
-  return _step_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), cache)
+  live = check_append(cfg, tokens, lengths, cache)
+  return _step_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), cache, live)
 
 
-def decode_step(params: dict, cfg: ModelConfig, next_tokens, cache: dict):
+def decode_step(params: dict, cfg: ModelConfig, next_tokens, cache: dict, live: int | None = None):
   """One token per sequence: next_tokens [B] -> (logits [B,V], cache). Unchecked hot path: the caller
-  (e.g. `generate`) guarantees ids and capacity."""
+  (e.g. `generate`) guarantees ids and capacity. `live`: the static bucket to compile for (see `step`);
+  by default it is read from the cache's lengths (one host sync); pass it to avoid that."""
   next_tokens = jnp.asarray(next_tokens, jnp.int32)
   ones = jnp.ones(next_tokens.shape, jnp.int32)
-  return _step_jit(params, cfg, next_tokens[:, None], ones, cache)
+  if live is None:
+    used, cap = jax.device_get((cache["length"], cache["max_seq_len"]))
+    live = live_bucket(int(np.max(used)) + 1, int(cap))
+  return _step_jit(params, cfg, next_tokens[:, None], ones, cache, live)

@@ -1,22 +1,134 @@
-"""Storage formats of KV-cache entries (docs/architecture.md §3.3).
+"""Storage of KV-cache entries (docs/architecture.md §3.3): every row is one run of 32-bit words.
 
-"dense": one array in the storage dtype (bf16 or fp32).
-"fp8":   the paper's main-entry format: the K-r non-RoPE dims as fp8 e4m3 with one power-of-two scale per 64
-         (kept as an e8m0 exponent byte), the r RoPE dims in bf16 (the compute dtype).  {"nope", "scale", "rope"}
-"fp4":   indexer keys as fp4 e2m1 codes packed two per byte with one power-of-two scale per 32.
-         {"codes", "scale"}
-Under `quant_sim` the entries are already rounded onto exactly these grids, so the formats are lossless
-there; without it they quantise. Entries are encoded on write and decoded on read.
+A stored row is `uint32[words]`, whatever it holds, because that is what a kernel gathers best: on TPU a
+row DMA out of a packed bf16/fp8 `[N, K]` array is rejected (sub-tile offsets, ../shared/docs/pallas.md
+§0), while `uint32[N, words]` rows copy one at a time; on GPU a row is one contiguous pointer range.
+Formats (`Layout.fmt`):
+
+    "bfloat16" / "float32"  the K values, bit-cast to words (K/2 or K words)
+    "fp8"   the paper's main-entry format: bytes [K-r fp8 e4m3 | (K-r)/64 e8m0 scales, padded to 4 bytes |
+            r RoPE dims in `rope_dtype` (bf16, or fp32 for fp32 test runs)]        (Flash: 146 words = 584 B)
+    "fp4"   indexer keys: bytes [K/2 e2m1 codes, two per byte, low nibble first | K/32 e8m0 scales, padded]
+                                                                                   (Flash: 17 words = 68 B)
+Under `quant_sim` the entries are already rounded onto exactly these grids, so the quantised formats are
+lossless there; without it they quantise. Entries are encoded on write and decoded on read; `Store` is a
+pytree (the words are its only leaf, the layout is static).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from dsv4_jax import quant
 
 F32 = jnp.float32
 _E2M1 = jnp.array(quant.E2M1_VALUES[:8], F32)
+FORMATS = ("bfloat16", "float32", "fp8", "fp4")
+
+
+def _pad4(n: int) -> int:
+  return -(-n // 4) * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one row of `width` values is laid out in 32-bit words."""
+  fmt: str
+  width: int
+  rope_dim: int = 0
+  rope_dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    if self.fmt not in FORMATS:
+      raise ValueError(f"unknown KV storage format {self.fmt!r}; expected one of {FORMATS}.")
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of one stored row (a multiple of 4)."""
+    K, r = self.width, self.rope_dim
+    if self.fmt in ("bfloat16", "float32"):
+      return _pad4(K * jnp.dtype(self.fmt).itemsize)
+    if self.fmt == "fp8":
+      return (K - r) + _pad4((K - r) // 64) + _pad4(r * jnp.dtype(self.rope_dtype).itemsize)
+    return K // 2 + _pad4(K // 32)
+
+  @property
+  def words(self) -> int:
+    return self.nbytes // 4
+
+  @property
+  def scale_bytes(self) -> int:
+    """Bytes of a row that are scales or padding (not entry values)."""
+    K, r = self.width, self.rope_dim
+    if self.fmt == "fp8":
+      return _pad4((K - r) // 64)
+    if self.fmt == "fp4":
+      return _pad4(K // 32)
+    return self.nbytes - K * jnp.dtype(self.fmt).itemsize
+
+  def encode(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Entries x [..., width] -> uint32 words [..., words]."""
+    lead = x.shape[:-1]
+    if self.fmt in ("bfloat16", "float32"):
+      return _to_words(_bytes(x.astype(self.fmt)), lead)
+    if self.fmt == "fp8":
+      r = self.rope_dim
+      nope = x[..., :-r]
+      s = _block_scales(nope, 64, quant.FP8_MAX, 1e-4)
+      q = jnp.clip(nope.astype(F32).reshape(*s.shape, 64) / s[..., None], -quant.FP8_MAX, quant.FP8_MAX)
+      parts = [_bytes(q.reshape(nope.shape).astype(jnp.float8_e4m3fn)), _padded(_exponent_byte(s)),
+               _padded(_bytes(x[..., -r:].astype(self.rope_dtype)))]
+      return _to_words(jnp.concatenate(parts, -1), lead)
+    s = _block_scales(x, 32, quant.FP4_MAX, quant.FP4_MAX * 2.0 ** -126)
+    y = quant.round_e2m1(jnp.clip(x.astype(F32).reshape(*s.shape, 32) / s[..., None], -6, 6)).reshape(x.shape)
+    code = jnp.argmin(jnp.abs(jnp.abs(y)[..., None] - _E2M1), axis=-1).astype(jnp.uint8) | jnp.where(
+        y < 0, 8, 0).astype(jnp.uint8)
+    packed = code[..., 0::2] | (code[..., 1::2] << 4)
+    return _to_words(jnp.concatenate([packed, _padded(_exponent_byte(s))], -1), lead)
+
+  def decode(self, words: jnp.ndarray, dtype) -> jnp.ndarray:
+    """uint32 words [..., words] -> entries [..., width] in `dtype`."""
+    K, r = self.width, self.rope_dim
+    if self.fmt == "float32":
+      return jax.lax.bitcast_convert_type(words, F32).astype(dtype)
+    if self.fmt == "bfloat16":
+      v = jax.lax.bitcast_convert_type(words, jnp.bfloat16)               # [..., words, 2]
+      return v.reshape(*words.shape[:-1], K).astype(dtype)
+    b = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(*words.shape[:-1], -1)   # [..., bytes]
+    if self.fmt == "fp8":
+      n = K - r
+      s = _from_exponent_byte(b[..., n: n + n // 64])
+      nope = jax.lax.bitcast_convert_type(b[..., :n], jnp.float8_e4m3fn).astype(F32)
+      nope = (nope.reshape(*s.shape, 64) * s[..., None]).reshape(nope.shape)
+      o = n + _pad4(n // 64)
+      isz = jnp.dtype(self.rope_dtype).itemsize
+      rope = jax.lax.bitcast_convert_type(b[..., o: o + r * isz].reshape(*b.shape[:-1], r, isz), self.rope_dtype)
+      return jnp.concatenate([nope.astype(dtype), rope.astype(dtype)], -1)
+    c = b[..., : K // 2]
+    s = _from_exponent_byte(b[..., K // 2: K // 2 + K // 32])
+    codes = jnp.stack([c & 15, c >> 4], -1).reshape(*c.shape[:-1], K)
+    vals = jnp.where(codes >= 8, -1.0, 1.0) * _E2M1[(codes & 7).astype(jnp.int32)]
+    return (vals.reshape(*s.shape, 32) * s[..., None]).reshape(vals.shape).astype(dtype)
+
+
+def _bytes(x: jnp.ndarray) -> jnp.ndarray:
+  """Any array [..., n] -> its little-endian bytes uint8 [..., n * itemsize]."""
+  if x.dtype.itemsize == 1:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8)
+  b = jax.lax.bitcast_convert_type(x, jnp.uint8)
+  return b.reshape(*x.shape[:-1], -1)
+
+
+def _padded(b: jnp.ndarray) -> jnp.ndarray:
+  pad = _pad4(b.shape[-1]) - b.shape[-1]
+  return jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, pad)]) if pad else b
+
+
+def _to_words(b: jnp.ndarray, lead: tuple) -> jnp.ndarray:
+  return jax.lax.bitcast_convert_type(b.reshape(*lead, -1, 4), jnp.uint32)
 
 
 def _exponent_byte(s: jnp.ndarray) -> jnp.ndarray:
@@ -33,62 +145,21 @@ def _block_scales(x: jnp.ndarray, block: int, qmax: float, floor: float) -> jnp.
   return quant.pow2_ceil(jnp.maximum(jnp.max(jnp.abs(xb), -1), floor) / qmax)            # [..., n/block]
 
 
-def empty(shape: tuple, fmt: str, dtype, rope_dim: int):
-  """Zero entries of `shape` [..., K] in format `fmt`."""
-  *lead, K = shape
-  if fmt == "dense":
-    return jnp.zeros(shape, dtype)
-  if fmt == "fp8":
-    n = K - rope_dim
-    return {"nope": jnp.zeros((*lead, n), jnp.float8_e4m3fn), "scale": jnp.full((*lead, n // 64), 127, jnp.uint8),
-            "rope": jnp.zeros((*lead, rope_dim), dtype)}
-  if fmt == "fp4":
-    return {"codes": jnp.zeros((*lead, K // 2), jnp.uint8), "scale": jnp.full((*lead, K // 32), 127, jnp.uint8)}
-  raise ValueError(f"unknown KV storage format {fmt!r}; expected 'dense', 'fp8' or 'fp4'.")
+@struct.dataclass
+class Store:
+  """Rows of KV entries as stored: `words` uint32 [..., N, layout.words] (leading axes: stacked layers,
+  batch), encoded with the static `layout`."""
+  words: jax.Array
+  layout: Layout = struct.field(pytree_node=False)
+
+  @property
+  def n_rows(self) -> int:
+    return self.words.shape[-2]
+
+  def decode(self, dtype) -> jnp.ndarray:
+    return self.layout.decode(self.words, dtype)
 
 
-def format_of(stored) -> str:
-  if not isinstance(stored, dict):
-    return "dense"
-  return "fp8" if "nope" in stored else "fp4"
-
-
-def encode(x: jnp.ndarray, fmt: str, rope_dim: int, dtype=None):
-  """Entries x [..., K] -> stored form (`dtype`: of dense storage, or of the fp8 format's RoPE dims)."""
-  if fmt == "dense":
-    return x.astype(dtype or x.dtype)
-  if fmt == "fp8":
-    nope = x[..., :-rope_dim]
-    s = _block_scales(nope, 64, quant.FP8_MAX, 1e-4)
-    q = jnp.clip(nope.astype(F32).reshape(*s.shape, 64) / s[..., None], -quant.FP8_MAX, quant.FP8_MAX)
-    return {"nope": q.reshape(nope.shape).astype(jnp.float8_e4m3fn), "scale": _exponent_byte(s),
-            "rope": x[..., -rope_dim:].astype(dtype or jnp.bfloat16)}
-  s = _block_scales(x, 32, quant.FP4_MAX, quant.FP4_MAX * 2.0 ** -126)
-  y = quant.round_e2m1(jnp.clip(x.astype(F32).reshape(*s.shape, 32) / s[..., None], -6, 6)).reshape(x.shape)
-  code = jnp.argmin(jnp.abs(jnp.abs(y)[..., None] - _E2M1), axis=-1).astype(jnp.uint8) | jnp.where(
-      y < 0, 8, 0).astype(jnp.uint8)
-  return {"codes": code[..., 0::2] | (code[..., 1::2] << 4), "scale": _exponent_byte(s)}
-
-
-def decode(stored, dtype) -> jnp.ndarray:
-  """Stored form -> entries [..., K] in `dtype`."""
-  fmt = format_of(stored)
-  if fmt == "dense":
-    return stored.astype(dtype)
-  s = _from_exponent_byte(stored["scale"])
-  if fmt == "fp8":
-    nope = stored["nope"].astype(F32)
-    nope = (nope.reshape(*s.shape, 64) * s[..., None]).reshape(nope.shape)
-    return jnp.concatenate([nope.astype(dtype), stored["rope"].astype(dtype)], -1)
-  c = stored["codes"]
-  codes = jnp.stack([c & 15, c >> 4], -1).reshape(*c.shape[:-1], -1)
-  vals = jnp.where(codes >= 8, -1.0, 1.0) * _E2M1[(codes & 7).astype(jnp.int32)]
-  return (vals.reshape(*s.shape, 32) * s[..., None]).reshape(vals.shape).astype(dtype)
-
-
-def write_rows(stored, rows: jnp.ndarray, values: jnp.ndarray, rope_dim: int):
-  """stored [B, N, ...], rows [B, M] (>= N: dropped), values [B, M, K] -> stored with the rows replaced."""
-  fmt = format_of(stored)
-  dtype = {"dense": lambda: stored.dtype, "fp8": lambda: stored["rope"].dtype, "fp4": lambda: None}[fmt]()
-  enc = encode(values, fmt, rope_dim, dtype)
-  return jax.tree.map(lambda s, v: jax.vmap(lambda a, i, b: a.at[i].set(b, mode="drop"))(s, rows, v), stored, enc)
+def empty(lead: tuple, n: int, layout: Layout) -> Store:
+  """A store of `n` zero rows per leading index (zero words decode to zeros in every format)."""
+  return Store(jnp.zeros((*lead, n, layout.words), jnp.uint32), layout)

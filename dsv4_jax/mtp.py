@@ -41,5 +41,5 @@ def mtp_forward(p: dict, cfg: ModelConfig, layer_id: int, embed: jnp.ndarray, he
   """Teacher-forced MTP logits. X_main: [B,S,nh,D], tokens: [B,S] -> [B,S-1,V] fp32."""
   next_ids = tokens[:, 1:]
   X = mtp_input(p, cfg, embed, X_main[:, :-1], next_ids)
-  X = block.block(p, cfg, cfg.layer_ratio(layer_id), X, next_ids)
+  X, _ = block.block(p, cfg, cfg.layer_ratio(layer_id), X, next_ids)
   return head.logits(X, p["hc_head"], p["norm"], head_w, cfg)

@@ -26,6 +26,11 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_comp", "tensor"),        # compressed entries of one sequence
     ("act_vocab", "tensor"),
     ("act_experts", "expert"),
+    # KV cache (dsv4_jax/cache.py): rows of a sequence's stores stay whole on a device for now; sharding
+    # them (context-parallel decode) is the pods issue's to decide
+    ("cache_batch", "data"),
+    ("cache_seq", None),
+    ("cache_window", None),
     # weights
     ("vocab", "tensor"),
     ("embed", None),

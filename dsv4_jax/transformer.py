@@ -138,26 +138,49 @@ def embed_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray) -> jnp.nd
   return jnp.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)
 
 
-def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarray, remat: bool = False):
-  """The main stack. X: [B,S,nh,D] -> [B,S,nh,D]."""
+def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarray, remat: bool = False,
+               positions: jnp.ndarray | None = None, lengths: jnp.ndarray | None = None, caches: dict | None = None,
+               live: int = 0):
+  """The main stack. X: [B,S,nh,D] -> (X [B,S,nh,D], caches).
+
+  Without caches: the whole sequence from position 0. With `caches` (the cache's "layers" tree): row b
+  appends lengths[b] tokens at `positions[b]`; the caches ride the layer loop's carry and each layer
+  writes only its new rows (a scanned group's caches are indexed by repetition, never sliced out and
+  stacked back). `live`: static bound on the tokens any row holds after the call (see cache.live_bucket).
+  """
+  from dsv4_jax.cache import LayerCache          # cache.py builds on this module's layer plan
   plan = layer_plan(cfg)
 
-  def apply(p, i, X):
-    return block.block(p, cfg, cfg.layer_ratio(i), X, tokens)
+  def apply(p, i, X, c, rep=None):
+    view = None if c is None else LayerCache(c, rep, live)
+    X, view = block.block(p, cfg, cfg.layer_ratio(i), X, tokens, positions, lengths, view)
+    return X, None if view is None else view.tree
 
-  for p, i in zip(layers["prefix"], plan.prefix):
-    X = apply(p, i, X)
+  new = None if caches is None else {"prefix": [], "stack": [], "suffix": []}
+  for n, (p, i) in enumerate(zip(layers["prefix"], plan.prefix)):
+    X, c = apply(p, i, X, None if caches is None else caches["prefix"][n])
+    if new is not None:
+      new["prefix"].append(c)
   if plan.reps:
-    def body(X, ps):
-      for p, i in zip(ps, plan.period):
-        X = apply(p, i, X)
-      return X, None
+    def body(carry, xs):
+      X, cs = carry
+      ps, rep = xs
+      out = []
+      for n, (p, i) in enumerate(zip(ps, plan.period)):
+        X, c = apply(p, i, X, None if cs is None else cs[n], rep)
+        out.append(c)
+      return (X, None if cs is None else out), None
     if remat:
       body = jax.checkpoint(body)
-    X, _ = jax.lax.scan(body, X, list(layers["stack"]))
-  for p, i in zip(layers["suffix"], plan.suffix):
-    X = apply(p, i, X)
-  return X
+    stack = None if caches is None else list(caches["stack"])
+    (X, stack), _ = jax.lax.scan(body, (X, stack), (list(layers["stack"]), jnp.arange(plan.reps)))
+    if new is not None:
+      new["stack"] = stack
+  for n, (p, i) in enumerate(zip(layers["suffix"], plan.suffix)):
+    X, c = apply(p, i, X, None if caches is None else caches["suffix"][n])
+    if new is not None:
+      new["suffix"].append(c)
+  return X, new
 
 
 def forward(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat: bool = False) -> ForwardOutput:
@@ -168,7 +191,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat: bool = F
   """
   check_tokens(tokens, cfg)
   tokens = jnp.asarray(tokens, jnp.int32)
-  X = run_layers(params["layers"], cfg, embed_streams(params, cfg, tokens), tokens, remat)
+  X, _ = run_layers(params["layers"], cfg, embed_streams(params, cfg, tokens), tokens, remat)
   logits = head.logits(X, params["hc_head"], params["norm"], params["head"], cfg)
   mtp_logits = None
   if cfg.n_mtp_layers and params["mtp"] and tokens.shape[1] < 2:

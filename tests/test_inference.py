@@ -12,6 +12,7 @@ import pytest
 
 from dsv4_jax import (Sampling, cache_size, decode_step, forward, generate, init_cache, init_params, load_config,
                       prefill)
+from dsv4_jax.cache import decoded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LENGTHS = [1, 3, 4, 5, 7, 8, 9, 127, 128, 129, 150]
@@ -46,8 +47,7 @@ def test_cached_decode_equals_forward(model):
   lengths = np.array(PROMPT_LENGTHS, np.int32)
   tokens = np.where(np.arange(total - steps)[None] < lengths[:, None], seqs[:, : total - steps], 0)
   # the forward oracle for each row: its prompt followed by its 12 decode tokens, left-aligned
-  rows = np.stack([seqs[b, : lengths[b] + steps] for b in range(B) for _ in [0]] and
-                  [np.pad(seqs[b, : lengths[b] + steps], (0, total - lengths[b] - steps)) for b in range(B)])
+  rows = np.stack([np.pad(seqs[b, : lengths[b] + steps], (0, total - lengths[b] - steps)) for b in range(B)])
   full = np.asarray(_fwd(params, cfg, rows).logits)
 
   cache = init_cache(cfg, B, total + 4)
@@ -75,7 +75,7 @@ def test_chunked_prefill_equals_one_prefill_and_rows_alone(model):
   for a, b in [(0, 5), (5, 12), (12, 42)]:
     chunked, c2 = prefill(params, cfg, toks[:, a:b], np.array([b - a, b - a]), c2)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(one), rtol=1e-5, atol=1e-5)
-  for x, y in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)):
+  for x, y in zip(jax.tree.leaves(decoded(c1)), jax.tree.leaves(decoded(c2))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
   # different lengths in one batch == each row alone
   mixed, _ = prefill(params, cfg, toks, np.array([42, 17]), init_cache(cfg, 2, 64))
@@ -207,14 +207,13 @@ def test_paper_cache_format_is_lossless_under_quant_sim_and_smaller():
   the uncached forward with the same simulation. (Same seeds as test_quant_sim_cached_equals_uncached: fp4
   indexer keys make exact score ties common, and a tie resolved differently by the two summation orders
   changes the top-k; those seeds have none.)"""
-  from dsv4_jax import kv_format
   cfg = dataclasses.replace(CONFIGS["tiny"], quant_sim=True)
   params = init_params(cfg, jax.random.key(6))
   seq = np.asarray(jax.random.randint(jax.random.key(7), (1, 40), 0, cfg.vocab_size), np.int32)
   full = np.asarray(_fwd(params, cfg, seq).logits)[0]
   cache = init_cache(cfg, 1, 48, dtype="paper")
-  assert kv_format.format_of(cache["layers"]["prefix"][2]["comp"]) == "fp8"
-  assert kv_format.format_of(cache["layers"]["prefix"][2]["idx"]) == "fp4"
+  assert cache["layers"]["prefix"][2]["comp"].layout.fmt == "fp8"
+  assert cache["layers"]["prefix"][2]["idx"].layout.fmt == "fp4"
   logits, cache = prefill(params, cfg, seq[:, :30], np.array([30]), cache)
   errs = [_rel(np.asarray(logits)[0], full[29])]
   for t in range(30, 40):
@@ -233,14 +232,27 @@ def test_paper_cache_format_is_lossless_under_quant_sim_and_smaller():
 
 
 def test_kv_formats_round_trip_exactly_on_their_grids():
-  from dsv4_jax import kv_format, quant
+  """Every format is rows of 32-bit words; values on the format's grid come back bit for bit."""
+  from dsv4_jax import quant
+  from dsv4_jax.kv_format import Layout
   x = jax.random.normal(jax.random.key(12), (3, 5, 96)) * 4
   x8 = quant.kv_fp8_sim(x, 32)                         # what quant_sim stores: exactly representable
-  np.testing.assert_array_equal(np.asarray(kv_format.decode(kv_format.encode(x8, "fp8", 32, jnp.float32),
-                                                           jnp.float32)), np.asarray(x8))
+  fp8 = Layout("fp8", 96, 32, "float32")
+  w = fp8.encode(x8)
+  assert w.dtype == jnp.uint32 and w.shape == (3, 5, fp8.words) and fp8.words == (64 + 4 + 32 * 4) // 4
+  np.testing.assert_array_equal(np.asarray(fp8.decode(w, jnp.float32)), np.asarray(x8))
   x4 = quant.fp4_act_quant(x[..., :64], 32)
-  np.testing.assert_array_equal(np.asarray(kv_format.decode(kv_format.encode(x4, "fp4", 0), jnp.float32)),
-                                np.asarray(x4))
+  fp4 = Layout("fp4", 64)
+  assert fp4.words == (32 + 4) // 4
+  np.testing.assert_array_equal(np.asarray(fp4.decode(fp4.encode(x4), jnp.float32)), np.asarray(x4))
+  for fmt in ("bfloat16", "float32"):
+    lay = Layout(fmt, 96)
+    xb = x.astype(fmt)
+    np.testing.assert_array_equal(np.asarray(lay.decode(lay.encode(xb), fmt)), np.asarray(xb))
+  flash = load_config("flash")
+  from dsv4_jax.cache import layouts
+  main, idx = layouts(flash, "paper")
+  assert (main.nbytes, idx.nbytes) == (584, 68)        # 448 fp8 + 7 scales (+1 pad) + 64 bf16; 64 + 4
 
 
 def test_config_too_big_fails_before_allocating():

@@ -1,0 +1,92 @@
+"""Memory and traffic of one compiled decode step (nothing runs: `jit(...).lower(...).compile()`).
+
+    python bench/decode_memory.py [--capacities=131072,1048576] [--cache_dtype=bfloat16]
+
+A Flash-shaped attention stack at toy width (head_dim 512, window 128, 16 indexer heads x 128, top-k 512,
+layers SWA/CSA/HCA/CSA/HCA/SWA, dim 256; fp32 compute, bf16 cache). For each capacity, the step compiled
+for a live context of the whole capacity (the worst case) and of 1K tokens:
+- temp: `memory_analysis().temp_size_in_bytes` (what XLA allocates besides arguments and outputs; the
+  cache is donated and updated in place, so it is not counted again);
+- accessed: `cost_analysis()["bytes accessed"]`;
+- ideal: what the math must read per token (docs/performance.md): the weights, every indexer key of a
+  CSA layer, top-k + window entries of a CSA layer, all compressed entries + window of an HCA layer,
+  the window of a sliding layer, in the cache's storage format.
+Targets: temp <= 10% of the cache; accessed within 2x of ideal.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dsv4_jax import init_cache, init_params, load_config  # noqa: E402
+from dsv4_jax.cache import layouts, live_bucket  # noqa: E402
+from dsv4_jax.inference import step  # noqa: E402
+
+MB = 1e6
+
+
+def stack_config(max_seq_len: int):
+  return dataclasses.replace(
+      load_config("tiny"), name="flash_attention_stack", dim=256, n_heads=8, head_dim=512, rope_head_dim=64,
+      q_lora_rank=128, o_groups=2, o_lora_rank=128, window_size=128, index_n_heads=16, index_head_dim=128,
+      index_topk=512, compress_ratios=(0, 4, 128, 4, 128, 0, 0), n_layers=6, n_hash_layers=1,
+      moe_inter_dim=128, dtype="float32", original_seq_len=65536, max_seq_len=max_seq_len)
+
+
+def nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def ideal_bytes(cfg, storage: str, live: int, param_bytes: int) -> int:
+  main, idx = layouts(cfg, storage)
+  W, total = cfg.window_size, param_bytes
+  for i in range(cfg.n_layers):
+    r = cfg.layer_ratio(i)
+    if r == 4:
+      total += (live // 4) * idx.nbytes + (min(cfg.index_topk, live // 4) + W) * main.nbytes
+    elif r:
+      total += (live // r + W) * main.nbytes
+    else:
+      total += W * main.nbytes
+  return total
+
+
+def compiled_step(cfg, capacity: int, live: int, storage: str):
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  cache = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, storage))
+  tok, one = jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+  c = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).lower(params, cfg, tok, one, cache, live).compile()
+  return c, nbytes(params), nbytes(cache)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--capacities", default="131072,1048576")
+  ap.add_argument("--cache_dtype", default="bfloat16")
+  args = ap.parse_args()
+  print(f"one decode step, batch 1, Flash-shaped attention stack (D=256, 8 heads x 512, window 128, top-k 512, "
+        f"layers SWA/CSA/HCA/CSA/HCA/SWA), fp32 compute, {args.cache_dtype} cache; backend "
+        f"{jax.default_backend()}, jax {jax.__version__}")
+  print(f"{'capacity':>9} {'live':>9} {'cache MB':>9} {'temp MB':>8} {'temp/cache':>10} {'accessed MB':>11} "
+        f"{'ideal MB':>9} {'acc/ideal':>9}")
+  for cap in map(int, args.capacities.split(",")):
+    cfg = stack_config(cap)
+    for live in (cap, live_bucket(1024, cap)):
+      c, pbytes, cbytes = compiled_step(cfg, cap, live, args.cache_dtype)
+      temp = c.memory_analysis().temp_size_in_bytes
+      cost = c.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      acc = cost.get("bytes accessed", float("nan"))
+      ideal = ideal_bytes(cfg, args.cache_dtype, live, pbytes)
+      print(f"{cap:>9} {live:>9} {cbytes / MB:>9.1f} {temp / MB:>8.2f} {temp / cbytes:>9.2%} {acc / MB:>11.1f} "
+            f"{ideal / MB:>9.1f} {acc / ideal:>8.2f}x")
+
+
+if __name__ == "__main__":
+  main()

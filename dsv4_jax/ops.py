@@ -1,0 +1,193 @@
+"""The attention ops of DeepSeek-V4 behind one seam: the lightning indexer's top-k and sparse attention with
+a sink (docs/architecture.md §2.7-§2.9). `forward` and the cached step both call these, so a query's scores
+and selections do not depend on how many keys or queries a call holds, and a kernel is plugged in once.
+
+Each op is a plain-jnp reference here; `cfg.attn_impl` picks the implementation ("xla" = this reference;
+kernels register under other names, see `register`). An unknown or unavailable name is an error, never a
+silent fallback.
+
+KV inputs are `Rows`: entries either as plain values [B, N, K] or as a cache `Store` (uint32 words,
+dsv4_jax/kv_format.py), possibly one layer `rep` of a stacked group `[R, B, N, words]`. Ops read rows
+straight from there (a gather of the chosen rows, or blocks of keys), so a cache is never copied whole and
+work follows `n`, the rows considered, not the cache's capacity.
+
+Tie-break, everywhere: among equal indexer scores the lower entry id wins (`lax.top_k` is stable).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.config import ModelConfig
+from dsv4_jax.kv_format import Layout
+
+F32 = jnp.float32
+KEY_BLOCK = 2048          # indexer keys scored per block: scores never exist as [queries, heads, all keys]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """A view of n KV rows for the ops (lives inside a trace; not a pytree).
+
+  data: values [B, N, K]                 (layout None), or
+        stored words [B, N, w]           (layout given; rep None), or
+        stored words [R, B, N, w]        (layout given; rep = the layer's index in a stacked group).
+  n:    rows considered (the first n); static. Default: all N.
+  """
+  data: jax.Array
+  layout: Layout | None = None
+  rep: jax.Array | None = None
+  n: int | None = None
+
+  @property
+  def rows(self) -> int:
+    return self.n if self.n is not None else self.data.shape[-2]
+
+  def _decode(self, x, dtype):
+    return x.astype(dtype) if self.layout is None else self.layout.decode(x, dtype)
+
+  def gather(self, idx: jnp.ndarray, dtype) -> jnp.ndarray:
+    """idx [B, S, T] (clamped into range) -> [B, S, T, K] in dtype: only the chosen rows are read."""
+    i = jnp.clip(idx, 0, self.data.shape[-2] - 1)
+    b = jnp.arange(idx.shape[0])[:, None, None]
+    x = self.data[b, i] if self.rep is None else self.data[self.rep, b, i]
+    return self._decode(x, dtype)
+
+  def block(self, start, size: int, dtype) -> jnp.ndarray:
+    """Rows [start, start + size) -> [B, size, K] (start must leave the block inside the array)."""
+    if self.rep is None:
+      x = jax.lax.dynamic_slice_in_dim(self.data, start, size, axis=1)
+    else:
+      R, B, N, w = self.data.shape
+      x = jax.lax.dynamic_slice(self.data, (self.rep, 0, start, 0), (1, B, size, w))[0]
+    return self._decode(x, dtype)
+
+  def all(self, dtype) -> jnp.ndarray:
+    """The first n rows: [B, n, K]."""
+    if self.rep is None and self.n in (None, self.data.shape[-2]):
+      return self._decode(self.data, dtype)
+    return self.block(0, self.rows, dtype)
+
+
+# ---- references -------------------------------------------------------------------------------------
+
+def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray:
+  """score[b,t,s] = sum_h w[b,t,h] * relu(qI[b,t,h] . K[b,s]) over the first `keys.rows` keys.
+
+  qI: [B,S,nI,cI], w: [B,S,nI] (compute dtype) -> [B,S,n] in the compute dtype. The logits are rounded to
+  the compute dtype before relu and weighting, the head sum is fp32 (as the reference). Keys are scored
+  KEY_BLOCK at a time and reduced over heads per block; a last partial block is re-read from n - block
+  (recomputing identical values), so every key's score comes from the same computation.
+  """
+  B, S = qI.shape[:2]
+  n, dt = keys.rows, qI.dtype
+  blk = min(KEY_BLOCK, n)
+  n_blocks = -(-n // blk)
+
+  def block_scores(start):
+    k = keys.block(start, blk, dt)                                                     # [B,blk,cI]
+    logits = jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32).astype(dt)
+    return jnp.sum((jax.nn.relu(logits) * w[..., None]).astype(F32), axis=2).astype(dt)   # [B,S,blk]
+
+  if n_blocks == 1:
+    return block_scores(0)
+
+  def body(i, scores):
+    start = jnp.minimum(i * blk, n - blk)
+    return jax.lax.dynamic_update_slice_in_dim(scores, block_scores(start), start, axis=2)
+
+  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, S, n), dt))
+
+
+def indexer_topk_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows, n_visible: jnp.ndarray, k: int) -> jnp.ndarray:
+  """The lightning indexer's selection: top-k visible compressed entries per query.
+
+  qI: [B,S,nI,cI], w: [B,S,nI], keys: Rows of indexer keys, n_visible: [B,S] entries visible to each query
+  -> [B,S,min(k, n)] int32 entry ids, -1 where fewer than k are visible. Ties: the lower id.
+  """
+  return select_topk(index_scores_ref(qI, w, keys), n_visible, k)
+
+
+def select_topk(scores: jnp.ndarray, n_visible: jnp.ndarray, k: int) -> jnp.ndarray:
+  """scores [B,S,n], n_visible [B,S] -> [B,S,min(k,n)] int32 ids of the k best entries i < n_visible (the
+  lower id first among equal scores), -1 where fewer than k are visible."""
+  visible = jnp.arange(scores.shape[-1]) < n_visible[..., None]
+  _, idx = jax.lax.top_k(jnp.where(visible, scores.astype(F32), -jnp.inf), min(k, scores.shape[-1]))
+  return jnp.where(idx < n_visible[..., None], idx, -1).astype(jnp.int32)
+
+
+def sparse_attention_ref(q: jnp.ndarray, attn_sink: jnp.ndarray, scale: float, window: Rows,
+                         window_idx: jnp.ndarray, comp: Rows | None = None, comp_idx: jnp.ndarray | None = None,
+                         comp_visible: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Multi-query attention with a sink over gathered rows (the reference's sparse_attn semantics).
+
+  q: [B,S,H,K] queries (compute dtype); attn_sink: [H] fp32; window: raw KV rows with window_idx [B,S,W]
+  int32 (-1 = masked); comp (compressed entries, optional) with either comp_idx [B,S,T] (CSA: the indexer's
+  top-k, -1 = none) or comp_visible [B,S] (HCA: every entry i < comp_visible attends). Keys and values are
+  the same vectors. Returns [B,S,H,K] in q.dtype.
+
+  z = q.k * scale (fp32); p_j = exp(z_j - m) / (sum_j exp(z_j - m) + exp(sink - m)), m = max_j z_j over all
+  attended rows; the unnormalised p is rounded to q.dtype before P.V (fp32 accumulate), as the reference.
+  An all-masked row gives 0.
+  """
+  dt = q.dtype
+  parts = []                                                  # (logits [B,S,H,T], values, einsum for P.V)
+
+  def gathered(rows: Rows, idx):
+    kv = rows.gather(idx, dt)                                                        # [B,S,T,K]
+    z = jnp.einsum("bshk,bstk->bsht", q, kv, preferred_element_type=F32) * scale
+    parts.append((jnp.where((idx >= 0)[:, :, None, :], z, -jnp.inf), kv, "bsht,bstk->bshk"))
+
+  gathered(window, window_idx)
+  if comp is not None and comp_idx is not None:
+    gathered(comp, comp_idx)
+  elif comp is not None:
+    kv = comp.all(dt)                                                                # [B,n,K]
+    z = jnp.einsum("bshk,btk->bsht", q, kv, preferred_element_type=F32) * scale
+    vis = jnp.arange(kv.shape[1]) < comp_visible[..., None]                          # [B,S,n]
+    parts.append((jnp.where(vis[:, :, None, :], z, -jnp.inf), kv, "bsht,btk->bshk"))
+
+  m = jnp.max(jnp.stack([jnp.max(z, axis=-1) for z, _, _ in parts]), axis=0)[..., None]   # [B,S,H,1]
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  denom = jnp.exp(attn_sink.astype(F32)[:, None] - m)
+  o = 0.0
+  for z, kv, spec in parts:
+    e = jnp.exp(z - m)
+    denom = denom + jnp.sum(e, axis=-1, keepdims=True)
+    o = o + jnp.einsum(spec, e.astype(dt), kv, preferred_element_type=F32)
+  return (o / denom).astype(dt)
+
+
+# ---- the implementation switch -------------------------------------------------------------------------
+
+_IMPLS: dict[str, dict[str, Callable]] = {
+    "xla": {"indexer_topk": indexer_topk_ref, "sparse_attention": sparse_attention_ref},
+}
+
+
+def register(name: str, **ops: Callable) -> None:
+  """Makes `cfg.attn_impl == name` use these ops (e.g. Pallas kernels); missing ops stay an error."""
+  _IMPLS.setdefault(name, {}).update(ops)
+
+
+def implementation(cfg: ModelConfig, op: str) -> Callable:
+  impl = _IMPLS.get(cfg.attn_impl)
+  if impl is None or op not in impl:
+    have = sorted(k for k, v in _IMPLS.items() if op in v)
+    raise NotImplementedError(
+        f"attn_impl={cfg.attn_impl!r} has no {op!r} op (available for it: {have}). Pallas kernels are not "
+        f"part of this build yet; use attn_impl='xla'.")
+  return impl[op]
+
+
+def indexer_topk(cfg: ModelConfig, qI, w, keys: Rows, n_visible, k: int):
+  return implementation(cfg, "indexer_topk")(qI, w, keys, n_visible, k)
+
+
+def sparse_attention(cfg: ModelConfig, q, attn_sink, window: Rows, window_idx, comp: Rows | None = None,
+                     comp_idx=None, comp_visible=None):
+  return implementation(cfg, "sparse_attention")(q, attn_sink, cfg.softmax_scale, window, window_idx, comp,
+                                                 comp_idx, comp_visible)

@@ -1,0 +1,173 @@
+"""The engine's ops and cache: visibility, the indexer's selection (independent of how many keys a call
+holds), sparse attention against a dense computation, the live bucket, in-place decode memory, the
+implementation switch, the cache's logical axes."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv4_jax import attention, compressor, init_cache, init_params, load_config, ops, prefill, decode_step
+from dsv4_jax.cache import cache_axes, live_bucket
+from dsv4_jax.kv_format import Layout
+
+
+@pytest.mark.parametrize("m", [4, 128])
+def test_visibility_rule(m):
+  t = np.arange(301)
+  n_vis = np.asarray(compressor.visible_count(jnp.asarray(t), m))
+  for ti in t:                                   # entry i is complete (visible) once its window's last token is in
+    assert n_vis[ti] == len([i for i in range(301 // m + 1) if (i + 1) * m - 1 <= ti])
+  if m == 4:                                     # examples of docs/architecture.md §2.9
+    assert compressor.visible_count(jnp.array([2, 3, 7]), 4).tolist() == [0, 1, 2]
+
+
+def test_window_indices():
+  idx = np.asarray(attention.window_indices(jnp.arange(6)[None], jnp.zeros(1, jnp.int32), 4, 0))[0]
+  assert idx[0].tolist() == [-1, -1, -1, 0] and idx[5].tolist() == [2, 3, 4, 5]
+  # cached: ring of 4 slots then this call's rows; the call starts at position 10
+  idx = np.asarray(attention.window_indices(jnp.array([[10, 11]]), jnp.array([10]), 4, 4))[0]
+  assert idx[0].tolist() == [7 % 4, 8 % 4, 9 % 4, 4] and idx[1].tolist() == [8 % 4, 9 % 4, 4, 5]
+
+
+def test_select_topk_exact_visible_set_and_largest():
+  B, S, C = 2, 64, 16
+  scores = jax.random.normal(jax.random.key(2), (B, S, C))
+  pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+  n_vis = compressor.visible_count(pos, 4)
+  sel = np.asarray(ops.select_topk(scores, n_vis, 20))              # k >= every visible count: all of them
+  for t in range(S):
+    assert sorted(i for i in sel[0, t] if i >= 0) == list(range(min((t + 1) // 4, C)))
+  sel = np.asarray(ops.select_topk(scores, n_vis, 3))
+  s = np.asarray(scores)
+  for t in range(S):
+    want = np.argsort(-s[0, t, : (t + 1) // 4], kind="stable")[:3].tolist()
+    assert [i for i in sel[0, t] if i >= 0] == want
+
+
+def test_select_topk_ties_go_to_the_lower_id():
+  scores = jnp.array([[[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]]])
+  assert ops.select_topk(scores, jnp.array([[6]]), 2).tolist() == [[[1, 2]]]
+  assert ops.select_topk(scores, jnp.array([[4]]), 3).tolist() == [[[1, 2, 3]]]
+  assert ops.select_topk(scores, jnp.array([[1]]), 3).tolist() == [[[0, -1, -1]]]
+
+
+def _indexer_inputs(n_keys, S=5, nI=4, cI=32, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(k1, (1, S, nI, cI)), jax.random.normal(k2, (1, S, nI)),
+          jax.random.normal(k3, (1, n_keys, cI)))
+
+
+def test_indexer_selection_does_not_depend_on_the_keys_a_call_holds(monkeypatch):
+  """The same visible keys give the same top-k whether the call holds 40 keys, 3000 (scored in blocks, the
+  last one re-read from n - block), or reads them from a stacked word store through its layer index."""
+  qI, w, keys = _indexer_inputs(3000)
+  n_vis = jnp.array([[3, 10, 17, 40, 40]])
+  few = ops.indexer_topk_ref(qI, w, ops.Rows(keys[:, :40]), n_vis, 6)
+  monkeypatch.setattr(ops, "KEY_BLOCK", 512)
+  many = ops.indexer_topk_ref(qI, w, ops.Rows(keys), n_vis, 6)
+  lay = Layout("float32", 32)
+  stacked = jnp.stack([jnp.zeros_like(lay.encode(keys)), lay.encode(keys)])            # [2, 1, 3000, words]
+  stored = ops.indexer_topk_ref(qI, w, ops.Rows(stacked, lay, jnp.int32(1), 3000), n_vis, 6)
+  np.testing.assert_array_equal(np.asarray(many), np.asarray(few))
+  np.testing.assert_array_equal(np.asarray(stored), np.asarray(few))
+  assert (np.asarray(few)[0, 0, 3:] == -1).all() and (np.asarray(few)[0, 0, :3] >= 0).all()
+  # the blocked scores equal one einsum over all keys
+  ref = jnp.sum(jax.nn.relu(jnp.einsum("bshd,bcd->bshc", qI, keys)) * w[..., None], axis=2)
+  np.testing.assert_allclose(np.asarray(ops.index_scores_ref(qI, w, ops.Rows(keys))), np.asarray(ref),
+                             rtol=1e-5, atol=1e-4)
+
+
+def _dense_attention(q, kv_rows, sink, scale):
+  """numpy: q [H,K], kv_rows [T,K] (duplicates count twice), sink [H] -> [H,K]."""
+  if len(kv_rows) == 0:
+    return np.zeros_like(q)
+  z = q @ kv_rows.T * scale
+  m = z.max(-1, keepdims=True)
+  e = np.exp(z - m)
+  return (e @ kv_rows) / (e.sum(-1, keepdims=True) + np.exp(sink[:, None] - m))
+
+
+def test_sparse_attention_masks_duplicates_sink_and_all_masked_rows():
+  H, K, N, C = 4, 16, 12, 6
+  ks = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(ks[0], (1, 4, H, K))
+  kv = jax.random.normal(ks[1], (1, N, K))
+  comp = jax.random.normal(ks[2], (1, C, K))
+  sink = jax.random.normal(ks[3], (H,))
+  widx = jnp.array([[[-1, -1, -1], [0, -1, 2], [3, 3, 5], [-1, -1, -1]]])            # front, middle, dupes
+  cidx = jnp.array([[[-1, -1], [1, -1], [-1, 4], [-1, -1]]])                        # last row: all masked
+  out = ops.sparse_attention_ref(q, sink, 0.25, ops.Rows(kv), widx, ops.Rows(comp), cidx)
+  vis = jnp.array([[0, 2, 6, 0]])
+  out_hca = ops.sparse_attention_ref(q, sink, 0.25, ops.Rows(kv), widx, ops.Rows(comp), comp_visible=vis)
+  qn, kvn, cn, sn = map(np.asarray, (q, kv, comp, sink))
+  for t in range(4):
+    rows = [kvn[0, i] for i in np.asarray(widx)[0, t] if i >= 0]
+    sel = rows + [cn[0, i] for i in np.asarray(cidx)[0, t] if i >= 0]
+    np.testing.assert_allclose(np.asarray(out)[0, t], _dense_attention(qn[0, t], np.array(sel).reshape(-1, K), sn,
+                                                                       0.25), rtol=2e-5, atol=2e-6)
+    allv = rows + [cn[0, i] for i in range(int(vis[0, t]))]
+    np.testing.assert_allclose(np.asarray(out_hca)[0, t], _dense_attention(qn[0, t], np.array(allv).reshape(-1, K),
+                                                                           sn, 0.25), rtol=2e-5, atol=2e-6)
+  assert np.asarray(out)[0, 3].tolist() == np.zeros((H, K)).tolist()               # no NaN: exactly 0
+
+
+def test_unknown_attn_impl_is_a_clear_error():
+  cfg = dataclasses.replace(load_config("tiny"), attn_impl="pallas")
+  params = init_params(cfg, jax.random.key(0))
+  with pytest.raises(NotImplementedError, match="attn_impl='pallas' has no 'indexer_topk' op"):
+    prefill(params, cfg, np.ones((1, 8), np.int32), np.array([8]), init_cache(cfg, 1, 16))
+  with pytest.raises(ValueError, match="attn_impl"):
+    dataclasses.replace(load_config("tiny"), attn_impl="cuda")
+
+
+def test_live_bucket():
+  assert [live_bucket(n, 1 << 20) for n in (1, 1024, 1025, 5000)] == [1024, 1024, 2048, 8192]
+  assert live_bucket(5000, 4096) == 4096
+
+
+def test_decode_reads_only_the_live_rows_and_gives_the_same_logits():
+  """A cache of capacity 8192 holding 40 tokens: the step compiled for the 1024-token bucket equals the
+  step compiled for the whole capacity (same selections; the sums differ at most by rounding)."""
+  cfg = load_config("tiny")
+  params = init_params(cfg, jax.random.key(1))
+  toks = np.asarray(jax.random.randint(jax.random.key(2), (2, 40), 0, cfg.vocab_size), np.int32)
+  outs = []
+  for live in (1024, 8192):
+    _, cache = prefill(params, cfg, toks, np.array([40, 31]), init_cache(cfg, 2, 8192))
+    logits, cache = decode_step(params, cfg, np.array([5, 6]), cache, live=live)
+    outs.append(np.asarray(logits))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_decode_step_memory_is_a_small_fraction_of_the_cache():
+  """Compiled (not run): one decode step at 64K capacity keeps its temporaries under 10% of the cache,
+  so the cache is updated in place, never copied whole."""
+  from dsv4_jax.inference import step
+  cfg = load_config("tiny")
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  cache = jax.eval_shape(lambda: init_cache(cfg, 1, 65536))
+  tok, one = jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+  compiled = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).lower(params, cfg, tok, one, cache,
+                                                                           65536).compile()
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  print(f"cache {cache_bytes / 2**20:.1f} MiB, step temporaries {temp / 2**20:.2f} MiB")
+  assert temp < 0.1 * cache_bytes
+
+
+def test_cache_leaves_have_logical_axes_and_follow_a_mesh():
+  from dsv4_jax import sharding
+  cfg = load_config("tiny")
+  cache = init_cache(cfg, 2, 64)
+  axes = cache_axes(cache)
+  is_axes = lambda x: isinstance(x, tuple)
+  for leaf, ax in zip(jax.tree.leaves(cache), jax.tree.leaves(axes, is_leaf=is_axes)):
+    assert len(ax) == leaf.ndim, (ax, leaf.shape)
+  assert jax.tree.leaves(axes["layers"]["stack"][0]["comp"], is_leaf=is_axes)[0] == ("layers", "cache_batch",
+                                                                                       "cache_seq", None)
+  mesh = sharding.make_mesh({"data": 1})
+  placed = init_cache(cfg, 2, 64, mesh=mesh)
+  assert all(isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+             for x in jax.tree.leaves(placed))
