@@ -3,7 +3,8 @@
 Weights keep the reference layout `[out, in]`. `fp8_linear` is every layer that is FP8 (or FP4) in the
 released checkpoint: under `quant_sim` its input goes through the per-128 FP8 activation round-trip the
 real GEMM applies; accumulation is fp32 and the output is in the compute dtype. `f32_linear` is the
-fp32 island (compressor, gate, head).
+fp32 island (compressor, gate, head). `f32_acc_linear` gives the head's fp32 logits from compute-dtype
+operands, without an fp32 copy of the weight.
 """
 import jax.numpy as jnp
 
@@ -29,3 +30,10 @@ def plain_linear(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
 def f32_linear(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """Both operands upcast to fp32, fp32 result."""
   return jnp.einsum("...i,oi->...o", x.astype(F32), dense(w, F32), precision="highest")
+
+
+def f32_acc_linear(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """x: [..., in] (compute dtype), w: [out, in] -> [..., out] fp32: the weight in x.dtype (no copy when it is
+  stored so), fp32 accumulation and result. For bf16 operands this is `f32_linear` up to summation order
+  (bf16 x bf16 products are exact in fp32), without materialising w in fp32."""
+  return jnp.einsum("...i,oi->...o", x, dense(w, x.dtype), preferred_element_type=F32)

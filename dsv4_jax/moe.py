@@ -6,8 +6,23 @@
     w   = s[idx] / sum(s[idx]) * route_scale
     y   = sum_k w_k * expert_{idx_k}(x) + shared(x)          (weight applied before w2, in fp32)
 
-Routed experts run as grouped matmuls over tokens sorted by expert (`jax.lax.ragged_dot`), so the cost is
-that of the chosen experts only.
+Routed experts (`routed_experts`):
+* Order: a token's k expert outputs (each rounded to the compute dtype, as the reference's bf16 GEMM output)
+  are added in fp32 one after the other in ascending expert id, then the shared expert: the reference's
+  `for e in 0..E-1: y[tokens of e] += y_e; y += shared(x)` (§2.10, §4.4). The result does not depend on the
+  order in which the slots come.
+* Padding: rows with `valid` False (padded positions of a batch) are not routed at all: they are not
+  hash-routed (their token id is replaced by 0 before the tid2eid lookup), take no row of any expert's
+  grouped matmul and read no expert in the decode path; their output is 0.
+* Many (token, slot) pairs (prefill): the N = T*k pairs are sorted by expert and run as grouped matmuls
+  (`jax.lax.ragged_dot`). A stored weight stack the matmul cannot use as it is (a quantised `QArray`, or
+  another dtype) is dequantised G = EXPERT_GROUP experts at a time inside a `lax.scan`, never as a whole:
+  the temp memory of one MoE layer is one group's dense weight, G*F*D values of the compute dtype (up to
+  2*G*F*D fp32 more where XLA does not fuse the dequantisation), plus O(N*max(F, D)) fp32 activations
+  (on CPU, where ragged_dot is a masked dense dot, also N*G*max(F, D)); it does not grow with E.
+* Fewer pairs than experts (decode): each distinct expert the batch chose is gathered and dequantised once,
+  however many tokens chose it: at most N experts' dense weights (3*N*F*D values) and [N, T, max(F, D)]
+  fp32 activations.
 """
 from __future__ import annotations
 
@@ -18,9 +33,10 @@ from dsv4_jax import quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear, fp8_linear
 from dsv4_jax.params import ParamSpec
-from dsv4_jax.qarray import dense
+from dsv4_jax.qarray import QArray, dense
 
 F32 = jnp.float32
+EXPERT_GROUP = 16      # experts dequantised together in the grouped path (G)
 
 
 def moe_specs(cfg: ModelConfig, hash_routed: bool) -> dict:
@@ -75,53 +91,142 @@ def shared_expert(p: dict, cfg: ModelConfig, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def _expert_mlp(p: dict, cfg: ModelConfig, xs: jnp.ndarray, wts: jnp.ndarray, matmul) -> jnp.ndarray:
-  """Clamped SwiGLU of one (token, slot) per row: xs [N,D], wts [N] routing weights, matmul(a, w) applies
-  each row's expert weight w [E, out, in] -> [N,D] in xs.dtype."""
+  """Clamped SwiGLU, one expert application per row: xs [..., D], wts [...] routing weights,
+  matmul(a, w) applies each row's expert weight w [E, out, in] -> [..., D] in xs.dtype."""
   if cfg.quant_sim:
     xs = quant.act_quant(xs, 128)
   h = swiglu(matmul(xs, p["w1"]), matmul(xs, p["w3"]), cfg.swiglu_limit)
-  h = (h * wts[:, None]).astype(xs.dtype)
+  h = (h * wts[..., None]).astype(xs.dtype)
   if cfg.quant_sim:
     h = quant.act_quant(h, 128)
   return matmul(h, p["w2"]).astype(xs.dtype)
 
 
-def _grouped(x: jnp.ndarray, w, group_sizes: jnp.ndarray) -> jnp.ndarray:
-  """x: [N, in] sorted by expert; w: [E, out, in] -> [N, out] fp32."""
-  return jax.lax.ragged_dot(x, jnp.swapaxes(dense(w, x.dtype), 1, 2), group_sizes, preferred_element_type=F32)
+def _group_size(n_experts: int, group: int) -> int:
+  """The largest divisor of n_experts that is at most `group`."""
+  return max(g for g in range(1, max(1, min(group, n_experts)) + 1) if n_experts % g == 0)
 
 
-def _gathered(x: jnp.ndarray, w, experts: jnp.ndarray) -> jnp.ndarray:
-  """x: [N, in], row n through expert experts[n]; only those experts' weights are read (and dequantised)."""
-  w_rows = jax.tree.map(lambda a: a[experts], w)                 # [N, out, in] (QArray: values and scales)
-  return jnp.einsum("ni,noi->no", x, dense(w_rows, x.dtype), preferred_element_type=F32)
+def _grouped(x: jnp.ndarray, w, group_sizes: jnp.ndarray, group: int = EXPERT_GROUP) -> jnp.ndarray:
+  """Grouped matmul. x: [N, in], rows sorted by expert, the first sum(group_sizes) rows used; w: [E, out, in]
+  -> [N, out] fp32, 0 on the unused rows.
+
+  A plain stack already in x.dtype is one `ragged_dot` on the stored weights. Any other stack (a QArray, or
+  another dtype) is dequantised G = `_group_size(E, group)` experts at a time in a `lax.scan` over the E/G
+  groups; each step rotates its group's rows to the top, runs `ragged_dot` on them and rotates back. Memory
+  beyond x and the result: one group's operand G*out*in in x.dtype (at most 2*G*out*in fp32 more where XLA
+  does not fuse the dequantisation), plus [N, in] and [N, out] fp32 working copies (on CPU, where ragged_dot
+  is a masked dense dot, also its [N, G*in] masked input); never [E, out, in].
+  """
+  if not isinstance(w, QArray) and w.dtype == x.dtype:
+    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2), group_sizes, preferred_element_type=F32)
+  E, out = group_sizes.shape[0], w.shape[1]
+  G = _group_size(E, group)
+  wg = jax.tree.map(lambda a: a.reshape(E // G, G, *a.shape[1:]), w)      # QArray: values and scales
+  sizes = group_sizes.reshape(E // G, G)
+  rows = jnp.sum(sizes, axis=1)
+  starts = jnp.cumsum(rows) - rows                                         # first row of each group
+
+  def step(acc, xs):
+    wi, si, start = xs
+    yi = jax.lax.ragged_dot(jnp.roll(x, -start, axis=0), jnp.swapaxes(dense(wi, x.dtype), 1, 2), si,
+                            preferred_element_type=F32)                    # rows past sum(si) are 0
+    return acc + jnp.roll(yi, start, axis=0), None                         # each row is in one group
+
+  acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], out), F32), (wg, sizes, starts))
+  return acc
 
 
-def routed_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-  """x: [T,D], idx/w: [T,k] -> sum_k w * expert(x): [T,D] fp32 (each expert's output rounded to x.dtype,
-  as the reference's bf16 GEMM output).
+def dispatch(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Sorting of the (token, slot) pairs for the grouped matmuls. idx: [T,k], valid: [T] ->
+  order [T*k] (pair t*k+j; by ascending expert, stable; pairs of invalid tokens last) and
+  group_sizes [E] int32 (valid pairs per expert: the invalid ones are in no group)."""
+  key = jnp.where(valid[:, None], idx, n_experts).reshape(-1)
+  order = jnp.argsort(key, stable=True)
+  group_sizes = jnp.zeros((n_experts,), jnp.int32).at[key].add(1, mode="drop")
+  return order, group_sizes
 
-  Fewer (token, slot) pairs than experts (decode): gather just the chosen experts' weights. Otherwise sort
-  the pairs by expert and run grouped matmuls (`ragged_dot`). Same math either way.
+
+def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The distinct experts the valid tokens chose. idx: [T,k], valid: [T] -> ids [T*k] int32 ascending, and
+  real [T*k] bool. The static size T*k is filled by repeating the largest chosen id (real False), so that
+  gathering `ids` reads no other expert."""
+  key = jnp.where(valid[:, None], idx, n_experts).reshape(-1)
+  ids = jnp.unique(key, size=key.shape[0], fill_value=n_experts)
+  real = ids < n_experts
+  return jnp.where(real, ids, jnp.max(jnp.where(real, ids, 0))).astype(jnp.int32), real
+
+
+def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
+                      valid: jnp.ndarray) -> jnp.ndarray:
+  """Decode path. x: [T,D], idx/w: [T,k] (a token's slots in ascending expert id), valid [T] -> per-slot
+  expert outputs [T,k,D] in x.dtype.
+
+  The distinct chosen experts (U = T*k static slots, the spare ones repeating the largest id) are gathered and
+  dequantised once ([U, out, in]) and applied to every token ([U, T] rows; pairs nobody chose have weight 0):
+  U*T expert applications instead of T*k, in exchange for reading each chosen expert once instead of once
+  per (token, slot); at decode sizes the weight reads dominate. A token that lists one expert twice (never
+  in top-k or the released tid2eid tables) gets it once, with the summed weight.
   """
   T, k = idx.shape
-  flat = idx.reshape(-1)
+  ids, real = chosen_experts(idx, valid, cfg.n_routed_experts)                  # [U]
+  pw = jax.tree.map(lambda a: a[ids], p)                                        # [U, out, in] per matrix
+  hit = (idx[None] == ids[:, None, None]) & (real[:, None, None] & valid[None, :, None])   # [U,T,k]
+  wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U,T]
+  xs = jnp.broadcast_to(x, (ids.shape[0],) + x.shape)                           # [U,T,D]
+  y = _expert_mlp(pw, cfg, xs, wts, lambda a, wt: jnp.einsum(
+      "uti,uoi->uto", a, dense(wt, a.dtype), preferred_element_type=F32))        # [U,T,D]
+  out = y[jnp.searchsorted(ids, idx), jnp.arange(T)[:, None]]                   # [T,k,D]
+  first = jnp.concatenate([jnp.ones((T, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
+  return jnp.where(first[..., None], out, 0)
+
+
+def _grouped_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
+                     valid: jnp.ndarray, group: int) -> jnp.ndarray:
+  """Prefill path: pairs sorted by expert, grouped matmuls. Returns per-slot outputs [T,k,D] in x.dtype."""
+  T, k = idx.shape
+  order, group_sizes = dispatch(idx, valid, cfg.n_routed_experts)
+  matmul = lambda a, wt: _grouped(a, wt, group_sizes, group)
+  y = _expert_mlp(p, cfg, x[order // k], w.reshape(-1)[order], matmul)
+  return jnp.zeros_like(y).at[order].set(y).reshape(T, k, -1)
+
+
+def routed_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
+                   valid: jnp.ndarray | None = None, group: int = EXPERT_GROUP) -> jnp.ndarray:
+  """x: [T,D], idx/w: [T,k], valid: [T] bool (None = all) -> sum_k w * expert(x): [T,D] fp32; 0 on invalid
+  rows. Each expert's output is rounded to x.dtype (the reference's bf16 GEMM output), then the k of a token
+  are added in ascending expert id, one after the other, in fp32 (whatever the slot order of idx).
+
+  Fewer (token, slot) pairs than experts (decode): each distinct chosen expert is read once
+  (`_gathered_experts`). Otherwise grouped matmuls over the pairs sorted by expert, a quantised stack
+  dequantised `group` experts at a time (`_grouped`). Same math either way.
+  """
+  T, k = idx.shape
+  if valid is None:
+    valid = jnp.ones((T,), bool)
+  order = jnp.argsort(idx, axis=-1, stable=True)                     # slots in ascending expert id
+  idx, w = jnp.take_along_axis(idx, order, axis=-1), jnp.take_along_axis(w, order, axis=-1)
   if T * k < cfg.n_routed_experts:
-    y = _expert_mlp(p, cfg, jnp.repeat(x, k, axis=0), w.reshape(-1), lambda a, wt: _gathered(a, wt, flat))
+    y = _gathered_experts(p, cfg, x, idx, w, valid)
   else:
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
-    y = _expert_mlp(p, cfg, x[order // k], w.reshape(-1)[order], lambda a, wt: _grouped(a, wt, group_sizes))
-    y = jnp.zeros_like(y).at[order].set(y)
-  return jnp.sum(y.reshape(T, k, -1).astype(F32), axis=1)
+    y = _grouped_experts(p, cfg, x, idx, w, valid, group)
+  y = jnp.where(valid[:, None, None], y, 0)
+  acc = y[:, 0].astype(F32)
+  for j in range(1, k):                                              # a fixed chain of adds, in id order
+    acc = acc + y[:, j].astype(F32)
+  return acc
 
 
-def moe(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray) -> jnp.ndarray:
-  """x: [B,S,D] (ffn_norm output), token_ids: [B,S] -> [B,S,D] in x.dtype."""
+def moe(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray,
+        valid: jnp.ndarray | None = None) -> jnp.ndarray:
+  """x: [B,S,D] (ffn_norm output), token_ids: [B,S], valid: [B,S] bool (None = all; False = a padded
+  position: not routed, not hash-looked-up, output 0) -> [B,S,D] in x.dtype."""
   B, S, D = x.shape
   xt = x.reshape(B * S, D)
-  idx, w = route(p["gate"], cfg, xt, token_ids.reshape(-1))
-  y = routed_experts(p["experts"], cfg, xt, idx, w)
+  v = jnp.ones((B * S,), bool) if valid is None else jnp.asarray(valid, bool).reshape(B * S)
+  ids = jnp.where(v, token_ids.reshape(-1), 0)                       # a pad id never indexes tid2eid
+  idx, w = route(p["gate"], cfg, xt, ids)
+  y = routed_experts(p["experts"], cfg, xt, idx, w, v)
   if "shared_experts" in p:
     y = y + shared_expert(p["shared_experts"], cfg, xt).astype(F32)
-  return y.astype(x.dtype).reshape(B, S, D)
+  return jnp.where(v[:, None], y, 0).astype(x.dtype).reshape(B, S, D)

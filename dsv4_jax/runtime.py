@@ -10,7 +10,6 @@ import sys
 import jax
 import numpy as np
 
-from dsv4_jax.cache import cache_size
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.generation import GenerateResult, generate
 from dsv4_jax.sampling import Sampling
@@ -35,17 +34,24 @@ def available_memory_bytes() -> tuple[int, str]:
   return total, f"memory of {len(devices)} {devices[0].platform} device(s)"
 
 
+def _nbytes(tree) -> int:
+  """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
+  leaves = jax.tree.leaves(tree)
+  return int(sum(np.prod(a.shape, dtype=np.int64) * np.dtype(a.dtype).itemsize for a in leaves))
+
+
 def required_memory_bytes(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None,
                           checkpoint: str | None = None) -> dict:
   """Weights (the checkpoint's size on disk, which stays quantised when loaded; else dense in cfg.dtype)
-  plus the KV cache."""
+  plus the KV cache: exactly the arrays `init_cache(cfg, batch, max_seq_len, cache_dtype)` allocates
+  (their shapes, from jax.eval_shape: nothing is allocated)."""
+  from dsv4_jax.cache import init_cache
   if checkpoint and os.path.isdir(checkpoint):
     params = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(checkpoint) for f in fs)
   else:
-    params = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(abstract_params(cfg)))
-  size = cache_size(cfg, cache_dtype if cache_dtype == "paper" else str(np.dtype(cache_dtype or cfg.dtype)))
-  cache = batch * ((size.bytes_per_token + size.scale_bytes_per_token) * max_seq_len + size.bytes_per_sequence)
-  return {"params": int(params), "cache": int(cache), "total": int(params + cache)}
+    params = _nbytes(abstract_params(cfg))
+  cache = _nbytes(jax.eval_shape(lambda: init_cache(cfg, batch, max_seq_len, cache_dtype)))
+  return {"params": int(params), "cache": cache, "total": int(params + cache)}
 
 
 def check_fits(cfg: ModelConfig, batch: int, max_seq_len: int, cache_dtype=None, checkpoint: str | None = None):

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """temperature 0 = greedy (argmax). top_k 0 = off; top_p 1.0 = off."""
+  """temperature 0 = greedy (argmax). top_k 0 = off (else exactly top_k tokens, ties to the lower token
+  id); top_p 1.0 = off. top-k applies before top-p."""
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -27,14 +28,20 @@ class Sampling:
     return self.temperature == 0.0
 
 
+def top_k_mask(logits: jnp.ndarray, k: int) -> jnp.ndarray:
+  """logits [B,V] -> the same with all but exactly min(k, V) tokens per row set to -inf. Tokens tied with
+  the k-th largest logit are kept in ascending token id until k are kept (lower id wins, as lax.top_k)."""
+  vals, keep = jax.lax.top_k(logits, min(k, logits.shape[-1]))               # [B,k]
+  return jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], keep].set(vals)
+
+
 def sample(logits: jnp.ndarray, key: jax.Array, sampling: Sampling) -> jnp.ndarray:
   """logits [B,V] fp32 -> token ids [B] int32."""
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / sampling.temperature
   if sampling.top_k:
-    kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    logits = top_k_mask(logits, sampling.top_k)
   if sampling.top_p < 1.0:
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
