@@ -33,7 +33,20 @@ import numpy as np  # noqa: E402
 from dsv4_jax import attention, compressor, indexer, inference, ops, init_cache, init_params, load_config  # noqa: E402
 from dsv4_jax.cache import live_bucket  # noqa: E402
 from dsv4_jax.kv_format import Store  # noqa: E402
-from dsv4_jax.rope import rope_andef dense_attention(p, cfg, ratio, x, positions, lengths, cache):
+from dsv4_jax.rope import rope_angles  # noqa: E402
+
+F32 = jnp.float32
+
+
+def bench_config():
+  return dataclasses.replace(
+      load_config("tiny"), name="bench", dim=256, n_heads=8, head_dim=512, rope_head_dim=64, q_lora_rank=128,
+      o_groups=2, o_lora_rank=128, window_size=128, index_n_heads=16, index_head_dim=128, index_topk=512,
+      compress_ratios=(0, 4, 128, 4, 128, 0), n_layers=5, n_hash_layers=1, moe_inter_dim=128,
+      dtype="float32", original_seq_len=65536)
+
+
+def dense_attention(p, cfg, ratio, x, positions, lengths, cache):
   """The dense-mask baseline for one decode token: full scores over every raw position and every compressed
   entry, masked to the sparse selection (window + indexer top-k or all visible HCA entries)."""
   B, S, _ = x.shape
@@ -106,19 +119,6 @@ def time_steps(params, cfg, cache, tokens, repeats, live):
   for i in range(repeats):
     t0 = time.perf_counter()
     logits, cache = step(params, cfg, tokens[:, i + 1: i + 2], ones, cache, live)
-    logits.block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), logits
-
-
-atic_argnums=1, donate_argnums=4)
-  ones = jnp.ones((1,), jnp.int32)
-  logits, cache = step(params, cfg, tokens[:, :1], ones, cache)      # compile + warm up
-  logits.block_until_ready()
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    logits, cache = step(params, cfg, tokens[:, i + 1: i + 2], ones, cache)
     logits.block_until_ready()
     times.append(time.perf_counter() - t0)
   return float(np.median(times)), logits
