@@ -205,11 +205,9 @@ def cache_size(cfg: ModelConfig, storage: str = "bfloat16") -> CacheSize:
     if ratio:
       per_tok += main / ratio
       scale += main_l.scale_bytes / ratio
-      per_seq += sum(4 * np.prod(s.shape) for s in jax.tree.leaves(
-          jax.eval_shape(lambda: compressor.empty_state(ratio, cfg.head_dim, ()))))
+      per_seq += sum(4 * np.prod(s) for s in compressor.state_shapes(ratio, cfg.head_dim).values())
     if ratio == indexer.CSA_RATIO:
       per_tok += idx / ratio
       scale += idx_l.scale_bytes / ratio
-      per_seq += sum(4 * np.prod(s.shape) for s in jax.tree.leaves(
-          jax.eval_shape(lambda: compressor.empty_state(ratio, cfg.index_head_dim, ()))))
+      per_seq += sum(4 * np.prod(s) for s in compressor.state_shapes(ratio, cfg.index_head_dim).values())
   return CacheSize(per_tok, per_seq, scale)

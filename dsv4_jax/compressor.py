@@ -81,13 +81,19 @@ def visible_count(t: jnp.ndarray, ratio: int) -> jnp.ndarray:
   return (t + 1) // ratio
 
 
-def empty_state(ratio: int, c: int, lead: tuple) -> dict:
-  """The state of a sequence that has seen no token: projections of the incomplete window (tail_C, tail_Z)
-  and, with overlap (CSA), of the last complete window (prev_C, prev_Z); each fp32 lead + [m, coff*c].
-  Z = -inf gives "no token" a softmax weight of 0."""
+def state_shapes(ratio: int, c: int) -> dict:
+  """Per sequence: the projections of the incomplete window (tail_C, tail_Z) and, with overlap (CSA), of the
+  last complete window (prev_C, prev_Z); each fp32 [m, coff*c]."""
   cc = (2 if overlaps(ratio) else 1) * c
   names = ("tail_C", "tail_Z", "prev_C", "prev_Z") if overlaps(ratio) else ("tail_C", "tail_Z")
-  return {k: jnp.full(lead + (ratio, cc), -jnp.inf if k.endswith("Z") else 0.0, F32) for k in names}
+  return {k: (ratio, cc) for k in names}
+
+
+def empty_state(ratio: int, c: int, lead: tuple) -> dict:
+  """The state (`state_shapes`, with leading axes `lead`) of a sequence that has seen no token: Z = -inf
+  gives "no token" a softmax weight of 0."""
+  return {k: jnp.full(lead + s, -jnp.inf if k.endswith("Z") else 0.0, F32)
+          for k, s in state_shapes(ratio, c).items()}
 
 
 def _take_rows(a: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:

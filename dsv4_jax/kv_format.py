@@ -116,10 +116,7 @@ class Layout:
 
 def _bytes(x: jnp.ndarray) -> jnp.ndarray:
   """Any array [..., n] -> its little-endian bytes uint8 [..., n * itemsize]."""
-  if x.dtype.itemsize == 1:
-    return jax.lax.bitcast_convert_type(x, jnp.uint8)
-  b = jax.lax.bitcast_convert_type(x, jnp.uint8)
-  return b.reshape(*x.shape[:-1], -1)
+  return jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(*x.shape[:-1], -1)
 
 
 def _padded(b: jnp.ndarray) -> jnp.ndarray:

@@ -137,11 +137,16 @@ def _grouped(x: jnp.ndarray, w, group_sizes: jnp.ndarray, group: int = EXPERT_GR
   return acc
 
 
+def _expert_key(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> jnp.ndarray:
+  """[T*k] expert id of each (token, slot) pair; n_experts (no expert) for the pairs of invalid tokens."""
+  return jnp.where(valid[:, None], idx, n_experts).reshape(-1)
+
+
 def dispatch(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Sorting of the (token, slot) pairs for the grouped matmuls. idx: [T,k], valid: [T] ->
   order [T*k] (pair t*k+j; by ascending expert, stable; pairs of invalid tokens last) and
   group_sizes [E] int32 (valid pairs per expert: the invalid ones are in no group)."""
-  key = jnp.where(valid[:, None], idx, n_experts).reshape(-1)
+  key = _expert_key(idx, valid, n_experts)
   order = jnp.argsort(key, stable=True)
   group_sizes = jnp.zeros((n_experts,), jnp.int32).at[key].add(1, mode="drop")
   return order, group_sizes
@@ -151,7 +156,7 @@ def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tupl
   """The distinct experts the valid tokens chose. idx: [T,k], valid: [T] -> ids [T*k] int32 ascending, and
   real [T*k] bool. The static size T*k is filled by repeating the largest chosen id (real False), so that
   gathering `ids` reads no other expert."""
-  key = jnp.where(valid[:, None], idx, n_experts).reshape(-1)
+  key = _expert_key(idx, valid, n_experts)
   ids = jnp.unique(key, size=key.shape[0], fill_value=n_experts)
   real = ids < n_experts
   return jnp.where(real, ids, jnp.max(jnp.where(real, ids, 0))).astype(jnp.int32), real
