@@ -13,6 +13,12 @@ for a live context of the whole capacity (the worst case) and of 1K tokens:
   the window of a sliding layer, in the cache's storage format.
 Targets: temp <= 10% of the cache; accessed within 2x of ideal.
 
+The last lines list, from the compiled HLO, every op that takes a compressed or indexer-key store as an
+operand and what it produces: writes are in-place `dynamic-update-slice`s of the new row, reads produce
+only the rows the math needs (a slice of live keys, the top-k rows, the live HCA rows). XLA's
+`cost_analysis` counts such a fusion's whole-store operand, so `accessed` grows with the capacity even
+where the ops touch only live rows.
+
 The model scans its repeated layer group (compile time flat in depth); XLA:CPU copies each scanned layer's
 weights out of the stacked parameters (a constant, one period's weights, read twice). The `unrolled`
 columns compile the same step with every layer unrolled, which separates that constant from the cache's
@@ -77,6 +83,35 @@ def measure(c):
   return c.memory_analysis().temp_size_in_bytes, cost.get("bytes accessed", float("nan"))
 
 
+def store_accesses(compiled) -> list[tuple[str, str, str]]:
+  """(what, store shape, output shape) of every instruction of the compiled step's entry computation that
+  takes a compressed store or indexer key store (or its in-place update) as an operand: shows whether an op
+  touches the rows it needs or the whole store (read it with the layers unrolled: no while loop)."""
+  import re
+  txt = compiled.as_text()
+  roots = {}
+  for m in re.finditer(r"\n(%[\w.\-]+) \([^\n]*\) -> [^\n]* \{\n(.*?)\n\}", txt, re.S):
+    root = [ln for ln in m.group(2).splitlines() if ln.strip().startswith("ROOT")][0]
+    roots[m.group(1)] = re.search(r"= .*?\s([a-z][\w\-]*)\(", root).group(1)
+  entry = txt[txt.index("\nENTRY"):]
+  stores = {m.group(1): m.group(2) for m in re.finditer(
+      r"(%cache__layers__\S*?___(?:comp|idx)___words\S*) = (u32\[[\d,]+\])", entry)}
+  out = []
+  for line in entry.splitlines():
+    m = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\S+?)(?:\{[^}]*\})? (\w[\w\-]*)\((.*?)\)", line)
+    if not m or m.group(3) == "parameter":
+      continue
+    used = [o for o in re.findall(r"%[\w.\-]+", m.group(4)) if o in stores]
+    if not used:
+      continue
+    call = re.search(r"calls=(%[\w.\-]+)", line)
+    what = roots.get(call.group(1), "?") if call else m.group(3)
+    if what == "dynamic-update-slice":
+      stores[m.group(1)] = stores[used[0]]            # the updated store: followed to its readers
+    out.append((what, stores[used[0]], m.group(2)))
+  return out
+
+
 def compiled_step(cfg, capacity: int, live: int, storage: str):
   params = abstract_params(cfg)
   cache = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, storage))
@@ -96,6 +131,7 @@ def main():
   print(f"{'capacity':>9} {'live':>9} {'cache MB':>9} {'temp MB':>8} {'temp/cache':>10} {'accessed MB':>11} "
         f"{'ideal MB':>9} {'acc/ideal':>9} | unrolled: {'temp MB':>8} {'temp/cache':>10} {'acc/ideal':>9}")
   from dsv4_jax import cache, transformer
+  accesses = {}
   for cap in map(int, args.capacities.split(",")):
     cfg = stack_config(cap)
     for live in (cap, live_bucket(1024, cap)):
@@ -103,13 +139,23 @@ def main():
       temp, acc = measure(c)
       saved = unrolled(cfg)
       try:
-        temp_u, acc_u = measure(compiled_step(cfg, cap, live, args.cache_dtype)[0])
+        cu = compiled_step(cfg, cap, live, args.cache_dtype)[0]
+        temp_u, acc_u = measure(cu)
+        accesses[(cap, live)] = store_accesses(cu)
       finally:
         transformer.layer_plan = cache.layer_plan = saved
       ideal = ideal_bytes(cfg, args.cache_dtype, live, pbytes)
       print(f"{cap:>9} {live:>9} {cbytes / MB:>9.1f} {temp / MB:>8.2f} {temp / cbytes:>9.2%} {acc / MB:>11.1f} "
             f"{ideal / MB:>9.1f} {acc / ideal:>8.2f}x | unrolled: {temp_u / MB:>8.2f} {temp_u / cbytes:>9.2%} "
             f"{acc_u / ideal:>8.2f}x")
+  print()
+  print("how the unrolled step touches the compressed and indexer-key stores (op at the root of each fusion "
+        "that takes a store: store shape -> what it produces; ops inside loops, e.g. the indexer's key-block loop at full live, are not listed):")
+  for (cap, live), acc in accesses.items():
+    seen = {}
+    for what, store, out in acc:
+      seen[(what, store, out)] = seen.get((what, store, out), 0) + 1
+    print(f"  capacity {cap}, live {live}: " + "; ".join(f"{n} x {w} {s} -> {o}" for (w, s, o), n in seen.items()))
 
 
 if __name__ == "__main__":
