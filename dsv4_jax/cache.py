@@ -48,11 +48,12 @@ def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage
   lead = (B,) if reps is None else (reps, B)
   main, idx = layouts(cfg, storage)
   out = {"win": kv_format.empty(lead, cfg.window_size, main)}
+  rows = max(1, max_seq_len // ratio) if ratio else 0   # >= 1 row, so a cache shorter than m still reads
   if ratio:
-    out["comp"] = kv_format.empty(lead, max_seq_len // ratio, main)
+    out["comp"] = kv_format.empty(lead, rows, main)
     out["comp_state"] = compressor.empty_state(ratio, cfg.head_dim, lead)
   if ratio == indexer.CSA_RATIO:
-    out["idx"] = kv_format.empty(lead, max_seq_len // ratio, idx)
+    out["idx"] = kv_format.empty(lead, rows, idx)
     out["idx_state"] = compressor.empty_state(ratio, cfg.index_head_dim, lead)
   return out
 

@@ -126,13 +126,21 @@ def encode_text(tok, prompt: str | None, chat_file: str | None, thinking_mode: s
   return tok.encode(text)
 
 
-def show_completion(tok, ids: list[int], thinking_mode: str | None, stream=None) -> dict | None:
-  """Prints decoded text; in chat mode through the streaming parser (reasoning / answer / tool calls)."""
+# generate()'s stop reasons that cut the output short, and how the chat printer says so.
+_CUT_SHORT = {"max_new_tokens": "at the token limit (--max_new_tokens)", "stop_id": "at a --stop_ids token"}
+
+
+def show_completion(tok, ids: list[int], thinking_mode: str | None, stream=None,
+                    stop_reason: str | None = None) -> dict | None:
+  """Prints decoded text; in chat mode through the streaming parser (reasoning / answer / tool calls).
+  When `stop_reason` says generation was cut short (token limit, stop id), a reasoning or tool block left
+  open prints as "[stopped] stopped at the token limit ..." rather than as malformed output."""
   stream = stream or sys.stdout
   if thinking_mode is None:
     stream.write(tok.decode(ids) + "\n")
     return None
   from dsv4_jax.chat import EventPrinter, StreamParser, to_message
+  from dsv4_jax.chat.events import cut_short
   from dsv4_jax.tokenizer import StreamDecoder
   parser, dec, printer, events = StreamParser(thinking_mode), StreamDecoder(tok), EventPrinter(stream), []
   for t in ids:
@@ -142,6 +150,8 @@ def show_completion(tok, ids: list[int], thinking_mode: str | None, stream=None)
     printer(ev)
     events += ev
   ev = parser.feed(dec.flush()) + parser.finish()
+  if stop_reason in _CUT_SHORT:
+    ev = cut_short(ev, _CUT_SHORT[stop_reason])
   printer(ev)
   stream.write("\n")
   return to_message(events + ev)
@@ -152,7 +162,7 @@ def report(result: GenerateResult, tok=None, thinking_mode: str | None = None) -
     print(f"[{b}] prompt {len(p)} tokens -> {len(g)} new tokens (stop: {why})")
     print(f"[{b}] ids: {','.join(map(str, g))}")
     if tok is not None:
-      show_completion(tok, g, thinking_mode)
+      show_completion(tok, g, thinking_mode, stop_reason=why)
   t = result.timings
   print(f"prefill {t['prefill_tokens']} tokens in {t['prefill_s']:.3f} s (compile {t['compile_prefill_s']:.1f} s); "
         f"decode {t['decode_tokens_per_s']:.1f} tokens/s (compile {t['compile_decode_s']:.1f} s)", file=sys.stderr)
@@ -177,7 +187,7 @@ def interactive_chat(run: Runner, tok, thinking_mode: str) -> None:
       break
     messages.append({"role": "user", "content": line})
     result = run([tok.encode(chat_prompt(messages, thinking_mode=thinking_mode))])
-    reply = show_completion(tok, result.tokens[0], thinking_mode) or {}
+    reply = show_completion(tok, result.tokens[0], thinking_mode, stop_reason=result.stop_reasons[0]) or {}
     messages.append({"role": "assistant", "content": reply.get("content", ""),
                      "reasoning_content": reply.get("reasoning_content", ""),
                      **({"tool_calls": reply["tool_calls"]} if reply.get("tool_calls") else {})})

@@ -3,11 +3,15 @@
     python -m launch.convert --input=/path/DeepSeek-V4-Flash --output=/path/flash-orbax [--dtype=keep]
 
 --dtype=keep (default) keeps fp8 / fp4 weights quantised (155 GB for Flash); bf16 / fp32 write dense
-arrays. See dsv4_jax/checkpoint/convert.py.
+arrays. See dsv4_jax/checkpoint/convert.py. A bad input (missing, truncated or mismatched shards, an existing
+output without --overwrite) fails with one `error: ...` line on stderr and exit code 2 (launch/common.py).
 """
-from absl import app, flags, logging
+import os
+
+from absl import flags
 
 from dsv4_jax.checkpoint import convert
+from launch import common
 
 _INPUT = flags.DEFINE_string("input", None, "Released checkpoint: a directory with config.json and safetensors "
                             "shards (with or without model.safetensors.index.json), or one .safetensors file.")
@@ -19,11 +23,13 @@ flags.mark_flags_as_required(["input", "output"])
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise common.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not os.path.exists(_INPUT.value):
+    raise FileNotFoundError(f"--input={_INPUT.value!r}: no such file or directory.")
   summary = convert.convert(_INPUT.value, _OUTPUT.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
   print(summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

@@ -8,8 +8,12 @@ r"""Generate with DeepSeek-V4.
 `--config` is a name from configs/ (flash, pro, flash_base, pro_base, tiny) or a .py config file;
 override fields with `--config.FIELD=VALUE` (e.g. `--config.dtype=float32`). Without `--config`, a
 `--checkpoint` holding a config.json supplies the config (`--dtype` picks the compute dtype). Without
-`--checkpoint` the model runs on random weights (the output says so). `--output_json` writes prompt ids, generated
+`--checkpoint` the model runs on random weights (the output says so). Without a prompt flag the prompt is BOS
+alone (the output says so); an empty `--prompt_ids` is an error. `--output_json` writes prompt ids, generated
 ids, stop reasons and timings for scripts.
+
+Bad input fails with one `error: ...` line on stderr and exit code 2; the log stays at WARNING unless
+`--verbosity` / `-v` asks for more (see launch/common.py).
 """
 from __future__ import annotations
 
@@ -17,29 +21,18 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dsv4_jax.config import config_names
+from launch import common
+from launch.common import UsageError
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def _config_path_argv(argv: list[str]) -> list[str]:
-  """Lets `--config=flash` name a file in configs/ (config_flags wants a path)."""
-  out = []
-  for a in argv:
-    if a.startswith("--config=") and a[len("--config="):] in config_names():
-      a = "--config=" + os.path.join(_CONFIG_DIR, a[len("--config="):] + ".py")
-    out.append(a)
-  return out
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_CONFIG_DIR, "tiny.py"),
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(common.CONFIG_DIR, "tiny.py"),
                                           "configs/ name or .py config file.", lock_config=False)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir: safetensors (official or HF names) or "
                                   "an Orbax checkpoint written by launch.convert.")
-_PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "Comma-separated token ids; ';' separates sequences.")
+_PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "Comma-separated token ids; ';' separates sequences. "
+                                  "Without --prompt_ids, --prompt or --chat the prompt is the BOS token alone.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt, sent as one user turn in the V4 chat format "
                               "(with --raw, tokenized as is).")
 _RAW = flags.DEFINE_bool("raw", False, "With --prompt: no chat template, just BOS + the text.")
@@ -61,31 +54,25 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtyp
 _CONFIG_GIVEN = any(a.startswith("--config") for a in sys.argv[1:])   # else a checkpoint's config.json is used
 
 
-def _ids(spec: str) -> list[list[int]]:
-  try:
-    return [[int(t) for t in seq.split(",") if t.strip()] for seq in spec.split(";")]
-  except ValueError:
-    raise app.UsageError(f"--prompt_ids={spec!r}: expected comma-separated integers, ';' between sequences.")
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
 
   from dsv4_jax import runtime
   from dsv4_jax.config import describe, from_config_dict
   from dsv4_jax.sampling import Sampling
 
+  prompt_ids = None if _PROMPT_IDS.value is None else common.parse_ids(_PROMPT_IDS.value, "--prompt_ids")
+  stop_ids = common.parse_ids(_STOP_IDS.value, "--stop_ids", sequences=False)
   if _CONFIG_GIVEN or not _CHECKPOINT.value:
     cfg = from_config_dict(_CONFIG.value)
   else:
     cfg = runtime.checkpoint_config(_CHECKPOINT.value, dtype=_DTYPE.value)
   sources = [f for f in (_PROMPT_IDS.value, _PROMPT.value, _CHAT.value) if f is not None]
   if len(sources) > 1:
-    raise app.UsageError("give one of --prompt_ids, --prompt, --chat.")
+    raise UsageError("give one of --prompt_ids, --prompt, --chat.")
   sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  stop_ids = [int(t) for t in _STOP_IDS.value.split(",") if t.strip()]
   print(describe(cfg), file=sys.stderr)
 
   tok = None
@@ -93,16 +80,20 @@ def main(argv):
     from dsv4_jax.tokenizer import load_tokenizer
     tok = load_tokenizer(_TOKENIZER.value)
     if tok.vocab_size > cfg.vocab_size:
-      raise app.UsageError(f"the tokenizer has {tok.vocab_size} ids but config {cfg.name!r} only {cfg.vocab_size}; "
-                           "text prompts need a real-vocabulary config (e.g. --config=flash).")
+      raise UsageError(f"the tokenizer has {tok.vocab_size} ids but config {cfg.name!r} only {cfg.vocab_size}; "
+                       "text prompts need a real-vocabulary config (e.g. --config=flash).")
 
   interactive = _CHAT.value == "-"
   if interactive:
     prompts = []
   elif _CHAT.value is not None or _PROMPT.value is not None:
     prompts = [runtime.encode_text(tok, _PROMPT.value, _CHAT.value, _THINKING.value, _RAW.value)]
+  elif prompt_ids is not None:
+    prompts = prompt_ids
   else:
-    prompts = _ids(_PROMPT_IDS.value or str(cfg.bos_token_id))
+    print(f"NOTE: no --prompt_ids, --prompt or --chat given: the prompt is BOS alone (id {cfg.bos_token_id}).",
+          file=sys.stderr)
+    prompts = [[cfg.bos_token_id]]
   longest = max((len(p) for p in prompts), default=0)
   max_seq = _MAX_SEQ.value or (4096 if interactive else longest + _MAX_NEW.value)
   runtime.check_fits(cfg, batch=max(1, len(prompts)), max_seq_len=max_seq, cache_dtype=_CACHE_DTYPE.value,
@@ -121,14 +112,5 @@ def main(argv):
       json.dump(runtime.result_json(result, cfg, random_weights=_CHECKPOINT.value is None), f, indent=1)
 
 
-def _main(argv):
-  try:
-    main(argv)
-  except (ValueError, MemoryError, FileNotFoundError) as e:     # user errors: the message says what to change
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  sys.argv = _config_path_argv(sys.argv)
-  app.run(_main)
+  common.run(main, config_flag="config")

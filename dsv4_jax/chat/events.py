@@ -37,7 +37,31 @@ class ParseError:
     message: str
 
 
-Event = Union[ReasoningDelta, ContentDelta, ToolCall, ParseError]
+@dataclasses.dataclass(frozen=True)
+class Stopped:
+    """Generation stopped (`why`, e.g. "at the token limit") while a block was open (`where`, e.g.
+    "inside the reasoning"): the text is cut short, not malformed. See `cut_short`."""
+    why: str
+    where: str
+
+
+Event = Union[ReasoningDelta, ContentDelta, ToolCall, ParseError, Stopped]
+
+# The parser's errors for a block still open when the output ends start with this ("output ended inside the
+# reasoning: no </think>", "output ended inside the tool_calls block: ...").
+_ENDED_INSIDE = "output ended "
+
+
+def cut_short(events: Iterable[Event], why: str) -> list[Event]:
+    """The events of a completion whose generation stopped before the model ended it (`why`: "at the token
+    limit", ...): the parser's "output ended inside ..." errors become `Stopped` events. Errors about text
+    the parser rejects stay `ParseError`s."""
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, ParseError) and event.message.startswith(_ENDED_INSIDE):
+            event = Stopped(why, event.message[len(_ENDED_INSIDE):].split(":", 1)[0])
+        out.append(event)
+    return out
 
 
 def merge_deltas(events: Iterable[Event]) -> list[Event]:
@@ -69,7 +93,8 @@ def to_message(events: Iterable[Event]) -> dict:
 
 class EventPrinter:
     """Writes a stream of events for a terminal: reasoning under a "[thinking]" header, content
-    under "[answer]", one line per tool call and per error. Call it with each batch of events."""
+    under "[answer]", one line per tool call, per error (under "[errors]") and for a stop inside a
+    block (under "[stopped]"). Call it with each batch of events."""
 
     def __init__(self, stream: TextIO | None = None, show_reasoning: bool = True):
         self.stream = stream if stream is not None else sys.stdout
@@ -97,7 +122,8 @@ class EventPrinter:
                 self._enter("answer")
                 self._write(event.text)
             else:
-                self._enter("tool calls" if isinstance(event, ToolCall) else "errors")
+                self._enter("tool calls" if isinstance(event, ToolCall) else
+                            "stopped" if isinstance(event, Stopped) else "errors")
                 self._write(format_event(event) + "\n")
         self.stream.flush()
 
@@ -108,4 +134,6 @@ def format_event(event: Event) -> str:
         return f"#{event.index} {event.name}({event.arguments})"
     if isinstance(event, ParseError):
         return f"malformed output: {event.message}"
+    if isinstance(event, Stopped):
+        return f"stopped {event.why} {event.where}"
     return event.text
