@@ -1,4 +1,5 @@
 # One-command entry points. Each target sets up .venv first (idempotent; re-run when pyproject.toml changes).
+# libtpu goes to .aot/libtpu, not the venv: only the deviceless TPU compile checks (pallas_kernels/aot.py) load it.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,6 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps --upgrade --target .aot/libtpu "libtpu==0.0.42.*"   # TPU compiler, off the import path
 	touch $@
 
 setup: $(VENV)/.installed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import quant
+from dsv4_jax import ops, quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear
 from dsv4_jax.norm import rms_norm
@@ -129,7 +129,7 @@ def compress_chunk(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start:
   prev = None
   if overlaps(m):
     prev = (jnp.where(fresh, 0.0, state["prev_C"]), jnp.where(fresh, -jnp.inf, state["prev_Z"]))
-  E = pool(bufC, bufZ, m, prev)                                      # [B, n_win, c]
+  E = ops.compress_pool(cfg, bufC, bufZ, m, prev)                    # [B, n_win, c]
   entry_ids = w0 // m + jnp.arange(n_win)[None]                      # [B, n_win]
   n_done = (start + lengths) // m                                    # entries complete after the call
   E = finish(E, p, cfg, m, entry_ids, indexer)

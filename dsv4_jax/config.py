@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 _DTYPES = ("bfloat16", "float32")
+ATTN_IMPLS = ("xla", "pallas", "pallas_tpu", "pallas_gpu")
 _EXPERT_DTYPES = ("fp4", "fp8", None)
 
 
@@ -60,7 +61,8 @@ class ModelConfig:
   # Runtime choices, not architecture.
   dtype: str = "bfloat16"              # compute / activation dtype
   quant_sim: bool = True               # reproduce the reference's QAT numerics (§4)
-  attn_impl: str = "xla"               # "xla" (plain jnp reference) | "pallas"
+  attn_impl: str = "xla"               # "xla" (plain jnp) | "pallas" (default device's backend; CPU:
+                                       # interpreted) | "pallas_tpu" / "pallas_gpu" (forced, for AOT compiles)
   query_chunk: int = 512               # queries per block in attention and indexer (bounds gathered memory)
 
   def __post_init__(self):
@@ -97,8 +99,8 @@ class ModelConfig:
       bad("expert_dtype", self.expert_dtype, f"one of {_EXPERT_DTYPES}")
     if self.query_chunk < 1:
       bad("query_chunk", self.query_chunk, ">= 1")
-    if self.attn_impl not in ("xla", "pallas"):
-      bad("attn_impl", self.attn_impl, "'xla' or 'pallas'")
+    if self.attn_impl not in ATTN_IMPLS:
+      bad("attn_impl", self.attn_impl, f"one of {ATTN_IMPLS}")
     if self.score_func != "sqrtsoftplus":
       bad("score_func", self.score_func, "'sqrtsoftplus' (the only router DeepSeek-V4 uses)")
     if len(self.compress_ratios) != self.n_total_layers:

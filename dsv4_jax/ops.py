@@ -161,25 +161,38 @@ def sparse_attention_ref(q: jnp.ndarray, attn_sink: jnp.ndarray, scale: float, w
   return (o / denom).astype(dt)
 
 
+def compress_pool_ref(C: jnp.ndarray, Z: jnp.ndarray, ratio: int, prev=None) -> jnp.ndarray:
+  """The compressor's gated softmax pooling (docs/architecture.md §2.6): `dsv4_jax.compressor.pool`.
+  C, Z [B, n*m, coff*c] fp32, window-aligned; prev (CSA) the window before the first -> [B, n, c] fp32."""
+  from dsv4_jax import compressor
+  return compressor.pool(C, Z, ratio, prev)
+
+
 # ---- the implementation switch -------------------------------------------------------------------------
 
+OPS = ("indexer_topk", "sparse_attention", "compress_pool")
 _IMPLS: dict[str, dict[str, Callable]] = {
-    "xla": {"indexer_topk": indexer_topk_ref, "sparse_attention": sparse_attention_ref},
+    "xla": {"indexer_topk": indexer_topk_ref, "sparse_attention": sparse_attention_ref,
+            "compress_pool": compress_pool_ref},
 }
 
 
 def register(name: str, **ops: Callable) -> None:
   """Makes `cfg.attn_impl == name` use these ops (e.g. Pallas kernels); missing ops stay an error."""
+  unknown = set(ops) - set(OPS)
+  if unknown:
+    raise ValueError(f"register({name!r}): unknown ops {sorted(unknown)}; the ops are {OPS}.")
   _IMPLS.setdefault(name, {}).update(ops)
 
 
 def implementation(cfg: ModelConfig, op: str) -> Callable:
+  if cfg.attn_impl.startswith("pallas") and cfg.attn_impl not in _IMPLS:
+    import pallas_kernels  # noqa: F401  (registers "pallas", "pallas_tpu", "pallas_gpu")
   impl = _IMPLS.get(cfg.attn_impl)
   if impl is None or op not in impl:
     have = sorted(k for k, v in _IMPLS.items() if op in v)
-    raise NotImplementedError(
-        f"attn_impl={cfg.attn_impl!r} has no {op!r} op (available for it: {have}). Pallas kernels are not "
-        f"part of this build yet; use attn_impl='xla'.")
+    raise NotImplementedError(f"attn_impl={cfg.attn_impl!r} has no {op!r} op (implementations that have it: "
+                              f"{have}).")
   return impl[op]
 
 
@@ -191,3 +204,7 @@ def sparse_attention(cfg: ModelConfig, q, attn_sink, window: Rows, window_idx, c
                      comp_idx=None, comp_visible=None):
   return implementation(cfg, "sparse_attention")(q, attn_sink, cfg.softmax_scale, window, window_idx, comp,
                                                  comp_idx, comp_visible)
+
+
+def compress_pool(cfg: ModelConfig, C, Z, ratio: int, prev=None):
+  return implementation(cfg, "compress_pool")(C, Z, ratio, prev)

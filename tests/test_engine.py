@@ -81,13 +81,26 @@ def test_sparse_attention_masks_duplicates_sink_and_all_masked_rows():
   assert np.asarray(out)[0, 3].tolist() == np.zeros((H, K)).tolist()               # no NaN: exactly 0
 
 
-def test_unknown_attn_impl_is_a_clear_error():
-  cfg = dataclasses.replace(load_config("tiny"), attn_impl="pallas")
-  params = init_params(cfg, jax.random.key(0))
-  with pytest.raises(NotImplementedError, match="attn_impl='pallas' has no '(sparse_attention|indexer_topk)' op"):
-    prefill(params, cfg, np.ones((1, 8), np.int32), np.array([8]), init_cache(cfg, 1, 16))
+def test_unknown_attn_impl_or_missing_op_is_a_clear_error(monkeypatch):
   with pytest.raises(ValueError, match="attn_impl"):
     dataclasses.replace(load_config("tiny"), attn_impl="cuda")
+  cfg = dataclasses.replace(load_config("tiny"), attn_impl="pallas_gpu")
+  ops.implementation(cfg, "indexer_topk")                                  # imports and registers the kernels
+  monkeypatch.setitem(ops._IMPLS, "pallas_gpu", {"indexer_topk": ops.indexer_topk_ref})
+  with pytest.raises(NotImplementedError, match="attn_impl='pallas_gpu' has no 'sparse_attention' op"):
+    ops.implementation(cfg, "sparse_attention")
+  with pytest.raises(ValueError, match="unknown ops"):
+    ops.register("mine", topk=ops.select_topk)
+
+
+def test_cache_shorter_than_a_compression_ratio():
+  """max_seq_len 6 < the HCA ratio 8: the compressed stores keep one (never visible) row, and the step runs."""
+  cfg = load_config("tiny")
+  params = init_params(cfg, jax.random.key(1))
+  cache = init_cache(cfg, 1, 6)
+  logits, cache = prefill(params, cfg, np.array([[5, 17]], np.int32), np.array([2]), cache)
+  logits2, _ = decode_step(params, cfg, np.array([3]), cache)
+  assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(logits2)).all()
 
 
 def test_live_bucket():

@@ -1,0 +1,173 @@
+"""The lightning indexer as a Pallas kernel: scores streamed over key blocks, then top-k in XLA.
+
+Reference (must equal): `dsv4_jax.ops.indexer_topk_ref` (scores: `ops.index_scores_ref`). For query (b, s)
+and compressed key j,
+
+    score[b, s, j] = sum_h w[b, s, h] * relu(qI[b, s, h] . K[b, j]),
+
+with the reference's roundings: the logits are rounded to the compute dtype before relu, each weighted
+term is rounded to it, the head sum is fp32 and the score is rounded to the compute dtype again. Keys are
+read as stored (fp4 e2m1 codes with e8m0 scales for the paper format, or bf16/fp32 words) and decoded in
+the kernel (`rowcodec`); a program scores one block of `block_keys` keys for a block of queries, so
+`[queries, heads, keys]` never exists: only `[queries, keys]` scores go to HBM.
+
+Top-k runs in XLA on those scores (`ops.select_topk`: `lax.top_k`, exact, lower id first among ties).
+Neither backend can sort inside a kernel (Mosaic has no top_k or sort lowering on the TensorCore, Triton
+none in Pallas). `lax.approx_max_k(recall_target=1.0)` is what tpu-inference uses on TPU, but its tie order
+is not specified and it is an exact brute-force fallback on GPU, so the model keeps `lax.top_k`: every path
+(forward, cached step, xla, pallas) then selects the same entries.
+
+Backends:
+  tpu  Mosaic. Grid (B, query blocks, key blocks); keys come through an ordinary pipelined BlockSpec on the
+       store viewed as [layers * B, N, words] (a free reshape), the block's first axis picked by a
+       scalar-prefetched index (the layer `rep` of a stacked group), so Pallas double-buffers the reads.
+  gpu  Triton. Grid (B * S, key blocks); one pointer-tensor load per key block.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from dsv4_jax.ops import Rows, select_topk
+from pallas_kernels import rowcodec
+from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
+
+F32 = jnp.float32
+
+
+def _block_scores(qparts, w, parts, dt):
+  """qparts: per part [nI, lanes]; w [nI, 1] f32; parts: per part [BK, lanes] -> [1, BK] f32 (rounded as
+  the reference)."""
+  logits = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+               for qp, kp in zip(qparts, parts))                                        # [nI, BK]
+  logits = logits.astype(dt).astype(F32)
+  term = (jnp.maximum(logits, 0.0) * w).astype(dt).astype(F32)
+  return jnp.sum(term, axis=0, keepdims=True).astype(dt).astype(F32)
+
+
+def _tpu_kernel(lead_ref, *refs, codec, n_parts: int, queries: int, dt):
+  qp_refs, w_ref, k_ref, o_ref = refs[:n_parts], refs[n_parts], refs[n_parts + 1], refs[n_parts + 2]
+  parts = rowcodec.decode_parts(k_ref[...], codec, dt)                                    # [BK, lanes] each
+  for i in range(queries):
+    o_ref[pl.ds(i, 1), :] = _block_scores([r[i] for r in qp_refs], w_ref[i], parts, dt).astype(o_ref.dtype)
+
+
+def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, dt, interpret):
+  from jax.experimental.pallas import tpu as pltpu
+  B, S, nI, lanes = qparts[0].shape
+  _, N, words = pool3.shape
+  bk = min(block_keys, N)
+  check(bk == N or bk % 8 == 0, f"indexer (TPU): block_keys={bk} must be a multiple of 8 or all {N} rows")
+  sb = min(block_queries, S)
+  n_kb, n_sb = -(-n // bk), -(-S // sb)
+  q_spec = pl.BlockSpec((None, sb, nI, lanes), lambda b, s, k, lead: (b, s, 0, 0))
+  kernel = functools.partial(_tpu_kernel, codec=codec, n_parts=len(qparts), queries=sb, dt=dt)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(B, n_sb, n_kb),
+          in_specs=[q_spec] * len(qparts) + [
+              pl.BlockSpec((None, sb, nI, 1), lambda b, s, k, lead: (b, s, 0, 0)),
+              pl.BlockSpec((None, bk, words), lambda b, s, k, lead: (lead[b], k, 0))],
+          out_specs=pl.BlockSpec((None, sb, bk), lambda b, s, k, lead: (b, s, k))),
+      out_shape=jax.ShapeDtypeStruct((B, n_sb * sb, n_kb * bk), dt),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+      interpret=interpret,
+  )(lead, *qparts, w[..., None].astype(F32), pool3)[:, :S, :n]
+
+
+def _gpu_kernel(base_ref, *refs, codec, n_parts: int, seq: int, rows: int, words: int, dt):
+  from jax.experimental.pallas import triton as pltriton
+  qp_refs, w_ref, pool, o_ref = refs[:n_parts], refs[n_parts], refs[n_parts + 1], refs[n_parts + 2]
+  i, k = pl.program_id(0), pl.program_id(1)
+  bk, lanes = o_ref.shape[0], qp_refs[0].shape[-1]
+  e = k * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
+  r = base_ref[i // seq] + jnp.minimum(e, rows - 1)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (bk, lanes), 1)
+  words_blk = pltriton.load(pool.at[r[:, None], cols], mask=cols < words, other=0)
+  parts = rowcodec.decode_parts(words_blk, codec, dt)
+  o_ref[...] = _block_scores([q[...] for q in qp_refs], w_ref[...], parts, dt)[0].astype(o_ref.dtype)
+
+
+def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, dt, interpret):
+  from jax.experimental.pallas import triton as pltriton
+  B, S, nI, lanes = qparts[0].shape
+  hp = max(16, next_pow2(nI))                                 # Triton's dot wants >= 16 rows, 2^k elements
+  qparts = [jnp.pad(q, ((0, 0), (0, 0), (0, hp - nI), (0, 0))).reshape(B * S, hp, lanes) for q in qparts]
+  w = jnp.pad(w.astype(F32), ((0, 0), (0, 0), (0, hp - nI))).reshape(B * S, hp, 1)
+  bk = block_keys
+  n_kb = -(-n // bk)
+  kernel = functools.partial(_gpu_kernel, codec=codec, n_parts=len(qparts), seq=S, rows=N, words=words, dt=dt)
+  out = pl.pallas_call(
+      kernel, grid=(B * S, n_kb),
+      in_specs=[pl.BlockSpec((B,), lambda i, k: (0,))]
+      + [pl.BlockSpec((None, hp, lanes), lambda i, k: (i, 0, 0))] * len(qparts)
+      + [pl.BlockSpec((None, hp, 1), lambda i, k: (i, 0, 0)), pl.BlockSpec(pool.shape, lambda i, k: (0, 0))],
+      out_specs=pl.BlockSpec((None, bk), lambda i, k: (i, k)),
+      out_shape=jax.ShapeDtypeStruct((B * S, n_kb * bk), dt),
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+  )(base, *qparts, w, pool)
+  return out.reshape(B, S, -1)[..., :n]
+
+
+def index_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bool | None = None,
+                 block_keys: int | None = None, block_queries: int = 8) -> jnp.ndarray:
+  """Same arguments and result as `dsv4_jax.ops.index_scores_ref`: qI [B,S,nI,cI], w [B,S,nI] -> [B,S,n]
+  scores of the first n = keys.rows keys, in qI.dtype.
+
+  block_keys: keys per program (default 512 on TPU, 128 on GPU; a power of two >= 16 on GPU).
+  block_queries: queries per TPU program (GPU: one).
+  """
+  backend = backend_for(backend)
+  interpret = interpret_mode(backend, interpret)
+  dt = qI.dtype
+  pool, base, layout, N = rowcodec.stored(keys)
+  n = keys.rows
+  codec = rowcodec.codec(layout)
+  check(layout.width == qI.shape[-1], f"indexer: keys of width {layout.width} for queries of {qI.shape[-1]}")
+  if backend == "tpu":
+    lanes = layout.words
+    qparts = rowcodec.split_query(qI, codec, lanes)                                     # [B,S,nI,P,lanes]
+    lead = base // N
+    return _scores_tpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool.reshape(-1, N, layout.words),
+                       lead, n, codec, block_keys or 512, block_queries, dt, interpret)
+  bk = block_keys or 128
+  check(next_pow2(bk) == bk and bk >= 16, f"indexer (GPU): block_keys={bk} must be a power of two >= 16")
+  lanes = next_pow2(layout.words)
+  qparts = rowcodec.split_query(qI, codec, lanes)
+  return _scores_gpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool, base, n, N, layout.words,
+                     codec, bk, dt, interpret)
+
+
+def indexer_topk(qI, w, keys: Rows, n_visible, k: int, **kernel_options) -> jnp.ndarray:
+  """Same arguments and result as `dsv4_jax.ops.indexer_topk_ref`: [B,S,min(k, n)] int32 ids, -1 where
+  fewer than k entries are visible; the lower id first among equal scores."""
+  return select_topk(index_scores(qI, w, keys, **kernel_options), n_visible, k)
+
+
+# ---- deviceless compile cases (pallas_kernels/aot.py) ------------------------------------------------------
+
+def _aot_case(B: int, S: int, fmt: str, context: int, nI: int = 64, cI: int = 128):
+  from dsv4_jax.kv_format import Layout
+  lay = Layout(fmt, cI)
+  N = context // 4
+  sds = jax.ShapeDtypeStruct
+  args = (sds((B, S, nI, cI), jnp.bfloat16), sds((B, S, nI), jnp.bfloat16), sds((2, B, N, lay.words), jnp.uint32),
+          sds((), jnp.int32))
+
+  def fn(qI, w, words, rep):
+    return index_scores(qI, w, Rows(words, lay, rep, N), backend="tpu", interpret=False)
+  return fn, args
+
+
+# Flash and Pro share the indexer's dims (64 heads x 128); fp4 keys as the paper stores them, and bf16.
+AOT_CASES = [
+    ("decode_b1_fp4_128k", *_aot_case(1, 1, "fp4", 131072)),
+    ("decode_b32_fp4_128k", *_aot_case(32, 1, "fp4", 131072)),
+    ("decode_b1_fp4_1m", *_aot_case(1, 1, "fp4", 1 << 20)),
+    ("prefill_s512_fp4_8k", *_aot_case(1, 512, "fp4", 8192)),
+    ("decode_b8_bf16_128k", *_aot_case(8, 1, "bfloat16", 131072)),
+]

@@ -1,0 +1,234 @@
+"""The Pallas kernels (pallas_kernels/) against their plain-jnp references in dsv4_jax.ops, in interpret mode
+on the CPU: both backends' programs (TPU Mosaic, GPU Triton), every KV storage format, -1 anywhere in an
+index row, duplicates, ragged visibility, bf16 and fp32, Flash's and Pro's head counts and dims at small
+lengths; the TPU DMA kernels also under the TPU simulator with race detection; the Triton kernels lowered
+for CUDA; and the model end to end with attn_impl="pallas_*" against "xla".
+
+Real Mosaic compilation without a TPU is in test_pallas_aot.py."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv4_jax import (Sampling, decode_step, forward, generate, init_cache, init_params, load_config, ops,
+                      prefill)
+from dsv4_jax.kv_format import Layout
+from pallas_kernels import indexer as ix
+from pallas_kernels import rowcodec
+from pallas_kernels import sparse_attention as sa
+from pallas_kernels.platform import KernelUnsupported
+
+BACKENDS = ("tpu", "gpu")
+# (heads, head dim, rope dim): tiny, Flash (64 heads), Pro (128 heads); all with K = 512 for the real ones
+SHAPES = {"tiny": (4, 96, 32), "flash": (64, 512, 64), "pro": (128, 512, 64)}
+
+
+def _formats(K, r, dtype):
+  """The stores a model builds: its compute dtype, fp32, and the paper's fp8 + bf16 (or fp32) RoPE."""
+  name = jnp.dtype(dtype).name
+  return [Layout(name, K), Layout("float32", K), Layout("fp8", K, r, name)]
+
+
+def _rand(key, shape, dtype=jnp.float32, scale=1.0):
+  return (scale * jax.random.normal(jax.random.key(key), shape)).astype(dtype)
+
+
+def _index_rows(B, S, T, N, seed):
+  """Random ids in [0, N) with -1 at the front, in the middle and everywhere, and duplicates."""
+  idx = np.array(jax.random.randint(jax.random.key(seed), (B, S, T), 0, N))
+  idx[0, 0, :] = -1                                          # all masked: the sink alone, output 0
+  if S > 1:
+    idx[0, 1, : T // 2] = -1                                 # front
+  if S > 2:
+    idx[-1, 2, T // 3: T // 3 + 2] = -1                      # middle
+    idx[-1, 2, -1] = idx[-1, 2, 0]                           # a duplicate
+  return jnp.asarray(idx, jnp.int32)
+
+
+def _close(out, ref, dtype):
+  """Equal up to summation order (fp32) or one bf16 rounding, relative to the largest value."""
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  tol = (2e-6 if dtype == jnp.float32 else 1e-2) * max(1.0, float(np.max(np.abs(ref))))
+  np.testing.assert_allclose(out, ref, rtol=0, atol=tol)
+
+
+# (shape, dtype, formats, sources, backends): each format, source and backend at the tiny shape; the real
+# head counts and dims in the formats they are stored in. (Interpret-mode compiles dominate CI time.)
+ATTENTION_CASES = [
+    ("tiny", jnp.float32, ("fp8",), ("csa", "hca"), BACKENDS),
+    ("tiny", jnp.float32, ("float32",), ("values",), BACKENDS),
+    ("tiny", jnp.bfloat16, ("bfloat16",), ("csa", "hca"), BACKENDS),
+    ("flash", jnp.bfloat16, ("fp8",), ("csa", "hca"), BACKENDS),
+    ("pro", jnp.float32, ("fp8", "float32"), ("csa",), ("tpu",)),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,formats,sources,backends", ATTENTION_CASES)
+def test_sparse_attention_equals_reference(shape, dtype, formats, sources, backends):
+  H, K, r = SHAPES[shape]
+  B, S, N, W, T, C = 2, 3, 45, 11, 37, 70                   # odd lengths, not multiples of any block
+  q = _rand(1, (B, S, H, K), dtype)
+  sink = _rand(2, (H,))
+  win = ops.Rows(_rand(3, (B, N, K), dtype))
+  widx = _index_rows(B, S, W, N, 4)
+  entries = _rand(5, (B, C, K))
+  cidx = _index_rows(B, S, T, C - 3, 6)
+  vis = jnp.array([[0, 5, 67], [33, 1, 64]], jnp.int32)
+  for fmt in formats:
+    lay = Layout(fmt, K, r, jnp.dtype(dtype).name) if fmt == "fp8" else Layout(fmt, K)
+    stacked = jnp.stack([lay.encode(entries * 2), lay.encode(entries)])                   # a scanned group
+    for source in sources:
+      if source == "values":                                  # forward: entries as values, not a store
+        comp, kw = ops.Rows(entries.astype(dtype)), dict(comp_idx=cidx)
+      else:
+        comp = ops.Rows(stacked, lay, jnp.int32(1), C - 3)
+        kw = dict(comp_idx=cidx) if source == "csa" else dict(comp_visible=vis)
+      ref = ops.sparse_attention_ref(q, sink, 0.07, win, widx, comp, **kw)
+      for backend in backends:
+        out = sa.sparse_attention(q, sink, 0.07, win, widx, comp, backend=backend, block_rows=16, **kw)
+        _close(out, ref, dtype)
+        assert np.asarray(out)[0, 0].tolist() == np.zeros((H, K)).tolist()     # nothing visible: exactly 0
+
+
+def test_sparse_attention_all_masked_is_zero_not_nan():
+  H, K = 8, 64
+  q = _rand(1, (1, 2, H, K))
+  win = ops.Rows(_rand(2, (1, 5, K)))
+  widx = jnp.full((1, 2, 4), -1, jnp.int32)
+  for backend in BACKENDS:
+    out = sa.sparse_attention(q, _rand(3, (H,)), 0.1, win, widx, ops.Rows(_rand(4, (1, 6, K))),
+                              comp_visible=jnp.zeros((1, 2), jnp.int32), backend=backend)
+    assert np.asarray(out).tolist() == np.zeros((1, 2, H, K)).tolist()
+
+
+@pytest.mark.parametrize("dtype,nI,cI,formats", [
+    (jnp.float32, 16, 64, ("float32", "bfloat16", "fp4", "values")),     # tiny's indexer
+    (jnp.bfloat16, 64, 128, ("fp4", "float32")),                         # Flash's and Pro's
+])
+def test_indexer_equals_reference(dtype, nI, cI, formats):
+  B, S, n_keys = 2, 3, 61
+  qI, w = _rand(1, (B, S, nI, cI), dtype), _rand(2, (B, S, nI), dtype)
+  keys = _rand(3, (B, 70, cI))
+  vis = jnp.array([[0, 5, 61], [33, 1, 60]], jnp.int32)
+  for fmt in formats:
+    if fmt == "values":
+      rows = ops.Rows(keys[:, :n_keys].astype(dtype))
+    else:
+      lay = Layout(fmt, cI)
+      rows = ops.Rows(jnp.stack([lay.encode(keys * 3), lay.encode(keys)]), lay, jnp.int32(1), n_keys)
+    ref_scores = ops.index_scores_ref(qI, w, rows)
+    ref = ops.indexer_topk_ref(qI, w, rows, vis, 8)
+    for backend in BACKENDS:
+      scores = ix.index_scores(qI, w, rows, backend=backend, block_keys=16)
+      _close(scores, ref_scores, dtype)
+      np.testing.assert_array_equal(ix.indexer_topk(qI, w, rows, vis, 8, backend=backend, block_keys=16), ref)
+
+
+def test_rowcodec_parts_rebuild_every_format():
+  """Every stored format decodes, part by part in the kernels' element-wise form, to what kv_format decodes,
+  and q . k taken part by part equals the plain dot product."""
+  for lay in (Layout("float32", 64), Layout("bfloat16", 64), Layout("fp8", 512, 64), Layout("fp8", 512, 64, "float32"),
+              Layout("fp4", 128)):
+    x = _rand(1, (5, lay.width), scale=3.0)
+    words = lay.encode(x)
+    c = rowcodec.codec(lay)
+    parts = rowcodec.decode_parts(words, c)
+    np.testing.assert_array_equal(rowcodec.merge_parts(jnp.stack(parts, 1), c, lay.words), lay.decode(words, jnp.float32))
+    q = _rand(2, (3, lay.width))
+    qs = rowcodec.split_query(q, c, lay.words)
+    dot = sum(qs[:, i] @ parts[i].T for i in range(len(parts)))
+    np.testing.assert_allclose(dot, q @ lay.decode(words, jnp.float32).T, rtol=1e-5, atol=1e-4)
+
+
+def test_tpu_dma_kernels_have_no_races():
+  """The manual-DMA sparse attention (row gathers and contiguous HCA chunks) under the TPU simulator with
+  eager DMAs and race detection: no race, no out-of-bounds DMA (-1 rows are clamped), same result."""
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # races_found lives here
+  from jax.experimental.pallas import tpu as pltpu
+  H, K = 8, 128
+  q = _rand(1, (1, 2, H, K))
+  win = ops.Rows(_rand(2, (1, 20, K)))
+  widx = _index_rows(1, 2, 9, 20, 3)
+  lay = Layout("fp8", K, 64, "float32")
+  entries = _rand(4, (1, 40, K))
+  comp = ops.Rows(jnp.stack([lay.encode(entries)] * 2), lay, jnp.int32(1), 40)
+  params = pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
+  for kw in (dict(comp_idx=_index_rows(1, 2, 20, 40, 5)), dict(comp_visible=jnp.array([[17, 40]], jnp.int32))):
+    ref = ops.sparse_attention_ref(q, _rand(6, (H,)), 0.1, win, widx, comp, **kw)
+    try:
+      out = sa.sparse_attention(q, _rand(6, (H,)), 0.1, win, widx, comp, backend="tpu", interpret=params,
+                                block_rows=16, **kw)
+      jax.block_until_ready(out)
+      assert not tpu_interpret.races.races_found
+    finally:
+      pltpu.reset_tpu_interpret_mode_state()
+    _close(out, ref, jnp.float32)
+
+
+def test_triton_kernels_lower_for_cuda():
+  """The GPU programs at Flash's decode shapes go through the Triton lowering (power-of-two arrays, dot
+  sizes) on this CPU host."""
+  H, K = 64, 512
+  lay, klay = Layout("fp8", K, 64), Layout("fp4", 128)
+  S = jax.ShapeDtypeStruct
+
+  def attend(q, sink, win, widx, words, cidx):
+    return sa.sparse_attention(q, sink, 0.04, ops.Rows(win), widx, ops.Rows(words, lay, jnp.int32(0), 1024),
+                               comp_idx=cidx, backend="gpu", interpret=False)
+
+  def index(qI, w, words):
+    return ix.index_scores(qI, w, ops.Rows(words, klay, jnp.int32(0), 1024), backend="gpu", interpret=False)
+
+  for f, args in ((attend, (S((2, 1, H, K), jnp.bfloat16), S((H,), jnp.float32), S((2, 129, K), jnp.bfloat16),
+                            S((2, 1, 128), jnp.int32), S((1, 2, 1024, lay.words), jnp.uint32),
+                            S((2, 1, 512), jnp.int32))),
+                  (index, (S((2, 1, 64, 128), jnp.bfloat16), S((2, 1, 64), jnp.bfloat16),
+                           S((1, 2, 1024, klay.words), jnp.uint32)))):
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
+
+
+def test_unsupported_shapes_are_named():
+  q = _rand(1, (1, 1, 16, 64))
+  win = ops.Rows(_rand(2, (1, 5, 64)))
+  with pytest.raises(KernelUnsupported, match="block_rows=24 must be a power of two"):
+    sa.sparse_attention(q, jnp.zeros(16), 0.1, win, jnp.zeros((1, 1, 4), jnp.int32), backend="gpu", block_rows=24)
+  with pytest.raises(KernelUnsupported, match="unknown Pallas backend 'cuda'"):
+    sa.sparse_attention(q, jnp.zeros(16), 0.1, win, jnp.zeros((1, 1, 4), jnp.int32), backend="cuda")
+
+
+# ---- the model end to end ------------------------------------------------------------------------------
+
+PROMPT = [5, 17, 300, 2, 9, 11, 40, 41, 42]
+
+
+def _run(params, cfg, toks, full: bool):
+  """forward logits; with `full`, also prefill + one decode step's logits and 6 greedy tokens."""
+  out = [np.asarray(jax.jit(forward, static_argnums=1)(params, cfg, toks).logits)]
+  if full:
+    logits, cache = prefill(params, cfg, toks, np.array([40, 29]), init_cache(cfg, 2, 64))
+    out += [np.asarray(logits), np.asarray(decode_step(params, cfg, np.array([7, 9]), cache)[0])]
+    out.append(generate(params, cfg, [PROMPT], max_new_tokens=6, sampling=Sampling()).tokens)
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = load_config("tiny")
+  params = init_params(cfg, jax.random.key(1))
+  toks = np.asarray(jax.random.randint(jax.random.key(2), (2, 40), 2, cfg.vocab_size), np.int32)
+  return cfg, params, toks, _run(params, cfg, toks, full=True)
+
+
+@pytest.mark.parametrize("impl,full", [("pallas_tpu", True), ("pallas_gpu", False)])
+def test_model_with_pallas_equals_xla(tiny, impl, full):
+  """forward, prefill + decode and greedy generation with the kernels (interpreted) equal attn_impl='xla'
+  (the GPU programs: forward only, to keep CI short; the cached path shares every kernel call)."""
+  cfg, params, toks, ref = tiny
+  out = _run(params, dataclasses.replace(cfg, attn_impl=impl), toks, full)
+  for a, b in zip(out[:3], ref[:3]):
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
+  if full:
+    assert out[3] == ref[3]
