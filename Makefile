@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup   ## generate with the tiny config on random weights
-	$(PY) -m launch.decode --config=tiny --prompt_ids=5,17,300 --max_new_tokens=32
+demo: setup   ## the shipped demo model (trained on Botchan) continues a prompt
+	$(PY) -m launch.decode --config=demo --prompt="I was" --raw --max_new_tokens=60
 
 test: setup   ## the whole test suite (CPU, a few minutes)
 	$(PY) -m pytest -q

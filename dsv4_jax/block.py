@@ -32,14 +32,26 @@ def mhc_sublayer(X: jnp.ndarray, hc: dict, cfg: ModelConfig, sublayer) -> jnp.nd
   return mhc.hc_post(sublayer(x), X, post, comb)
 
 
-def ffn_sublayer(p: dict, cfg: ModelConfig, X: jnp.ndarray, token_ids: jnp.ndarray, valid=None) -> jnp.ndarray:
-  return mhc_sublayer(X, p["hc_ffn"], cfg, lambda x: moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps),
-                                                             token_ids, valid=valid))
+def ffn_sublayer(p: dict, cfg: ModelConfig, X: jnp.ndarray, token_ids: jnp.ndarray, valid=None,
+                 stats: bool = False):
+  """X: [B,S,nh,D] -> [B,S,nh,D]; with `stats`, (X, the MoE's `moe.MoEStats`)."""
+  out = {}
+
+  def ffn(x):
+    y = moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), token_ids, valid=valid, stats=stats)
+    if stats:
+      y, out["stats"] = y
+    return y
+
+  X = mhc_sublayer(X, p["hc_ffn"], cfg, ffn)
+  return (X, out["stats"]) if stats else X
 
 
 def block(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.ndarray,
-          positions: jnp.ndarray | None = None, lengths: jnp.ndarray | None = None, cache=None):
-  """X: [B,S,nh,D] streams, token_ids: [B,S] (hash routing) -> ([B,S,nh,D], cache).
+          positions: jnp.ndarray | None = None, lengths: jnp.ndarray | None = None, cache=None,
+          stats: bool = False):
+  """X: [B,S,nh,D] streams, token_ids: [B,S] (hash routing) -> ([B,S,nh,D], cache), or with `stats`
+  (training) ([B,S,nh,D], cache, the MoE's `moe.MoEStats`).
 
   Without a cache: the whole sequence from position 0. With one (`cache.LayerCache`): row b appends
   lengths[b] tokens at `positions[b]`; its padded positions skip the MoE.
@@ -53,5 +65,8 @@ def block(p: dict, cfg: ModelConfig, ratio: int, X: jnp.ndarray, token_ids: jnp.
 
   X = mhc_sublayer(X, p["hc_attn"], cfg, attn)
   valid = None if lengths is None else jnp.arange(X.shape[1])[None] < lengths[:, None]
-  X = constrain(ffn_sublayer(p, cfg, X, token_ids, valid), ("batch", "seq", None, "act_embed"))
-  return X, out["cache"]
+  X = ffn_sublayer(p, cfg, X, token_ids, valid, stats)
+  if stats:
+    X, out["stats"] = X
+  X = constrain(X, ("batch", "seq", None, "act_embed"))
+  return (X, out["cache"], out["stats"]) if stats else (X, out["cache"])

@@ -26,6 +26,8 @@ Routed experts (`routed_experts`):
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -64,9 +66,14 @@ def moe_specs(cfg: ModelConfig, hash_routed: bool) -> dict:
   return specs
 
 
+def affinity(p: dict, x: jnp.ndarray) -> jnp.ndarray:
+  """x: [T,D] -> s = sqrt(softplus(x @ gate^T)): [T,E] fp32."""
+  return jnp.sqrt(jax.nn.softplus(f32_linear(x, p["weight"])))
+
+
 def route(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """x: [T,D], token_ids: [T] -> expert ids [T,k] int32, combination weights [T,k] fp32."""
-  s = jnp.sqrt(jax.nn.softplus(f32_linear(x, p["weight"])))
+  s = affinity(p, x)
   if "tid2eid" in p:
     idx = p["tid2eid"][token_ids].astype(jnp.int32)
   else:
@@ -222,10 +229,38 @@ def routed_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, 
   return acc
 
 
+class MoEStats(NamedTuple):
+  """What training needs from one MoE layer's routing (docs/architecture.md §6).
+
+  load:    [E] fp32, (token, slot) pairs of the valid tokens routed to each expert, summed over the batch:
+           the input of the aux-loss-free bias update.
+  balance: [B] fp32, V3's sequence-wise balance statistic sum_i f_i P_i of each sequence, with
+           f_i = E / (k T) * #{t: i chosen by t} and P_i = mean_t s_ti / sum_j s_tj over its T valid tokens.
+  """
+  load: jax.Array
+  balance: jax.Array
+
+
+def moe_stats(s: jnp.ndarray, idx: jnp.ndarray, valid: jnp.ndarray) -> MoEStats:
+  """s: [B,S,E] affinities, idx: [B,S,k] chosen experts, valid: [B,S] bool -> MoEStats.
+
+  Only P carries a gradient (through s); f is a count, as in V3."""
+  B, S, E = s.shape
+  k = idx.shape[-1]
+  v = valid.astype(F32)
+  counts = jnp.zeros((B, E), F32).at[jnp.arange(B)[:, None, None], idx].add(
+      jnp.broadcast_to(v[..., None], idx.shape))                                       # [B,E]
+  n = jnp.maximum(jnp.sum(v, axis=-1), 1.0)                                            # [B] valid tokens
+  f = counts * (E / k) / n[:, None]                                                    # [B,E]
+  p = jnp.sum(s / jnp.sum(s, axis=-1, keepdims=True) * v[..., None], axis=1) / n[:, None]   # [B,E]
+  return MoEStats(load=jnp.sum(counts, axis=0), balance=jnp.sum(f * p, axis=-1))
+
+
 def moe(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray,
-        valid: jnp.ndarray | None = None) -> jnp.ndarray:
+        valid: jnp.ndarray | None = None, stats: bool = False):
   """x: [B,S,D] (ffn_norm output), token_ids: [B,S], valid: [B,S] bool (None = all; False = a padded
-  position: not routed, not hash-looked-up, output 0) -> [B,S,D] in x.dtype."""
+  position: not routed, not hash-looked-up, output 0) -> [B,S,D] in x.dtype; with `stats`, also the
+  layer's `MoEStats` (training)."""
   B, S, D = x.shape
   xt = x.reshape(B * S, D)
   v = jnp.ones((B * S,), bool) if valid is None else jnp.asarray(valid, bool).reshape(B * S)
@@ -234,4 +269,8 @@ def moe(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray,
   y = routed_experts(p["experts"], cfg, xt, idx, w, v)
   if "shared_experts" in p:
     y = y + shared_expert(p["shared_experts"], cfg, xt).astype(F32)
-  return jnp.where(v[:, None], y, 0).astype(x.dtype).reshape(B, S, D)
+  y = jnp.where(v[:, None], y, 0).astype(x.dtype).reshape(B, S, D)
+  if not stats:
+    return y
+  s = affinity(p["gate"], xt)                                        # the router's own s (CSE'd by XLA)
+  return y, moe_stats(s.reshape(B, S, -1), idx.reshape(B, S, -1), v.reshape(B, S))

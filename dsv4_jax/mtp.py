@@ -36,10 +36,18 @@ def mtp_input(p: dict, cfg: ModelConfig, embed: jnp.ndarray, X_main: jnp.ndarray
   return fp8_linear(e, p["e_proj"], cfg.quant_sim)[:, :, None, :] + h
 
 
+def mtp_streams(p: dict, cfg: ModelConfig, layer_id: int, embed: jnp.ndarray, X_main: jnp.ndarray,
+                tokens: jnp.ndarray, stats: bool = False):
+  """Teacher-forced MTP block. X_main: [B,S,nh,D], tokens: [B,S] -> its streams [B,S-1,nh,D] (position i
+  predicts token i+2); with `stats`, (streams, the block's `moe.MoEStats`)."""
+  next_ids = tokens[:, 1:]
+  X = mtp_input(p, cfg, embed, X_main[:, :-1], next_ids)
+  out = block.block(p, cfg, cfg.layer_ratio(layer_id), X, next_ids, stats=stats)
+  return (out[0], out[2]) if stats else out[0]
+
+
 def mtp_forward(p: dict, cfg: ModelConfig, layer_id: int, embed: jnp.ndarray, head_w: jnp.ndarray,
                 X_main: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
   """Teacher-forced MTP logits. X_main: [B,S,nh,D], tokens: [B,S] -> [B,S-1,V] fp32."""
-  next_ids = tokens[:, 1:]
-  X = mtp_input(p, cfg, embed, X_main[:, :-1], next_ids)
-  X, _ = block.block(p, cfg, cfg.layer_ratio(layer_id), X, next_ids)
+  X = mtp_streams(p, cfg, layer_id, embed, X_main, tokens)
   return head.logits(X, p["hc_head"], p["norm"], head_w, cfg)

@@ -138,49 +138,57 @@ def embed_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray) -> jnp.nd
   return jnp.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)
 
 
-def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarray, remat: bool = False,
+def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarray, remat=False,
                positions: jnp.ndarray | None = None, lengths: jnp.ndarray | None = None, caches: dict | None = None,
-               live: int = 0):
+               live: int = 0, stats: bool = False):
   """The main stack. X: [B,S,nh,D] -> (X [B,S,nh,D], caches).
 
   Without caches: the whole sequence from position 0. With `caches` (the cache's "layers" tree): row b
   appends lengths[b] tokens at `positions[b]`; the caches ride the layer loop's carry and each layer
   writes only its new rows (a scanned group's caches are indexed by repetition, never sliced out and
   stacked back). `live`: static bound on the tokens any row holds after the call (see cache.live_bucket).
+  `remat`: False, True (recompute each scanned period in the backward pass) or a `jax.checkpoint_policies`
+  policy. `stats` (training): also return the layers' `moe.MoEStats` as a third element, a tree laid out
+  like `layers` (a scanned position's stats carry the leading [reps] axis, as its parameters).
   """
   from dsv4_jax.cache import LayerCache          # cache.py builds on this module's layer plan
   plan = layer_plan(cfg)
 
   def apply(p, i, X, c, rep=None):
     view = None if c is None else LayerCache(c, rep, live)
-    X, view = block.block(p, cfg, cfg.layer_ratio(i), X, tokens, positions, lengths, view)
-    return X, None if view is None else view.tree
+    X, view, *st = block.block(p, cfg, cfg.layer_ratio(i), X, tokens, positions, lengths, view, stats=stats)
+    return X, None if view is None else view.tree, st[0] if stats else None
 
   new = None if caches is None else {"prefix": [], "stack": [], "suffix": []}
+  moe_stats = {"prefix": [], "stack": [], "suffix": []}
   for n, (p, i) in enumerate(zip(layers["prefix"], plan.prefix)):
-    X, c = apply(p, i, X, None if caches is None else caches["prefix"][n])
+    X, c, st = apply(p, i, X, None if caches is None else caches["prefix"][n])
+    moe_stats["prefix"].append(st)
     if new is not None:
       new["prefix"].append(c)
   if plan.reps:
     def body(carry, xs):
       X, cs = carry
       ps, rep = xs
-      out = []
+      out, sts = [], []
       for n, (p, i) in enumerate(zip(ps, plan.period)):
-        X, c = apply(p, i, X, None if cs is None else cs[n], rep)
+        X, c, st = apply(p, i, X, None if cs is None else cs[n], rep)
         out.append(c)
-      return (X, None if cs is None else out), None
+        sts.append(st)
+      return (X, None if cs is None else out), (sts if stats else None)
     if remat:
-      body = jax.checkpoint(body)
+      body = jax.checkpoint(body, policy=None if remat is True else remat)
     stack = None if caches is None else list(caches["stack"])
-    (X, stack), _ = jax.lax.scan(body, (X, stack), (list(layers["stack"]), jnp.arange(plan.reps)))
+    (X, stack), moe_stats["stack"] = jax.lax.scan(body, (X, stack),
+                                                  (list(layers["stack"]), jnp.arange(plan.reps)))
     if new is not None:
       new["stack"] = stack
   for n, (p, i) in enumerate(zip(layers["suffix"], plan.suffix)):
-    X, c = apply(p, i, X, None if caches is None else caches["suffix"][n])
+    X, c, st = apply(p, i, X, None if caches is None else caches["suffix"][n])
+    moe_stats["suffix"].append(st)
     if new is not None:
       new["suffix"].append(c)
-  return X, new
+  return (X, new, moe_stats) if stats else (X, new)
 
 
 def forward(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat: bool = False) -> ForwardOutput:
@@ -199,6 +207,31 @@ def forward(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat: bool = F
   elif cfg.n_mtp_layers and params["mtp"]:
     mtp_logits = mtp.mtp_forward(params["mtp"][0], cfg, cfg.n_layers, params["embed"], params["head"], X, tokens)
   return ForwardOutput(logits, mtp_logits, X)
+
+
+class HiddenOutput(NamedTuple):
+  """The training forward's result: the heads' inputs, not their [.., V] logits."""
+  hidden: jax.Array          # [B, S, D] norm(hc_head(X)), the output head's input
+  mtp_hidden: jax.Array      # [B, S-1, D] the first MTP block's head input (position i predicts token i+2),
+                             # or None without MTP parameters or for S < 2
+  moe_stats: dict            # {"layers": run_layers' stats tree, "mtp": [moe.MoEStats, ...]}
+
+
+def forward_hidden(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, remat=False) -> HiddenOutput:
+  """`forward` up to the heads' inputs, with every MoE layer's routing statistics: for a loss that
+  applies the head in chunks of the sequence (dsv4_jax/train.py) instead of materialising [B,S,V].
+  `remat` as in `run_layers`."""
+  check_tokens(tokens, cfg)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  X, _, layer_stats = run_layers(params["layers"], cfg, embed_streams(params, cfg, tokens), tokens, remat,
+                                 stats=True)
+  hidden = head.final_hidden(X, params["hc_head"], params["norm"], cfg)
+  mtp_hidden, mtp_stats = None, []
+  if cfg.n_mtp_layers and params["mtp"] and tokens.shape[1] >= 2:
+    p = params["mtp"][0]
+    Xm, st = mtp.mtp_streams(p, cfg, cfg.n_layers, params["embed"], X, tokens, stats=True)
+    mtp_hidden, mtp_stats = head.final_hidden(Xm, p["hc_head"], p["norm"], cfg), [st]
+  return HiddenOutput(hidden, mtp_hidden, {"layers": layer_stats, "mtp": mtp_stats})
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -69,6 +69,11 @@ def main(argv):
     cfg = from_config_dict(_CONFIG.value)
   else:
     cfg = runtime.checkpoint_config(_CHECKPOINT.value, dtype=_DTYPE.value)
+  from dsv4_jax.data import shipped_assets
+  shipped_ckpt, shipped_tok = shipped_assets(cfg.name)       # dsv4_jax/assets/NAME/: the demo model + tokenizer
+  checkpoint = _CHECKPOINT.value or shipped_ckpt
+  if checkpoint and not _CHECKPOINT.value:
+    print(f"NOTE: using the shipped {cfg.name} checkpoint {checkpoint}", file=sys.stderr)
   sources = [f for f in (_PROMPT_IDS.value, _PROMPT.value, _CHAT.value) if f is not None]
   if len(sources) > 1:
     raise UsageError("give one of --prompt_ids, --prompt, --chat.")
@@ -78,7 +83,7 @@ def main(argv):
   tok = None
   if _PROMPT.value is not None or _CHAT.value is not None:
     from dsv4_jax.tokenizer import load_tokenizer
-    tok = load_tokenizer(_TOKENIZER.value)
+    tok = load_tokenizer(_TOKENIZER.value or shipped_tok)
     if tok.vocab_size > cfg.vocab_size:
       raise UsageError(f"the tokenizer has {tok.vocab_size} ids but config {cfg.name!r} only {cfg.vocab_size}; "
                        "text prompts need a real-vocabulary config (e.g. --config=flash).")
@@ -97,9 +102,9 @@ def main(argv):
   longest = max((len(p) for p in prompts), default=0)
   max_seq = _MAX_SEQ.value or (4096 if interactive else longest + _MAX_NEW.value)
   runtime.check_fits(cfg, batch=max(1, len(prompts)), max_seq_len=max_seq, cache_dtype=_CACHE_DTYPE.value,
-                     checkpoint=_CHECKPOINT.value)
+                     checkpoint=checkpoint)
 
-  params = runtime.load_or_init(cfg, _CHECKPOINT.value, seed=_SEED.value)
+  params = runtime.load_or_init(cfg, checkpoint, seed=_SEED.value)
   run = runtime.Runner(params, cfg, sampling, max_new_tokens=_MAX_NEW.value, max_seq_len=_MAX_SEQ.value,
                        stop_ids=tuple(stop_ids), cache_dtype=_CACHE_DTYPE.value, rng=jax.random.key(_SEED.value))
   if interactive:
@@ -109,7 +114,7 @@ def main(argv):
   runtime.report(result, tok, _THINKING.value if (tok and not _RAW.value) else None)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(runtime.result_json(result, cfg, random_weights=_CHECKPOINT.value is None), f, indent=1)
+      json.dump(runtime.result_json(result, cfg, random_weights=checkpoint is None), f, indent=1)
 
 
 if __name__ == "__main__":

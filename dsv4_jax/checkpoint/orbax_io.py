@@ -36,7 +36,7 @@ def is_converted(path: str | os.PathLike) -> bool:
 
 
 def unit_dir(root: str, unit: str) -> str:
-  return os.path.join(root, "units", unit)
+  return os.path.join(os.path.abspath(root), "units", unit)        # Orbax wants absolute paths
 
 
 def leaf_record(value) -> dict:
