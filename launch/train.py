@@ -9,7 +9,7 @@ r"""Train or fine-tune DeepSeek-V4.
 file's `get_train_config()` when it has one (configs/demo.py does). `--steps` sets train.total_steps.
 
 Data (dsv4_jax/data.py): `--format=text` packs a plain-text file into rows of train.seq_len tokens, with
-the config's SentencePiece model when assets/NAME/tokenizer.model exists, else DeepSeek-V4's tokenizer
+the config's SentencePiece model when dsv4_jax/assets/NAME/tokenizer.model exists, else DeepSeek-V4's tokenizer
 (`--tokenizer` picks another); `--format=chat` reads JSONL conversations (OpenAI `messages`), rendered in
 the V4 chat format with the loss on the assistant turns only (`--train_reasoning` for their reasoning).
 Every round(1 / `--eval_fraction`)-th row (default: every 20th) is held out for the eval loss.
