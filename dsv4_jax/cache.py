@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import compressor, indexer, kv_format
+from dsv4_jax import compressor, indexer, kv_format, ops
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.kv_format import Layout, Store
 from dsv4_jax.ops import Rows
@@ -134,10 +134,13 @@ def live_bucket(n_tokens: int, capacity: int) -> int:
 @dataclasses.dataclass
 class LayerCache:
   """One layer's stores inside the cache tree: `tree` is that layer's dict; for a scanned group its leaves
-  have a leading [reps] axis and `rep` is this layer's index. `live`: tokens the reads cover (static)."""
+  have a leading [reps] axis and `rep` is this layer's index. `live`: tokens the reads cover (static).
+  `cfg`: entries are encoded on write by `ops.encode_rows(cfg, ...)` (cfg.attn_impl's encoder); None: by
+  `Layout.encode`."""
   tree: dict
   rep: jax.Array | None
   live: int
+  cfg: ModelConfig | None = None
 
   def _get(self, x):
     return x if self.rep is None else jax.lax.dynamic_index_in_dim(x, self.rep, 0, keepdims=False)
@@ -166,7 +169,7 @@ class LayerCache:
   def write(self, name: str, rows: jnp.ndarray, values: jnp.ndarray) -> "LayerCache":
     """Writes values [B, M, K] at rows [B, M] (rows out of range are dropped): a scatter of M rows."""
     s: Store = self.tree[name]
-    enc = s.layout.encode(values)
+    enc = s.layout.encode(values) if self.cfg is None else ops.encode_rows(self.cfg, values, s.layout)
     b = jnp.arange(rows.shape[0])[:, None]
     if self.rep is None:
       words = s.words.at[b, rows].set(enc, mode="drop")

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import quant
+from dsv4_jax import quant, sharding
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear, fp8_linear
 from dsv4_jax.params import ParamSpec
@@ -239,6 +239,7 @@ class MoEStats(NamedTuple):
   """
   load: jax.Array
   balance: jax.Array
+  dropped: jax.Array | None = None   # expert-parallel only: (token, slot) pairs dropped for capacity
 
 
 def moe_stats(s: jnp.ndarray, idx: jnp.ndarray, valid: jnp.ndarray) -> MoEStats:
@@ -266,11 +267,17 @@ def moe(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray,
   v = jnp.ones((B * S,), bool) if valid is None else jnp.asarray(valid, bool).reshape(B * S)
   ids = jnp.where(v, token_ids.reshape(-1), 0)                       # a pad id never indexes tid2eid
   idx, w = route(p["gate"], cfg, xt, ids)
-  y = routed_experts(p["experts"], cfg, xt, idx, w, v)
+  mesh, _ = sharding.active_mesh()
+  if mesh is not None and "expert" in mesh.axis_names and mesh.shape["expert"] > 1:
+    from dsv4_jax import expert_parallel                             # imports this module
+    y, ep = expert_parallel.routed_experts(p["experts"], cfg, xt, idx, w, v, mesh)
+  else:
+    y, ep = routed_experts(p["experts"], cfg, xt, idx, w, v), None
   if "shared_experts" in p:
     y = y + shared_expert(p["shared_experts"], cfg, xt).astype(F32)
   y = jnp.where(v[:, None], y, 0).astype(x.dtype).reshape(B, S, D)
   if not stats:
     return y
   s = affinity(p["gate"], xt)                                        # the router's own s (CSE'd by XLA)
-  return y, moe_stats(s.reshape(B, S, -1), idx.reshape(B, S, -1), v.reshape(B, S))
+  st = moe_stats(s.reshape(B, S, -1), idx.reshape(B, S, -1), v.reshape(B, S))
+  return y, (st if ep is None else st._replace(load=ep.load, dropped=ep.dropped))   # load psummed over the mesh

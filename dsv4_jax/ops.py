@@ -168,12 +168,17 @@ def compress_pool_ref(C: jnp.ndarray, Z: jnp.ndarray, ratio: int, prev=None) -> 
   return compressor.pool(C, Z, ratio, prev)
 
 
+def encode_rows_ref(values: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+  """KV entries [..., K] -> the cache's stored words uint32 [..., layout.words] (`Layout.encode`)."""
+  return layout.encode(values)
+
+
 # ---- the implementation switch -------------------------------------------------------------------------
 
-OPS = ("indexer_topk", "sparse_attention", "compress_pool")
+OPS = ("indexer_topk", "sparse_attention", "compress_pool", "encode_rows")
 _IMPLS: dict[str, dict[str, Callable]] = {
     "xla": {"indexer_topk": indexer_topk_ref, "sparse_attention": sparse_attention_ref,
-            "compress_pool": compress_pool_ref},
+            "compress_pool": compress_pool_ref, "encode_rows": encode_rows_ref},
 }
 
 
@@ -208,3 +213,7 @@ def sparse_attention(cfg: ModelConfig, q, attn_sink, window: Rows, window_idx, c
 
 def compress_pool(cfg: ModelConfig, C, Z, ratio: int, prev=None):
   return implementation(cfg, "compress_pool")(C, Z, ratio, prev)
+
+
+def encode_rows(cfg: ModelConfig, values, layout: Layout):
+  return implementation(cfg, "encode_rows")(values, layout)

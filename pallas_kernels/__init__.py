@@ -4,6 +4,7 @@ One file per kernel, each equal to a plain-jnp reference in `dsv4_jax.ops`:
     sparse_attention.py   sparse MQA with a sink over gathered rows   (ops.sparse_attention_ref)
     indexer.py            lightning-indexer scores, top-k in XLA      (ops.indexer_topk_ref)
     compressor.py         gated softmax pooling of m tokens           (ops.compress_pool_ref)
+    encode.py             KV entries -> the cache's stored words      (ops.encode_rows_ref)
 Helpers: rowcodec.py (decoding stored KV rows inside a kernel), platform.py (backend choice, limits).
 
 Importing the package registers the kernels with `dsv4_jax.ops` under `cfg.attn_impl`:
@@ -16,7 +17,7 @@ from __future__ import annotations
 import functools
 
 from dsv4_jax import ops
-from pallas_kernels import compressor, indexer, sparse_attention
+from pallas_kernels import compressor, encode, indexer, sparse_attention
 
 
 def _register() -> None:
@@ -24,7 +25,8 @@ def _register() -> None:
     ops.register(name,
                  indexer_topk=functools.partial(indexer.indexer_topk, backend=backend),
                  sparse_attention=functools.partial(sparse_attention.sparse_attention, backend=backend),
-                 compress_pool=functools.partial(compressor.pool, backend=backend))
+                 compress_pool=functools.partial(compressor.pool, backend=backend),
+                 encode_rows=functools.partial(encode.encode_rows, backend=backend))
 
 
 _register()

@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU = os.path.join(ROOT, ".aot", "libtpu")
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2", "v5p:2x2x1", "tpu7x:2x2x1")
-MODULES = ("sparse_attention", "indexer", "compressor")
+MODULES = ("sparse_attention", "indexer", "compressor", "encode")
 
 
 def cases(only: str = ""):

@@ -1,0 +1,200 @@
+"""Expert-parallel MoE (dsv4_jax/expert_parallel.py) on 8 CPU devices in one subprocess (the device count is
+fixed when JAX starts): the sharded MoE equals the single-device `moe()` on meshes expert:8 and
+data:2,expert:4 (score and hash routing, padding, fp4 QArray experts, every token on one expert with and
+without drops), the CPU emulation of ragged_all_to_all keeps the op's contract, the compiled HLO exchanges
+tokens with all-to-all and gathers no expert weight, and the tiny model's forward on expert:8 equals one
+device's. The real `ragged_all_to_all` is lowered for TPU on an abstract mesh, and (with libtpu under .aot/)
+compiled for a v5e:2x4 topology in a second subprocess."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBTPU = os.path.join(ROOT, ".aot", "libtpu")
+
+SCRIPT = textwrap.dedent("""
+    import math, re, time
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+    from dsv4_jax import expert_parallel as ep, forward, init_params, load_config, moe, qarray, sharding
+    from dsv4_jax.params import logical_axes
+    from dsv4_jax.transformer import param_specs
+    assert len(jax.devices()) == 8
+    t0 = time.time()
+    cfg = load_config("tiny")                                  # 8 experts, k = 2
+    E, F, D, k = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim, cfg.n_activated_experts
+    params = init_params(cfg, jax.random.key(0))
+    print("init %.1fs" % (time.time() - t0), flush=True)
+    score = jax.tree.map(lambda a: a[0], params["layers"]["stack"][0]["ffn"])
+    hashed = params["layers"]["prefix"][0]["ffn"]
+    assert "bias" in score["gate"] and "tid2eid" in hashed["gate"]
+    MESHES = ({"expert": 8}, {"data": 2, "expert": 4})
+
+    def run(p, x, ids, valid, shape, hlo=False, **opts):
+      # a fresh jit per mesh (the active mesh is not part of jit's cache key); experts placed as the rules say
+      mesh = sharding.make_mesh(shape) if shape else None
+      if mesh is not None:
+        p = dict(p, experts=jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("expert"))),
+                                         p["experts"]))
+      f = jax.jit(lambda p, x, ids, valid: moe.moe(p, cfg, x, ids, valid, stats=True))
+      with sharding.use_mesh(mesh), ep.options(**opts):
+        y, st = f(p, x, ids, valid)
+        hlo = f.lower(p, x, ids, valid).compile().as_text() if hlo else ""
+      return np.asarray(y), st, hlo
+
+    def rel(a, b):
+      return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+    B, S = 4, 24
+    x = jax.random.normal(jax.random.key(1), (B, S, D))
+    ids = jax.random.randint(jax.random.key(2), (B, S), 0, cfg.vocab_size)
+    valid = jnp.arange(S)[None] < jnp.array([24, 17, 24, 5])[:, None]
+
+    # ---- the emulation keeps ragged_all_to_all's contract (numpy model of the op, one update per peer)
+    n, rows, out_rows = 8, 16, 28
+    rng = np.random.default_rng(0)
+    send = rng.integers(0, 3, (n, n)).astype(np.int32)         # send[i, j]: rows i sends to j
+    in_off = np.cumsum(send, 1) - send
+    out_off = (np.cumsum(send, 0) - send + np.cumsum(rng.integers(0, 2, (n, n)), 0)).astype(np.int32)   # gaps
+    assert (out_off + send <= out_rows).all()
+    operand = rng.standard_normal((n, rows, 3)).astype(np.float32)
+    expect = np.full((n, out_rows, 3), -1.0, np.float32)
+    for i in range(n):
+      for j in range(n):
+        expect[j, out_off[i, j]:out_off[i, j] + send[i, j]] = operand[i, in_off[i, j]:in_off[i, j] + send[i, j]]
+    mesh8 = sharding.make_mesh({"expert": 8})
+    body = lambda o, io, s, oo, rs: ep.emulated_ragged_all_to_all(
+        o[0], jnp.full((out_rows, 3), -1.0), io[0], s[0], oo[0], rs[0], axis_name="expert")[None]
+    got = jax.jit(jax.shard_map(body, mesh=mesh8, in_specs=P("expert"), out_specs=P("expert"), check_vma=False))(
+        operand, in_off, send, out_off, send.T.copy())
+    np.testing.assert_array_equal(np.asarray(got), expect)
+    print("emulation contract ok", flush=True)
+
+    # ---- sharded MoE == single device: score routing with padding, hash routing, fp4 QArray experts
+    def fp4(shape):
+      e, o, i = shape
+      return qarray.QArray(values=jnp.asarray(rng.integers(0, 256, (e, o, i // 2), dtype=np.uint8)),
+                           scales=jnp.asarray(rng.integers(120, 127, (e, o, i // 32), dtype=np.uint8)),
+                           block=qarray.FP4_BLOCK, fmt="fp4")
+    quantised = dict(score, experts={n: fp4(score["experts"][n].shape) for n in ("w1", "w2", "w3")})
+    for name, p, v in (("score", score, valid), ("hash", hashed, valid), ("fp4", quantised, None)):
+      ref, rst, _ = run(p, x, ids, v, None)
+      for shape in MESHES:
+        y, st, hlo = run(p, x, ids, v, shape, hlo=name == "score")
+        err = rel(y, ref)
+        print(name, shape, "rel err", err, "%.0fs" % (time.time() - t0), flush=True)
+        assert err <= 1e-5, (name, shape, err)
+        assert int(st.dropped) == 0 and rst.dropped is None
+        np.testing.assert_array_equal(np.asarray(st.load), np.asarray(rst.load))    # psummed = global count
+        np.testing.assert_allclose(np.asarray(st.balance), np.asarray(rst.balance), rtol=1e-6)
+        if name == "score":
+          # the exchange is an all-to-all; nothing gathers expert weights: no all-gather yields an
+          # [.., F, D] or [.., D, F] matrix (the all-gathers left are of the [n] send sizes and of
+          # activations, which XLA places around the shard_map as it likes)
+          assert "all-to-all" in hlo, shape
+          gathers = [ln for ln in hlo.splitlines() if "all-gather(" in ln or "all-gather-start(" in ln]
+          for line in gathers:
+            dims = tuple(int(d) for d in re.search(r"= \\(?\\w+\\[([\\d,]*)\\]", line).group(1).split(",") if d)
+            assert dims[-2:] not in ((F, D), (D, F)), line
+          print("  hlo: all-to-all x%d, all-gathers" % hlo.count("all-to-all("),
+                [re.search(r"= \\(?(\\w+\\[[\\d,]*\\])", ln).group(1) for ln in gathers], flush=True)
+
+    # ---- decode size (2 tokens x 2 slots < 8 experts: moe's gathered path; 2 rows padded to 8 shards)
+    ref, _, _ = run(score, x[:, :1], ids[:, :1], None, None)
+    y, st, _ = run(score, x[:, :1], ids[:, :1], None, {"expert": 8})
+    print("decode size rel err", rel(y, ref), flush=True)
+    assert rel(y, ref) <= 1e-5 and int(st.dropped) == 0
+
+    # ---- every token on experts 0 and 1: dropless at the default capacity; counted drops when smaller
+    skew = dict(score, gate=dict(score["gate"], bias=jnp.zeros((E,)).at[0].set(100.0).at[1].set(50.0)))
+    ref, rst, _ = run(skew, x, ids, None, None)
+    assert np.asarray(rst.load).tolist() == [B * S, B * S] + [0] * (E - 2)
+    T = B * S
+    for shape in MESHES:
+      y, st, _ = run(skew, x, ids, None, shape)
+      assert rel(y, ref) <= 1e-5 and int(st.dropped) == 0, (shape, rel(y, ref), st.dropped)
+      nd, ne = shape.get("data", 1), shape["expert"]
+      T_l = T // (nd * ne)
+      for cf in ((1.0,) if nd == 1 else (1.5,)):
+        cap = ep.capacity_rows(T_l, k, ne, cf)
+        # per data row: T/nd pairs for expert 0 and as many for expert 1, on shard e // (E/ne); C rows each
+        per_shard = np.bincount(np.array([0, 1]) // (E // ne), minlength=ne) * (T // nd)
+        expect = nd * int(np.maximum(per_shard - cap, 0).sum())
+        y, st, _ = run(skew, x, ids, None, shape, capacity_factor=cf)
+        print("all on experts 0,1", shape, "capacity", cap, "dropped", int(st.dropped), "expected", expect,
+              flush=True)
+        assert int(st.dropped) == expect > 0, (shape, cf, int(st.dropped), expect)
+        np.testing.assert_array_equal(np.asarray(st.load), np.asarray(rst.load))   # load counts before drops
+        if shape == {"expert": 8}:
+          # senders in token order, first sender wins: the first `cap` tokens keep both pairs
+          yf, rf = y.reshape(T, D), ref.reshape(T, D)
+          assert rel(yf[:cap], rf[:cap]) <= 1e-5
+          assert np.abs(yf[cap:] - rf[cap:]).max(axis=-1).min() > 1e-3            # the rest lost both
+
+    # ---- the whole tiny model on expert:8 (hash + score layers, MTP) equals one device
+    toks = np.asarray(jax.random.randint(jax.random.key(3), (2, 40), 0, cfg.vocab_size), np.int32)
+    ref = np.asarray(jax.jit(lambda p, t: forward(p, cfg, t).logits)(params, toks))
+    mesh = sharding.make_mesh({"expert": 8})
+    axes = logical_axes(param_specs(cfg))
+    placed = jax.device_put(params, jax.tree.map(lambda a: sharding.logical_sharding(a, mesh), axes,
+                                                 is_leaf=lambda t: isinstance(t, tuple)))
+    with sharding.use_mesh(mesh):
+      got = np.asarray(jax.jit(lambda p, t: forward(p, cfg, t).logits)(placed, toks))
+    print("tiny forward expert:8 rel err", rel(got, ref), flush=True)
+    assert rel(got, ref) <= 1e-5
+
+    # ---- the real ragged_all_to_all lowers for TPU (abstract 8-device mesh, no devices needed)
+    amesh = AbstractMesh((8,), ("expert",))
+    sd = lambda shape, dt, spec: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(amesh, spec))
+    pe = {n: sd(score["experts"][n].shape, jnp.bfloat16, P("expert")) for n in ("w1", "w2", "w3")}
+    f = lambda pe, x, idx, w: ep.routed_experts(pe, cfg, x, idx, w, None, amesh, impl="native")
+    txt = jax.jit(f).trace(pe, sd((64, D), jnp.bfloat16, P("expert")), sd((64, k), jnp.int32, P("expert")),
+                           sd((64, k), jnp.float32, P("expert"))).lower(lowering_platforms=("tpu",)).as_text()
+    assert txt.count("ragged_all_to_all") == 3, txt.count("ragged_all_to_all")
+    print("tpu lowering ok %.1fs" % (time.time() - t0))
+    print("ok")
+""")
+
+TPU_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from dsv4_jax import load_config, expert_parallel as ep
+    cfg = load_config("tiny")
+    E, F, D, k = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim, cfg.n_activated_experts
+    devs = topologies.get_topology_desc(topology_name="v5e:2x4", platform="tpu").devices
+    mesh = Mesh(np.asarray(devs).reshape(2, 4), ("data", "expert"))
+    sd = lambda shape, dt, spec: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
+    pe = {"w1": sd((E, F, D), jnp.bfloat16, P("expert")), "w2": sd((E, D, F), jnp.bfloat16, P("expert")),
+          "w3": sd((E, F, D), jnp.bfloat16, P("expert"))}
+    tok = P(("data", "expert"))
+    f = lambda pe, x, idx, w: ep.routed_experts(pe, cfg, x, idx, w, None, mesh, capacity_factor=2.0)
+    hlo = jax.jit(f).trace(pe, sd((256, D), jnp.bfloat16, tok), sd((256, k), jnp.int32, tok),
+                           sd((256, k), jnp.float32, tok)).lower().compile().as_text()
+    print("ragged-all-to-all ops", hlo.count("ragged-all-to-all("))
+    assert "ragged-all-to-all" in hlo
+    print("ok")
+""")
+
+
+def test_expert_parallel_moe_on_8_cpu_devices():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
+  print(proc.stdout)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(LIBTPU, "libtpu")), reason="no libtpu under .aot/ (make setup)")
+def test_expert_parallel_compiles_for_tpu_with_the_real_ragged_all_to_all():
+  """Deviceless compile with libtpu (as pallas_kernels/aot.py): the platform switch picks the native op."""
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env.update(PYTHONPATH=os.pathsep.join([LIBTPU, ROOT]), TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
+             TPU_ACCELERATOR_TYPE="v6e-4")
+  proc = subprocess.run([sys.executable, "-c", TPU_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  print(proc.stdout)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
