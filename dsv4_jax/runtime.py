@@ -9,10 +9,12 @@ import sys
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.generation import GenerateResult, generate
 from dsv4_jax.sampling import Sampling
+from dsv4_jax.sharding import make_mesh, use_mesh
 from dsv4_jax.transformer import abstract_params, init_params
 
 log = logging.getLogger(__name__)
@@ -91,15 +93,33 @@ def check_checkpoint_config(path: str, cfg: ModelConfig) -> None:
                      f"--config (or load_config({cj!r})).")
 
 
-def load_or_init(cfg: ModelConfig, checkpoint: str | None, seed: int = 0) -> dict:
+def launch_mesh(spec: str | None, cfg: ModelConfig) -> Mesh | None:
+  """The launch scripts' --mesh: "data:2,expert:4" -> that mesh; absent -> `make_mesh(None, cfg)` (experts over
+  as many devices as divide the expert count, data over the rest) when several devices are present, else
+  None. Raises ValueError, before anything is loaded, for a mesh that does not fit the devices or the model."""
+  if spec:
+    return make_mesh(spec, cfg)
+  return make_mesh(None, cfg) if jax.device_count() > 1 else None
+
+
+def describe_mesh(mesh: Mesh | None) -> str:
+  """"mesh: data:2,expert:4 over 8 tpu devices" (the launch scripts print it)."""
+  if mesh is None:
+    return "mesh: none (one device)"
+  axes = ",".join(f"{a}:{n}" for a, n in mesh.shape.items() if n > 1) or "1 device"
+  return f"mesh: {axes} over {mesh.size} {mesh.devices.flat[0].platform} devices"
+
+
+def load_or_init(cfg: ModelConfig, checkpoint: str | None, seed: int = 0, mesh: Mesh | None = None) -> dict:
+  """The checkpoint's weights, or random ones, placed on `mesh` by the rules table (None: one device)."""
   if checkpoint:
     from dsv4_jax.weights import load_params
     check_checkpoint_config(checkpoint, cfg)
     print(f"loading {checkpoint} ...", file=sys.stderr)
-    return load_params(checkpoint, cfg)
+    return load_params(checkpoint, cfg, mesh=mesh)
   print(f"NOTE: no --checkpoint given: config {cfg.name!r} runs on RANDOM weights (seed {seed}); "
         "the generated tokens are meaningless.", file=sys.stderr)
-  return init_params(cfg, jax.random.key(seed))
+  return init_params(cfg, jax.random.key(seed), mesh=mesh)
 
 
 @dataclasses.dataclass
@@ -112,10 +132,18 @@ class Runner:
   stop_ids: tuple = ()
   cache_dtype: str | None = None
   rng: jax.Array | None = None
+  mesh: Mesh | None = None       # generation runs under use_mesh(mesh): cache and activations follow the rules
 
   def __call__(self, prompts) -> GenerateResult:
-    return generate(self.params, self.cfg, prompts, self.max_new_tokens, sampling=self.sampling, rng=self.rng,
-                    stop_ids=self.stop_ids, max_seq_len=self.max_seq_len, cache_dtype=self.cache_dtype)
+    prompts = [list(p) for p in prompts]
+    n = len(prompts)
+    # the batch is split over the mesh's data axis: pad it to a multiple with copies of the first prompt
+    # (rows are independent), and drop their results
+    pad = (-n) % (self.mesh.shape["data"] if self.mesh is not None else 1)
+    with use_mesh(self.mesh):
+      r = generate(self.params, self.cfg, prompts + [prompts[0]] * pad, self.max_new_tokens, sampling=self.sampling,
+                   rng=self.rng, stop_ids=self.stop_ids, max_seq_len=self.max_seq_len, cache_dtype=self.cache_dtype)
+    return dataclasses.replace(r, prompts=r.prompts[:n], tokens=r.tokens[:n], stop_reasons=r.stop_reasons[:n])
 
 
 def encode_text(tok, prompt: str | None, chat_file: str | None, thinking_mode: str, raw: bool) -> list[int]:

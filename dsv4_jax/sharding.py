@@ -7,6 +7,7 @@ replicated. With no active mesh every constraint is a no-op, so CPU tests run th
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Iterator, Sequence
 
@@ -58,11 +59,14 @@ _state = threading.local()
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None, rules: Sequence[tuple[str, object]] = AXIS_RULES) -> Iterator[None]:
-  """Activates `mesh` for `constrain` (and for `logical_sharding` without an explicit mesh)."""
+  """Activates `mesh` for `constrain` (and for `logical_sharding` without an explicit mesh). The mesh is also
+  entered as jax's own (`jax.set_mesh`), which makes it part of jit's cache key: a function traced without
+  a mesh is retraced under one (the MoE's expert-parallel branch and every constraint depend on it)."""
   prev = getattr(_state, "ctx", None)
   _state.ctx = (mesh, tuple(rules)) if mesh is not None else None
   try:
-    yield
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      yield
   finally:
     _state.ctx = prev
 
@@ -95,25 +99,101 @@ def logical_sharding(axes: Sequence[str | None], mesh: Mesh | None = None, rules
   return NamedSharding(mesh, logical_to_spec(axes, mesh, rules or AXIS_RULES))
 
 
+def param_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=AXIS_RULES) -> NamedSharding:
+  """A weight's NamedSharding from its logical axes; a dimension its mesh axes do not divide is replicated
+  (check_mesh rejects such meshes for the model's own dimensions)."""
+  spec = list(logical_to_spec(axes, mesh, rules))
+  for d, phys in enumerate(spec):
+    names = (phys,) if isinstance(phys, str) else tuple(phys or ())
+    if names and shape[d] % math.prod(mesh.shape[n] for n in names):
+      spec[d] = None
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op without an active mesh."""
+  """with_sharding_constraint by logical names; a no-op without an active mesh. A dimension its mesh axes do
+  not divide (a batch of 1 on data:2) stays replicated."""
   if len(axes) != x.ndim:
     raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of rank {x.ndim}.")
-  sharding = logical_sharding(axes)
-  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+  mesh, rules = active_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, param_sharding(axes, x.shape, mesh, rules))
 
 
-def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
-  """A mesh over `devices` (default: all) with axes MESH_AXES; `shape` gives sizes, the rest are 1.
-  Axes are Auto-sharded: placement follows the constraints, XLA inserts the collectives."""
+def parse_mesh(spec: str) -> dict[str, int]:
+  """"data:2,expert:4" -> {"data": 2, "expert": 4}; raises ValueError naming the bad part."""
+  shape: dict[str, int] = {}
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    name, sep, size = part.partition(":")
+    name = name.strip()
+    if not sep or not size.strip().isdigit() or int(size) < 1:
+      raise ValueError(f"mesh {spec!r}: {part!r} is not AXIS:SIZE with SIZE a positive integer "
+                       f"(e.g. 'data:2,expert:4'; axes {', '.join(MESH_AXES)}).")
+    if name not in MESH_AXES:
+      raise ValueError(f"mesh {spec!r}: unknown axis {name!r}; the axes are {', '.join(MESH_AXES)}.")
+    if name in shape:
+      raise ValueError(f"mesh {spec!r}: axis {name!r} is given twice.")
+    shape[name] = int(size)
+  if not shape:
+    raise ValueError(f"mesh {spec!r}: empty; give AXIS:SIZE pairs such as 'data:2,expert:4'.")
+  return shape
+
+
+def default_mesh_shape(n_devices: int, cfg=None) -> dict[str, int]:
+  """Experts over as many devices as divide both the device count and the expert count; attention
+  data-parallel over the rest (V4 has one KV head: tensor-parallel heads would replicate the cache).
+  Without a config: all data."""
+  expert = math.gcd(n_devices, cfg.n_routed_experts) if cfg is not None else 1
+  return {"data": n_devices // expert, "expert": expert}
+
+
+def make_mesh(spec: str | dict[str, int] | None = None, cfg=None, devices=None) -> Mesh:
+  """A mesh over `devices` (default: all) with axes MESH_AXES.
+
+  `spec` is "data:2,expert:4" (the launch scripts' --mesh), a dict {"data": 2, "expert": 4}, or None for
+  `default_mesh_shape` (experts over as many devices as divide cfg.n_routed_experts, data over the rest;
+  all data without `cfg`). Axes not named have size 1; the sizes must multiply to the number of devices.
+  With `cfg`, `check_mesh` runs too, so a mesh that does not divide the model fails here, before any
+  loading. Axes are Auto-sharded: placement follows the constraints, XLA inserts the collectives."""
   import numpy as np
   devices = list(devices if devices is not None else jax.devices())
-  shape = dict(shape or {"data": len(devices)})
-  unknown = set(shape) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"Unknown mesh axes {sorted(unknown)}; expected some of {MESH_AXES}.")
+  if spec is None:
+    shape = default_mesh_shape(len(devices), cfg)
+  elif isinstance(spec, str):
+    shape = parse_mesh(spec)
+  else:
+    shape = dict(spec)
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {', '.join(MESH_AXES)}.")
   sizes = tuple(int(shape.get(a, 1)) for a in MESH_AXES)
+  if min(sizes) < 1:
+    raise ValueError(f"mesh {shape}: axis sizes must be positive.")
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"Mesh shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; "
-                     f"{len(devices)} are available.")
-  return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+    given = ",".join(f"{a}:{n}" for a, n in zip(MESH_AXES, sizes) if n > 1) or "1 device"
+    raise ValueError(f"mesh {given} has {int(np.prod(sizes))} devices but {len(devices)} "
+                     f"{devices[0].platform} device(s) are present; the axis sizes must multiply to "
+                     f"{len(devices)}.")
+  mesh = Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+  if cfg is not None:
+    check_mesh(mesh, cfg)
+  return mesh
+
+
+def check_mesh(mesh: Mesh, cfg) -> None:
+  """Raises ValueError when a mesh axis does not divide the model dimensions the rules table puts on it
+  (e.g. 7 expert shards for 256 experts), naming the axis, its size and what it must divide."""
+  need = {
+      "expert": [("n_routed_experts", cfg.n_routed_experts)],
+      "tensor": [("n_heads", cfg.n_heads), ("o_groups", cfg.o_groups), ("index_n_heads", cfg.index_n_heads),
+                 ("moe_inter_dim", cfg.moe_inter_dim), ("vocab_size", cfg.vocab_size)],
+  }
+  for axis, dims in need.items():
+    n = int(mesh.shape.get(axis, 1))
+    bad = [f"{name}={v}" for name, v in dims if v % n]
+    if n > 1 and bad:
+      raise ValueError(f"mesh axis {axis!r} has size {n}, which does not divide {', '.join(bad)} of config "
+                       f"{cfg.name!r}; {axis!r} must divide {', '.join(f'{k}={v}' for k, v in dims)}.")

@@ -19,8 +19,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from dsv4_jax import block, head, mhc, mtp, params as params_lib
+from dsv4_jax import block, head, mhc, mtp, params as params_lib, sharding
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.params import ParamSpec
 from dsv4_jax.sharding import constrain
@@ -102,9 +103,21 @@ def abstract_params(cfg: ModelConfig, dtype=None):
   return params_lib.abstract_params(param_specs(cfg), dtype or cfg.dtype)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
-  """Random parameters for experiments (weights in `dtype`, default the config's compute dtype)."""
-  return params_lib.init_from_specs(param_specs(cfg), key, dtype or cfg.dtype)
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=None, mesh: Mesh | None = None) -> dict:
+  """Random parameters for experiments (weights in `dtype`, default the config's compute dtype). On
+  accelerators they are drawn on the devices under one jit, each leaf born with the sharding the rules table
+  gives its logical axes on `mesh` (the host never holds the model); on CPU the same values come from a
+  path that compiles faster (params.init_from_specs). The values do not depend on the mesh.
+  `jax.eval_shape(init_params, cfg, key)` gives the shapes without allocating."""
+  specs = param_specs(cfg)
+  shardings = None if mesh is None else jax.tree.map(
+      lambda s: sharding.param_sharding(s.axes, s.shape, mesh), specs, is_leaf=params_lib.is_spec)
+  return params_lib.init_from_specs(specs, key, dtype or cfg.dtype, shardings)
+
+
+# ModelConfig is static (hashable, no arrays): as a pytree with no leaves it can be passed to jax.eval_shape
+# and jit directly, e.g. jax.eval_shape(init_params, cfg, key).
+jax.tree_util.register_static(ModelConfig)
 
 
 class ForwardOutput(NamedTuple):
@@ -155,7 +168,7 @@ def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarr
   plan = layer_plan(cfg)
 
   def apply(p, i, X, c, rep=None):
-    view = None if c is None else LayerCache(c, rep, live)
+    view = None if c is None else LayerCache(c, rep, live, cfg)
     X, view, *st = block.block(p, cfg, cfg.layer_ratio(i), X, tokens, positions, lengths, view, stats=stats)
     return X, None if view is None else view.tree, st[0] if stats else None
 

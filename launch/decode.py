@@ -4,6 +4,7 @@ r"""Generate with DeepSeek-V4.
   python -m launch.decode --config=flash --checkpoint=DIR --prompt="Hello" --temperature=0.7 --top_p=0.9
   python -m launch.decode --config=flash --checkpoint=DIR --chat=messages.json --thinking_mode=thinking
   python -m launch.decode --config=flash --checkpoint=DIR --chat=-        # interactive multi-turn chat
+  python -m launch.decode --config=flash --checkpoint=DIR --prompt="Hello" --mesh=data:2,expert:4   # 8 chips
 
 `--config` is a name from configs/ (flash, pro, flash_base, pro_base, tiny) or a .py config file;
 override fields with `--config.FIELD=VALUE` (e.g. `--config.dtype=float32`). Without `--config`, a
@@ -51,6 +52,9 @@ _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", None, ["bfloat16", "float32", "p
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write ids and timings here.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype when the config comes from "
                            "the checkpoint's config.json (no --config).")
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh as AXIS:SIZE pairs over data, sequence, tensor, expert, e.g. "
+                           "data:2,expert:4 (sizes multiply to the device count). Default: experts over as many "
+                           "devices as divide the expert count, data over the rest; none on one device.")
 _CONFIG_GIVEN = any(a.startswith("--config") for a in sys.argv[1:])   # else a checkpoint's config.json is used
 
 
@@ -79,6 +83,9 @@ def main(argv):
     raise UsageError("give one of --prompt_ids, --prompt, --chat.")
   sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   print(describe(cfg), file=sys.stderr)
+  mesh = runtime.launch_mesh(_MESH.value, cfg)              # a mesh that does not fit fails here, before loading
+  if mesh is not None:
+    print(runtime.describe_mesh(mesh), file=sys.stderr)
 
   tok = None
   if _PROMPT.value is not None or _CHAT.value is not None:
@@ -104,9 +111,10 @@ def main(argv):
   runtime.check_fits(cfg, batch=max(1, len(prompts)), max_seq_len=max_seq, cache_dtype=_CACHE_DTYPE.value,
                      checkpoint=checkpoint)
 
-  params = runtime.load_or_init(cfg, checkpoint, seed=_SEED.value)
+  params = runtime.load_or_init(cfg, checkpoint, seed=_SEED.value, mesh=mesh)
   run = runtime.Runner(params, cfg, sampling, max_new_tokens=_MAX_NEW.value, max_seq_len=_MAX_SEQ.value,
-                       stop_ids=tuple(stop_ids), cache_dtype=_CACHE_DTYPE.value, rng=jax.random.key(_SEED.value))
+                       stop_ids=tuple(stop_ids), cache_dtype=_CACHE_DTYPE.value, rng=jax.random.key(_SEED.value),
+                       mesh=mesh)
   if interactive:
     runtime.interactive_chat(run, tok, _THINKING.value)
     return

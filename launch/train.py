@@ -72,7 +72,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and 
                                "workdir with checkpoints is resumed.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Initial weights (safetensors or launch.convert output; "
                                   "quantised weights are dequantised). Default: random init with train.seed.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json / .model (default: assets/CONFIG/tokenizer.model "
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json / .model (default: "
+                                 "dsv4_jax/assets/CONFIG/tokenizer.model "
                                  "for --format=text when it exists, else DeepSeek-V4's).")
 _STEPS = flags.DEFINE_integer("steps", None, "Optimizer steps in all (sets train.total_steps).")
 _EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.05, "Share of rows held out for the eval loss (0: none).")
@@ -88,6 +89,9 @@ _EXPORT = flags.DEFINE_string("export", None, "At the end, write the parameters 
                               "directory in the load_params layout, with the tokenizer model if it is a file.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for the MFU estimate "
                                   "(default: a table by device kind).")
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh as AXIS:SIZE pairs over data, sequence, tensor, expert, e.g. "
+                           "data:2,expert:4. Default: experts over as many devices as divide the expert count, "
+                           "data over the rest; none on one device.")
 flags.mark_flags_as_required(["data", "workdir"])
 
 METRICS = "metrics.jsonl"
@@ -345,12 +349,19 @@ def main(argv):
               "eval_fraction": _EVAL_FRACTION.value, "thinking_mode": _THINKING.value,
               "train_reasoning": _TRAIN_REASONING.value}
   print(describe(cfg), file=sys.stderr)
-  train(cfg, tc, run_args, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+  from dsv4_jax import runtime
+  from dsv4_jax.sharding import use_mesh
+  mesh = runtime.launch_mesh(_MESH.value, cfg)            # a mesh that does not fit fails here, before loading
+  if mesh is not None:
+    print(runtime.describe_mesh(mesh), file=sys.stderr)
+  with use_mesh(mesh):
+    train(cfg, tc, run_args, _WORKDIR.value, checkpoint=_CHECKPOINT.value, mesh=mesh)
 
 
-def train(cfg, tc, run_args: dict, workdir: str, checkpoint: str | None = None) -> dict:
+def train(cfg, tc, run_args: dict, workdir: str, checkpoint: str | None = None, mesh=None) -> dict:
   """Checks everything, then trains from scratch, from `checkpoint`, or on from the workdir's latest
-  checkpoint. Returns the last metrics."""
+  checkpoint. Returns the last metrics. `mesh`: fresh weights (init or `checkpoint`) are placed on it by the
+  rules table; run under `use_mesh(mesh)`."""
   from dsv4_jax import data as data_lib
   from dsv4_jax.tokenizer import load_tokenizer
 
@@ -415,9 +426,9 @@ def train(cfg, tc, run_args: dict, workdir: str, checkpoint: str | None = None) 
     wd.truncate_metrics(0)
     if checkpoint:
       from dsv4_jax.weights import load_params
-      params = load_params(checkpoint, cfg, dtype=tc.param_dtype, quantized=False)
+      params = load_params(checkpoint, cfg, dtype=tc.param_dtype, quantized=False, mesh=mesh)
     else:
-      params = transformer.init_params(cfg, jax.random.key(tc.seed), jnp.dtype(tc.param_dtype))
+      params = transformer.init_params(cfg, jax.random.key(tc.seed), jnp.dtype(tc.param_dtype), mesh=mesh)
     tx = make_optimizer(tc, params)
     state = init_train_state(params, tx, cfg, tc)
     del params

@@ -60,3 +60,21 @@ def test_sharded_forward_and_prefill_match_single_device():
                         timeout=600)
   print(proc.stdout)
   assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_a_mesh_is_part_of_jits_cache_key():
+  """A function jitted outside a mesh is traced again under `use_mesh`: code that branches on the active mesh
+  (the expert-parallel MoE, every constraint) never reuses an executable traced without it."""
+  import jax
+  from dsv4_jax import sharding
+  seen = []
+
+  @jax.jit
+  def f(x):
+    seen.append(sharding.active_mesh()[0])
+    return x + 1
+
+  f(1.0)
+  with sharding.use_mesh(sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])):
+    f(1.0)
+  assert len(seen) == 2 and seen[0] is None and seen[1] is not None
