@@ -21,28 +21,24 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from dsv4_jax import transformer
 from dsv4_jax.checkpoint import orbax_io, stream
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.params import ParamSpec
 from dsv4_jax.qarray import QArray
-from dsv4_jax.sharding import logical_to_spec
+from dsv4_jax.sharding import param_sharding
 
 log = logging.getLogger(__name__)
 
 
 def _sharding(axes: tuple, shape: tuple, mesh: Mesh | None):
-  """NamedSharding of a leaf from its logical axes; a dimension the mesh axes do not divide is replicated."""
+  """NamedSharding of a leaf from its logical axes (`sharding.param_sharding`: a dimension the mesh axes do
+  not divide is replicated); one device without a mesh."""
   if mesh is None:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  spec = list(logical_to_spec(axes, mesh))
-  for d, phys in enumerate(spec):
-    names = (phys,) if isinstance(phys, str) else tuple(phys or ())
-    if names and shape[d] % int(np.prod([mesh.shape[n] for n in names])):
-      spec[d] = None
-  return NamedSharding(mesh, PartitionSpec(*spec))
+  return param_sharding(axes, shape, mesh)
 
 
 def leaf_sharding(spec: ParamSpec, value, mesh: Mesh | None):
