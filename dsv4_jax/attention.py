@@ -96,15 +96,16 @@ def map_query_chunks(fn, chunk: int, per_query: tuple):
 
 
 def window_indices(positions: jnp.ndarray, start: jnp.ndarray, window: int, ring: int) -> jnp.ndarray:
-  """Window rows of each query in concat([ring (`ring` slots: 0 or W), this call's raw KV]).
+  """Window rows of each query in concat([ring (`ring` slots: 0, or W plus the cache's rollback rows), this
+  call's raw KV]).
 
   positions: [B,S], start: [B] (position of the call's first token) -> [B,S,W] int32 (oldest first):
-  positions >= start are this call's (row ring + p - start), older ones sit in ring slot p mod W; -1
+  positions >= start are this call's (row ring + p - start), older ones sit in ring slot p mod ring; -1
   before position 0.
   """
   p = positions[..., None] - (window - 1) + jnp.arange(window)
   s = start[:, None, None]
-  return jnp.where(p >= s, ring + p - s, jnp.where(p >= 0, p % window, -1)).astype(jnp.int32)
+  return jnp.where(p >= s, ring + p - s, jnp.where(p >= 0, p % max(ring, 1), -1)).astype(jnp.int32)
 
 
 def attend(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: jnp.ndarray, start: jnp.ndarray,
@@ -161,12 +162,12 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: 
     if ratio == indexer.CSA_RATIO:
       cache = _append(cache, "idx", p["indexer"]["compressor"], cfg, x, ratio, start, lengths, True)
       keys = cache.rows("idx", ratio)
-    ring, window = cfg.window_size, ops.Rows(jnp.concatenate([cache.window(kv.dtype), kv], axis=1))
+    ring = cache.tree["win"].n_rows                                                # W (+ rollback rows)
+    window = ops.Rows(jnp.concatenate([cache.window(kv.dtype), kv], axis=1))
   out = map_query_chunks(lambda xc, pc: attend(p, cfg, ratio, xc, pc, start, ring, window, comp, keys),
                          cfg.query_chunk, (x, positions))
   if cache is not None:
-    W = cfg.window_size
     i = jnp.arange(S)[None]
-    keep = (i < lengths[:, None]) & (i >= lengths[:, None] - W)                    # the last min(len, W) new
-    cache = cache.write("win", jnp.where(keep, (start[:, None] + i) % W, W), kv)
+    keep = (i < lengths[:, None]) & (i >= lengths[:, None] - ring)                 # the last min(len, ring) new
+    cache = cache.write("win", jnp.where(keep, (start[:, None] + i) % ring, ring), kv)
   return out, cache

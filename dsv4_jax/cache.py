@@ -2,15 +2,19 @@
 read, updated in place.
 
 Per layer, by type (stores are `kv_format.Store`s: rows of uint32 words, see dsv4_jax/kv_format.py):
-    win        [B, W, words]       ring of the last W raw KV entries, slot = position mod W     (every layer)
+    win        [B, W+r, words]     ring of the last W+r raw KV entries, slot = position mod (W+r) (every layer)
     comp       [B, N/m, words]     compressed KV entries, entry i at row i                      (CSA, HCA)
-    comp_state {tail_C, tail_Z (, prev_C, prev_Z): [B, m, coff*K] fp32}
-                                   the compressor's carried state (compressor.empty_state)
+    comp_state {C, Z: [B, R, coff*K] fp32}
+                                   ring of the compressor's per-token projections, R = 2m+r (CSA) or
+                                   m+r (HCA) (compressor.state_rows)
     idx        [B, N/4, words]     the indexer's compressed keys                                 (CSA)
     idx_state  like comp_state, for the indexer's compressor                                     (CSA)
 and `length [B]`: tokens already in the cache for each row; `max_seq_len []`: its capacity N. Which slots
-and entries are valid follows from `length`. The layer caches mirror the parameter tree (prefix / stack
-with a leading [reps] axis / suffix).
+and entries are valid follows from `length` alone: rows past it are never read, so setting `length` back
+by up to r = `rollback` tokens (speculative verification) undoes those tokens exactly. The layer caches
+mirror the parameter tree (prefix / stack with a leading [reps] axis / suffix). With `mtp`, the cache also
+holds `mtp`: the MTP blocks' window caches (one layer cache each) and `mtp_length [B]`, the positions the
+MTP block has consumed (dsv4_jax/speculative.py).
 
 In place: the step carries the whole cache through its layer loop (`lax.scan` carry, donated by the jitted
 entry points); a layer writes only its new rows (scatter at [rep, b, row]) and reads only what the math
@@ -43,18 +47,19 @@ def layouts(cfg: ModelConfig, storage: str) -> tuple[Layout, Layout]:
   return Layout(storage, cfg.head_dim), Layout(storage, cfg.index_head_dim)
 
 
-def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None) -> dict:
+def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None,
+                 rollback: int) -> dict:
   """One layer's empty cache (with a leading [reps] axis for scanned layers)."""
   lead = (B,) if reps is None else (reps, B)
   main, idx = layouts(cfg, storage)
-  out = {"win": kv_format.empty(lead, cfg.window_size, main)}
+  out = {"win": kv_format.empty(lead, cfg.window_size + rollback, main)}
   rows = max(1, max_seq_len // ratio) if ratio else 0   # >= 1 row, so a cache shorter than m still reads
   if ratio:
     out["comp"] = kv_format.empty(lead, rows, main)
-    out["comp_state"] = compressor.empty_state(ratio, cfg.head_dim, lead)
+    out["comp_state"] = compressor.empty_state(ratio, cfg.head_dim, lead, rollback)
   if ratio == indexer.CSA_RATIO:
     out["idx"] = kv_format.empty(lead, rows, idx)
-    out["idx_state"] = compressor.empty_state(ratio, cfg.index_head_dim, lead)
+    out["idx_state"] = compressor.empty_state(ratio, cfg.index_head_dim, lead, rollback)
   return out
 
 
@@ -65,8 +70,13 @@ def storage_name(cfg: ModelConfig, dtype=None) -> str:
   return storage
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None) -> dict:
+def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None, rollback: int = 0,
+               mtp: bool = False) -> dict:
   """An empty cache for `batch_size` sequences of up to `max_seq_len` tokens.
+
+  `rollback`: how many of the latest tokens a caller may later discard by setting `length` back (the draft
+  count of speculative decoding); the window and compressor rings grow by that many rows. `mtp`: also
+  hold the MTP blocks' caches (speculative decoding drafts with them).
 
   `dtype`: storage of KV entries: "bfloat16", "float32" (default: the compute dtype), or "paper" (fp8 e4m3
   non-RoPE dims with per-64 power-of-two scales + RoPE dims in the compute dtype; fp4 indexer keys with
@@ -74,15 +84,18 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, 
   under `sharding.use_mesh`), every leaf is placed by its logical axes (`cache_axes`).
   """
   storage = storage_name(cfg, dtype)
-  if batch_size < 1 or max_seq_len < 1:
-    raise ValueError(f"init_cache: batch_size={batch_size} and max_seq_len={max_seq_len} must be >= 1.")
+  if batch_size < 1 or max_seq_len < 1 or rollback < 0:
+    raise ValueError(f"init_cache: batch_size={batch_size} and max_seq_len={max_seq_len} must be >= 1 and "
+                     f"rollback={rollback} >= 0.")
+  if mtp and not cfg.n_mtp_layers:
+    raise ValueError(f"init_cache(mtp=True): config {cfg.name!r} has no MTP block (n_mtp_layers=0).")
   if storage == "paper" and (cfg.nope_head_dim % 64 or cfg.index_head_dim % 32):
     raise ValueError(f"the paper's cache format needs head_dim - rope_head_dim ({cfg.nope_head_dim}) divisible "
                      f"by 64 and index_head_dim ({cfg.index_head_dim}) by 32.")
   plan = layer_plan(cfg)
 
   def layer(i, reps=None):
-    return _layer_cache(cfg, cfg.layer_ratio(i), batch_size, max_seq_len, storage, reps)
+    return _layer_cache(cfg, cfg.layer_ratio(i), batch_size, max_seq_len, storage, reps, rollback)
 
   cache = {
       "length": jnp.zeros((batch_size,), jnp.int32),
@@ -93,6 +106,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, 
           "suffix": [layer(i) for i in plan.suffix],
       },
   }
+  if mtp:
+    cache["mtp"] = [layer(cfg.n_layers + j) for j in range(cfg.n_mtp_layers)]
+    cache["mtp_length"] = jnp.zeros((batch_size,), jnp.int32)
   from dsv4_jax import sharding
   if mesh is not None or sharding.active_mesh()[0] is not None:
     shardings = jax.tree.map(lambda axes: sharding.logical_sharding(axes, mesh), cache_axes(cache),
@@ -115,10 +131,20 @@ def cache_axes(cache: dict) -> dict:
     return out
 
   layers = cache["layers"]
-  return {"length": ("cache_batch",), "max_seq_len": (),
-          "layers": {"prefix": [layer(c, False) for c in layers["prefix"]],
-                     "stack": [layer(c, True) for c in layers["stack"]],
-                     "suffix": [layer(c, False) for c in layers["suffix"]]}}
+  out = {"length": ("cache_batch",), "max_seq_len": (),
+         "layers": {"prefix": [layer(c, False) for c in layers["prefix"]],
+                    "stack": [layer(c, True) for c in layers["stack"]],
+                    "suffix": [layer(c, False) for c in layers["suffix"]]}}
+  if "mtp" in cache:
+    out["mtp"] = [layer(c, False) for c in cache["mtp"]]
+    out["mtp_length"] = ("cache_batch",)
+  return out
+
+
+def rollback_rows(cfg: ModelConfig, cache: dict) -> int:
+  """How many of its latest tokens the cache can discard by setting `length` back (init_cache's `rollback`)."""
+  layers = cache["layers"]
+  return (layers["prefix"] or layers["stack"] or layers["suffix"])[0]["win"].n_rows - cfg.window_size
 
 
 def live_bucket(n_tokens: int, capacity: int) -> int:

@@ -81,19 +81,27 @@ def visible_count(t: jnp.ndarray, ratio: int) -> jnp.ndarray:
   return (t + 1) // ratio
 
 
-def state_shapes(ratio: int, c: int) -> dict:
-  """Per sequence: the projections of the incomplete window (tail_C, tail_Z) and, with overlap (CSA), of the
-  last complete window (prev_C, prev_Z); each fp32 [m, coff*c]."""
+def state_rows(ratio: int, rollback: int = 0) -> int:
+  """Rows of the compressor's ring of per-token projections: the incomplete window (< m tokens) and, with
+  overlap (CSA), the complete window before it (m), plus `rollback` tokens that a later call may discard
+  (speculative verification, dsv4_jax/speculative.py). A call starting at position L reads positions
+  >= L - 2m + 1 (CSA) or >= L - m + 1 (HCA); a ring of R rows keeps them as long as no call wrote past
+  L - 1 + rollback, so rolling the length back by up to `rollback` tokens is exact."""
+  return (2 * ratio if overlaps(ratio) else ratio) + rollback
+
+
+def state_shapes(ratio: int, c: int, rollback: int = 0) -> dict:
+  """Per sequence: the ring of the last `state_rows` tokens' projections C and Z (ape bias included), each
+  fp32 [R, coff*c]; token at position t sits in row t mod R."""
   cc = (2 if overlaps(ratio) else 1) * c
-  names = ("tail_C", "tail_Z", "prev_C", "prev_Z") if overlaps(ratio) else ("tail_C", "tail_Z")
-  return {k: (ratio, cc) for k in names}
+  R = state_rows(ratio, rollback)
+  return {"C": (R, cc), "Z": (R, cc)}
 
 
-def empty_state(ratio: int, c: int, lead: tuple) -> dict:
-  """The state (`state_shapes`, with leading axes `lead`) of a sequence that has seen no token: Z = -inf
-  gives "no token" a softmax weight of 0."""
-  return {k: jnp.full(lead + s, -jnp.inf if k.endswith("Z") else 0.0, F32)
-          for k, s in state_shapes(ratio, c).items()}
+def empty_state(ratio: int, c: int, lead: tuple, rollback: int = 0) -> dict:
+  """The state (`state_shapes`, with leading axes `lead`) of a sequence that has seen no token. Rows are
+  only read for positions the sequence holds, so the fill value is never used."""
+  return {k: jnp.zeros(lead + s, F32) for k, s in state_shapes(ratio, c, rollback).items()}
 
 
 def _take_rows(a: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
@@ -107,40 +115,45 @@ def compress_chunk(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start:
   """Feeds `lengths[b]` tokens at positions start[b].. to a sequence's compressor: the one compression
   function of the model (whole prompts run it chunk by chunk, decoding one token at a time).
 
-  x: [B,S,D] (rows right-padded), start/lengths: [B], state: see `empty_state` (a row with start == 0
-  starts empty, whatever the state holds) -> (E [B, n_win, c] finished entries in the compute dtype,
-  entry_ids [B, n_win], n_done [B] entries complete after the call, new state).
+  x: [B,S,D] (rows right-padded), start/lengths: [B], state: the ring of earlier tokens' projections (see
+  `state_shapes`; a row's positions < start[b] are read from it) -> (E [B, n_win, c] finished entries in the
+  compute dtype, entry_ids [B, n_win], n_done [B] entries complete after the call, new state).
   E[:, j] is entry entry_ids[:, j]; only those with entry_ids < n_done are complete (the rest are partial
-  windows, never to be stored). Memory: the projections of S + m tokens, fp32.
+  windows, never to be stored). The state depends only on the positions written, so a caller may roll a
+  sequence back (restart at a smaller `start`) by up to the ring's `rollback` rows. Memory: the
+  projections of S + m tokens, fp32.
   """
   m, S = ratio, x.shape[1]
+  R = state["C"].shape[1]
   positions = start[:, None] + jnp.arange(S)
   C, Z = project(p, x, m, positions)                                  # [B,S,cc]
   r = (start % m)[:, None]                                           # tokens of this window already seen
   w0 = start[:, None] - r                                            # first position of that window
   n_win = -(-(S + m - 1) // m)
   j = jnp.arange(n_win * m)[None]                                    # position w0 + j
-  src = jnp.where(j < r, j, m + j - r)                               # into concat([tail, new])
-  valid = (j < r) | (j - r < lengths[:, None])
-  take = lambda a, b: jnp.where(valid[..., None], _take_rows(jnp.concatenate([a, b], 1), src), 0.0)
-  bufC, bufZ = take(state["tail_C"], C), take(state["tail_Z"], Z)    # [B, n_win*m, cc], window-aligned
+  old = j < r                                                        # earlier tokens: from the ring
+  valid = old | (j - r < lengths[:, None])
 
-  fresh = (start == 0)[:, None, None]
+  def take(ring, new):
+    got = jnp.where(old[..., None], _take_rows(ring, (w0 + j) % R), _take_rows(new, j - r))
+    return jnp.where(valid[..., None], got, 0.0)
+
+  bufC, bufZ = take(state["C"], C), take(state["Z"], Z)              # [B, n_win*m, cc], window-aligned
   prev = None
-  if overlaps(m):
-    prev = (jnp.where(fresh, 0.0, state["prev_C"]), jnp.where(fresh, -jnp.inf, state["prev_Z"]))
+  if overlaps(m):                                                    # the complete window before w0
+    rows = (w0 - m + jnp.arange(m)[None]) % R
+    has = (w0 >= m)[..., None]
+    prev = (jnp.where(has, _take_rows(state["C"], rows), 0.0), jnp.where(has, _take_rows(state["Z"], rows), -jnp.inf))
   E = ops.compress_pool(cfg, bufC, bufZ, m, prev)                    # [B, n_win, c]
   entry_ids = w0 // m + jnp.arange(n_win)[None]                      # [B, n_win]
   n_done = (start + lengths) // m                                    # entries complete after the call
   E = finish(E, p, cfg, m, entry_ids, indexer)
 
-  tail_rows = n_done[:, None] * m - w0 + jnp.arange(m)[None]         # the new incomplete window
-  new_state = {"tail_C": _take_rows(bufC, tail_rows), "tail_Z": _take_rows(bufZ, tail_rows)}
-  if overlaps(m):
-    last_rows = (n_done[:, None] - 1) * m - w0 + jnp.arange(m)[None]  # the last complete window
-    completed = (n_done[:, None] - 1 >= w0 // m)[..., None]
-    new_state["prev_C"] = jnp.where(completed, _take_rows(bufC, last_rows), prev[0])
-    new_state["prev_Z"] = jnp.where(completed, _take_rows(bufZ, last_rows), prev[1])
+  i = jnp.arange(S)[None]                                            # the last min(len, R) new tokens
+  keep = (i < lengths[:, None]) & (i >= lengths[:, None] - R)
+  slot = jnp.where(keep, positions % R, R)                           # R: out of range, dropped
+  b = jnp.arange(x.shape[0])[:, None]
+  new_state = {"C": state["C"].at[b, slot].set(C, mode="drop"), "Z": state["Z"].at[b, slot].set(Z, mode="drop")}
   return E, entry_ids, n_done, new_state
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv4_jax import speculative as spec
 from dsv4_jax.cache import init_cache, live_bucket
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.inference import step
@@ -22,7 +23,8 @@ class GenerateResult:
   prompts: list[list[int]]
   tokens: list[list[int]]           # generated ids per sequence (a final stop id included)
   stop_reasons: list[str]           # "eos" | "stop_id" | "max_new_tokens"
-  timings: dict                     # seconds: compile_prefill, prefill, compile_decode, decode; decode tokens/s
+  timings: dict                     # seconds: compile_prefill, prefill, compile_decode, decode; decode tokens/s;
+                                    # speculative: steps, accepted drafts per row, acceptance rate, tokens/step
 
 
 def pad_prompts(prompts, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +91,62 @@ def _decode_loop(params, cfg: ModelConfig, sampling: Sampling, live: int, eos_id
   return out, n, stopped, last, cache, key
 
 
+def _record_many(emitted, count, state, eos_id, stop_ids, max_new: int):
+  """Appends emitted[b, :count[b]] to row b's tokens (count 0: a stopped row), stopping at the first EOS /
+  stop id among them and at max_new tokens."""
+  out, n, stopped = state
+  j = jnp.arange(emitted.shape[1])[None]
+  is_eos = emitted == eos_id
+  hit = (is_eos | (jnp.isin(emitted, stop_ids) if stop_ids.size else False)) & (j < count[:, None])
+  first = jnp.argmax(hit, axis=1)
+  count = jnp.minimum(jnp.where(jnp.any(hit, axis=1), first + 1, count), max_new - n)
+  b = jnp.arange(emitted.shape[0])[:, None]
+  out = out.at[b, jnp.where(j < count[:, None], n[:, None] + j, max_new)].set(emitted, mode="drop")
+  stop_kept = jnp.any(hit, axis=1) & (first < count)
+  reason = jnp.where(jnp.take_along_axis(is_eos, first[:, None], axis=1)[:, 0], 1, 2)
+  return out, n + count, jnp.where(stop_kept, reason, stopped)
+
+
+def _spec_prefill(params, cfg: ModelConfig, tokens, lengths, cache, live: int, num_draft: int, sampling: Sampling,
+                  max_new: int, eos_id: int, key, stop_ids):
+  """Prefill with the MTP block, token 0 of every row, the first drafts."""
+  key, sub = jax.random.split(key)
+  first, drafts, dlogits, cache = spec.prefill(params, cfg, tokens, lengths, cache, live, num_draft, sampling, sub)
+  B = first.shape[0]
+  state = (jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32))
+  out, n, stopped = _record(0, first, state, eos_id, stop_ids)
+  return out, n, stopped, first, drafts, dlogits, cache, key
+
+
+def _spec_loop(params, cfg: ModelConfig, sampling: Sampling, live: int, eos_id: int, max_new: int, out, n, stopped,
+               pending, drafts, dlogits, cache, key, stop_ids, accepted, steps):
+  """Speculative iterations (dsv4_jax/speculative.py) while a row runs and every row's verification fits in
+  `live` (static) tokens. accepted / steps [B]: drafts accepted and verify steps per row."""
+  k = drafts.shape[1]
+
+  def running(n, stopped):
+    return (stopped == 0) & (n < max_new)
+
+  def cond(s):
+    _, n, stopped, _, _, _, cache, *_ = s
+    return jnp.any(running(n, stopped)) & (jnp.max(cache["length"]) + k + 1 <= live)
+
+  def body(s):
+    out, n, stopped, pending, drafts, dlogits, cache, key, accepted, steps = s
+    key, sub = jax.random.split(key)
+    run = running(n, stopped)
+    emitted, a, drafts, dlogits, cache = spec.verify(params, cfg, pending, drafts, dlogits, run, cache, live,
+                                                     sampling, sub)
+    out, n, stopped = _record_many(emitted, (a + 1) * run, (out, n, stopped), eos_id, stop_ids, max_new)
+    pending = jnp.where(run, jnp.take_along_axis(emitted, a[:, None], axis=1)[:, 0], pending)
+    return (out, n, stopped, pending, drafts, dlogits, cache, key, accepted + a * run, steps + run)
+
+  return jax.lax.while_loop(cond, body, (out, n, stopped, pending, drafts, dlogits, cache, key, accepted, steps))
+
+
 _PREFILL = jax.jit(step, static_argnums=(1, 5), donate_argnums=4)
+_SPEC_PREFILL = jax.jit(_spec_prefill, static_argnums=(1, 5, 6, 7, 8, 9), donate_argnums=4)
+_SPEC_LOOP = jax.jit(_spec_loop, static_argnums=(1, 2, 3, 4, 5), donate_argnums=12)
 _FIRST = jax.jit(_first_token, static_argnums=(2, 3, 4))
 _DECODE = jax.jit(_decode_loop, static_argnums=(1, 2, 3, 4), donate_argnums=11)
 _EXECUTABLES: dict = {}
@@ -107,31 +164,9 @@ def _aot(key: tuple, arrays, lower) -> tuple:
   return _EXECUTABLES[key], time.perf_counter() - t0
 
 
-def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampling: Sampling | None = None,
-             rng: jax.Array | None = None, stop_ids: Sequence[int] = (), stop_on_eos: bool = True,
-             max_seq_len: int | None = None, cache_dtype=None) -> GenerateResult:
-  """Generates up to `max_new_tokens` for each prompt (lists of ids of any lengths, or [B,S]).
-
-  The cache holds `max_seq_len` tokens (default: the longest prompt plus max_new_tokens); everything is
-  checked before any compute. Seeded by `rng` (default key 0): the same call gives the same tokens.
-  """
-  sampling = sampling or Sampling()
-  rng = jax.random.key(0) if rng is None else rng
-  tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-  need = int(lengths.max()) + max_new_tokens
-  max_seq_len = max_seq_len or need
-  if need > max_seq_len or need > cfg.max_seq_len:
-    limit = min(max_seq_len, cfg.max_seq_len)
-    raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens={max_new_tokens} "
-                     f"needs {need} positions but the cache holds {limit} (max_seq_len={max_seq_len}, config "
-                     f"max_seq_len={cfg.max_seq_len}); shorten the prompt or lower max_new_tokens.")
-  stops = jnp.asarray(list(stop_ids), jnp.int32)
-  eos_id = cfg.eos_token_id if stop_on_eos else -1
-  cache = init_cache(cfg, tokens.shape[0], max_seq_len, cache_dtype)   # ids and capacity checked above
-
-  timings = {}
+def _plain(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, eos_id, cache, timings):
+  """Prefill, then one token per step. -> (out, n, stopped) on the host."""
+  max_seq_len = int(cache["max_seq_len"])
   used = int(lengths.max())
   live = live_bucket(used, max_seq_len)
   prefill_c, timings["compile_prefill_s"] = _aot(
@@ -162,6 +197,94 @@ def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampl
   out, n, stopped = jax.device_get((out, n, stopped))
   timings["decode_s"] = time.perf_counter() - t0 - compile_in_loop
   timings["compile_decode_s"] += compile_in_loop
+  return out, n, stopped
+
+
+def _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, eos_id, cache, timings, k):
+  """Prefill with the MTP block, then verify k drafts per step (dsv4_jax/speculative.py). -> (out, n,
+  stopped) on the host; acceptance counts go to `timings`."""
+  max_seq_len = int(cache["max_seq_len"])
+  live = live_bucket(int(lengths.max()) + k, max_seq_len)
+  args = (tokens, lengths, cache)
+  prefill_c, timings["compile_prefill_s"] = _aot(
+      ("spec_prefill", cfg, live, k, sampling, max_new_tokens, eos_id), (params, *args, rng, stops),
+      lambda: _SPEC_PREFILL.lower(params, cfg, *args, live, k, sampling, max_new_tokens, eos_id, rng, stops))
+  t0 = time.perf_counter()
+  state = prefill_c(params, *args, rng, stops)
+  jax.block_until_ready(state)
+  timings["prefill_s"] = time.perf_counter() - t0
+  timings["compile_decode_s"] = 0.0
+  zeros = jnp.zeros((tokens.shape[0],), jnp.int32)
+  state = (*state, stops, zeros, zeros)          # out, n, stopped, pending, drafts, dlogits, cache, key, ..
+  t0 = time.perf_counter()
+  compile_in_loop = 0.0
+  while True:
+    out, n, stopped, _, _, _, cache, *_ = state
+    length, n_h, stopped_h = jax.device_get((cache["length"], n, stopped))
+    if not ((stopped_h == 0) & (n_h < max_new_tokens)).any():
+      break
+    live = live_bucket(int(length.max()) + k + 1, max_seq_len)
+    loop_c, secs = _aot(("spec", cfg, sampling, live, eos_id, max_new_tokens), (params, *state),
+                        lambda: _SPEC_LOOP.lower(params, cfg, sampling, live, eos_id, max_new_tokens, *state))
+    compile_in_loop += secs
+    out, n, stopped, pending, drafts, dlogits, cache, key, accepted, steps = loop_c(params, *state)
+    state = (out, n, stopped, pending, drafts, dlogits, cache, key, stops, accepted, steps)
+  out, n, stopped, accepted, steps = jax.device_get((state[0], state[1], state[2], state[9], state[10]))
+  timings["decode_s"] = time.perf_counter() - t0 - compile_in_loop
+  timings["compile_decode_s"] += compile_in_loop
+  timings.update(speculative="mtp", num_draft=k, steps=steps.tolist(), accepted=accepted.tolist(),
+                 acceptance_rate=float(accepted.sum() / max(1, k * steps.sum())),
+                 tokens_per_step=float((n.sum() - len(n)) / max(1, steps.sum())))
+  return out, n, stopped
+
+
+def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampling: Sampling | None = None,
+             rng: jax.Array | None = None, stop_ids: Sequence[int] = (), stop_on_eos: bool = True,
+             max_seq_len: int | None = None, cache_dtype=None, speculative: str | None = None,
+             num_draft: int = 1) -> GenerateResult:
+  """Generates up to `max_new_tokens` for each prompt (lists of ids of any lengths, or [B,S]).
+
+  The cache holds `max_seq_len` tokens (default: the longest prompt plus max_new_tokens, plus num_draft when
+  speculating); everything is checked before any compute. Seeded by `rng` (default key 0): the same call
+  gives the same tokens. `speculative="mtp"`: the MTP block drafts `num_draft` tokens per step and one
+  cached step verifies them (dsv4_jax/speculative.py); greedy output equals plain greedy decoding, sampled
+  output has the same distribution. Per-row accepted drafts and steps land in `timings`.
+  """
+  sampling = sampling or Sampling()
+  rng = jax.random.key(0) if rng is None else rng
+  tokens, lengths = pad_prompts(prompts, cfg.vocab_size)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+  extra = 0
+  if speculative is not None:
+    if speculative != "mtp":
+      raise ValueError(f"speculative={speculative!r}: the only drafter is 'mtp' (None: plain decoding).")
+    if not cfg.n_mtp_layers or not params.get("mtp"):
+      raise ValueError(f"speculative='mtp' needs the MTP block, but config {cfg.name!r} / these parameters have "
+                       "none (n_mtp_layers=0 or an empty params['mtp']).")
+    if not 1 <= num_draft < cfg.query_chunk:
+      raise ValueError(f"num_draft={num_draft} must be in [1, {cfg.query_chunk - 1}] (one verify step holds "
+                       f"num_draft + 1 <= query_chunk tokens).")
+    extra = num_draft
+  need = int(lengths.max()) + max_new_tokens + extra
+  max_seq_len = max_seq_len or need
+  if need > max_seq_len or need > cfg.max_seq_len:
+    limit = min(max_seq_len, cfg.max_seq_len)
+    raise ValueError(f"the longest prompt ({int(lengths.max())} tokens) plus max_new_tokens={max_new_tokens}"
+                     + (f" plus num_draft={extra}" if extra else "") + f" needs {need} positions but the cache "
+                     f"holds {limit} (max_seq_len={max_seq_len}, config max_seq_len={cfg.max_seq_len}); shorten "
+                     "the prompt or lower max_new_tokens.")
+  stops = jnp.asarray(list(stop_ids), jnp.int32)
+  eos_id = cfg.eos_token_id if stop_on_eos else -1
+  timings = {}
+  if speculative:
+    cache = init_cache(cfg, tokens.shape[0], max_seq_len, cache_dtype, rollback=extra, mtp=True)
+    out, n, stopped = _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, eos_id,
+                                   cache, timings, num_draft)
+  else:
+    cache = init_cache(cfg, tokens.shape[0], max_seq_len, cache_dtype)   # ids and capacity checked above
+    out, n, stopped = _plain(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, eos_id, cache,
+                             timings)
   n_tokens = int(np.sum(n))
   timings["decode_tokens_per_s"] = n_tokens / timings["decode_s"] if timings["decode_s"] > 0 else float("nan")
   timings["prefill_tokens"] = int(lengths.sum())

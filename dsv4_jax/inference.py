@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import head
+from dsv4_jax import head, mtp
 from dsv4_jax.cache import live_bucket
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.transformer import check_tokens, embed_streams, run_layers
@@ -20,6 +20,63 @@ from dsv4_jax.transformer import check_tokens, embed_streams, run_layers
 def _last(X: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
   """X [B,S,nh,D], idx [B] -> [B,1,nh,D]."""
   return jnp.take_along_axis(X, jnp.clip(idx, 0, X.shape[1] - 1)[:, None, None, None], axis=1)
+
+
+def step_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray, cache: dict,
+                 live: int | None = None, all_positions: bool = False):
+  """`step` up to the head: -> (final streams [B,1,nh,D] at each row's last new token, or with
+  `all_positions` (static; S <= cfg.query_chunk) at every position [B,S,nh,D]; updated cache).
+
+  A cache built with `mtp=True` (speculative decoding) also feeds its MTP block every new position but the
+  last of each row (whose next token is not known yet), so that MTP cache keeps up with a chunked prefill;
+  with `all_positions` (verification) the caller feeds the MTP block the positions it keeps.
+  """
+  tokens = tokens.astype(jnp.int32)
+  lengths = lengths.astype(jnp.int32)
+  start = cache["length"]
+  live = live or cfg.max_seq_len
+  B, S = tokens.shape
+  Q = cfg.query_chunk
+  with_mtp = "mtp" in cache and not all_positions
+  if all_positions and S > Q:
+    raise ValueError(f"all_positions needs at most query_chunk={Q} tokens per call; got {S}.")
+  nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))                     # the token after each position
+
+  def run(state, toks, nxt_c, start_c, len_c):
+    layer_caches, mtp_caches = state
+    positions = start_c[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)
+    X = embed_streams(params, cfg, toks)
+    X, layer_caches = run_layers(params["layers"], cfg, X, toks, positions=positions, lengths=len_c,
+                                 caches=layer_caches, live=live)
+    if with_mtp:                              # MTP position i: streams X_i and the token i+1, both known
+      len_m = jnp.maximum(len_c - (start_c + len_c == start + lengths), 0)
+      mtp_caches = [mtp.mtp_step(p, cfg, cfg.n_layers + j, params["embed"], X, nxt_c, start_c, len_m, c, live)[1]
+                    for j, (p, c) in enumerate(zip(params["mtp"], mtp_caches))]
+    return X, (layer_caches, mtp_caches)
+
+  state = (cache["layers"], cache.get("mtp") if with_mtp else None)
+  if S <= Q:
+    X, state = run(state, tokens, nxt, start, lengths)
+    X_out = X if all_positions else _last(X, lengths - 1)
+  else:
+    n = -(-S // Q)
+    split = lambda t: jnp.moveaxis(jnp.pad(t, ((0, 0), (0, n * Q - S))).reshape(B, n, Q), 1, 0)
+
+    def body(carry, xs):
+      state, X_last = carry
+      c, toks, nxt_c = xs
+      done = jnp.minimum(c * Q, lengths)
+      X, state = run(state, toks, nxt_c, start + done, jnp.clip(lengths - c * Q, 0, Q))
+      here = (lengths > 0) & ((lengths - 1) // Q == c)
+      X_last = jnp.where(here[:, None, None, None], _last(X, lengths - 1 - c * Q), X_last)
+      return (state, X_last), None
+
+    X0 = jnp.zeros((B, 1, cfg.hc_mult, cfg.dim), cfg.dtype)
+    (state, X_out), _ = jax.lax.scan(body, (state, X0), (jnp.arange(n), split(tokens), split(nxt)))
+  new_cache = dict(cache, length=start + lengths, layers=state[0])
+  if with_mtp:
+    new_cache.update(mtp=state[1], mtp_length=jnp.where(lengths > 0, start + lengths - 1, cache["mtp_length"]))
+  return X_out, new_cache
 
 
 def step(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray, cache: dict,
@@ -33,39 +90,8 @@ def step(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarr
   stack (a chunked prefill inside one executable): activations exist for one chunk at a time, the cache
   is the only thing that grows with S, and only the last positions reach the head.
   """
-  tokens = tokens.astype(jnp.int32)
-  lengths = lengths.astype(jnp.int32)
-  start = cache["length"]
-  live = live or cfg.max_seq_len
-  B, S = tokens.shape
-  Q = cfg.query_chunk
-
-  def run(layer_caches, toks, start_c, len_c):
-    positions = start_c[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)
-    X = embed_streams(params, cfg, toks)
-    return run_layers(params["layers"], cfg, X, toks, positions=positions, lengths=len_c, caches=layer_caches,
-                      live=live)
-
-  if S <= Q:
-    X, layer_caches = run(cache["layers"], tokens, start, lengths)
-    X_last = _last(X, lengths - 1)
-  else:
-    n = -(-S // Q)
-    chunks = jnp.moveaxis(jnp.pad(tokens, ((0, 0), (0, n * Q - S))).reshape(B, n, Q), 1, 0)
-
-    def body(carry, xs):
-      layer_caches, X_last = carry
-      c, toks = xs
-      done = jnp.minimum(c * Q, lengths)
-      X, layer_caches = run(layer_caches, toks, start + done, jnp.clip(lengths - c * Q, 0, Q))
-      here = (lengths > 0) & ((lengths - 1) // Q == c)
-      X_last = jnp.where(here[:, None, None, None], _last(X, lengths - 1 - c * Q), X_last)
-      return (layer_caches, X_last), None
-
-    X0 = jnp.zeros((B, 1, cfg.hc_mult, cfg.dim), cfg.dtype)
-    (layer_caches, X_last), _ = jax.lax.scan(body, (cache["layers"], X0), (jnp.arange(n), chunks))
+  X_last, new_cache = step_streams(params, cfg, tokens, lengths, cache, live)
   logits = head.logits(X_last, params["hc_head"], params["norm"], params["head"], cfg)[:, 0]
-  new_cache = dict(cache, length=start + lengths, layers=layer_caches)
   return logits, new_cache
 
 

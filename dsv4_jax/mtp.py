@@ -51,3 +51,20 @@ def mtp_forward(p: dict, cfg: ModelConfig, layer_id: int, embed: jnp.ndarray, he
   """Teacher-forced MTP logits. X_main: [B,S,nh,D], tokens: [B,S] -> [B,S-1,V] fp32."""
   X = mtp_streams(p, cfg, layer_id, embed, X_main, tokens)
   return head.logits(X, p["hc_head"], p["norm"], head_w, cfg)
+
+
+def mtp_step(p: dict, cfg: ModelConfig, layer_id: int, embed: jnp.ndarray, X_main: jnp.ndarray,
+             next_ids: jnp.ndarray, start: jnp.ndarray, lengths: jnp.ndarray, layer_cache: dict, live: int):
+  """The MTP block over its window cache: row b appends lengths[b] positions at start[b].. (position i
+  combines the streams X_main[:, i] with the embedding of the token after it, next_ids[:, i]).
+
+  X_main: [B,S,nh,D], next_ids: [B,S], start/lengths: [B], layer_cache: the block's cache tree (cache.py)
+  -> (the block's output streams [B,S,nh,D], the updated cache tree). The head of those streams predicts
+  the token two after each position; speculative decoding also feeds them back as X_main to draft further.
+  """
+  from dsv4_jax.cache import LayerCache          # cache.py builds on the model's modules
+  X = mtp_input(p, cfg, embed, X_main, next_ids)
+  positions = start[:, None] + jnp.arange(X.shape[1], dtype=jnp.int32)
+  X, view = block.block(p, cfg, cfg.layer_ratio(layer_id), X, next_ids, positions, lengths,
+                        LayerCache(layer_cache, None, live, cfg))
+  return X, view.tree

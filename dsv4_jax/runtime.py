@@ -133,6 +133,8 @@ class Runner:
   cache_dtype: str | None = None
   rng: jax.Array | None = None
   mesh: Mesh | None = None       # generation runs under use_mesh(mesh): cache and activations follow the rules
+  speculative: str | None = None  # "mtp": MTP speculative decoding (generate's speculative / num_draft)
+  num_draft: int = 1
 
   def __call__(self, prompts) -> GenerateResult:
     prompts = [list(p) for p in prompts]
@@ -142,8 +144,11 @@ class Runner:
     pad = (-n) % (self.mesh.shape["data"] if self.mesh is not None else 1)
     with use_mesh(self.mesh):
       r = generate(self.params, self.cfg, prompts + [prompts[0]] * pad, self.max_new_tokens, sampling=self.sampling,
-                   rng=self.rng, stop_ids=self.stop_ids, max_seq_len=self.max_seq_len, cache_dtype=self.cache_dtype)
-    return dataclasses.replace(r, prompts=r.prompts[:n], tokens=r.tokens[:n], stop_reasons=r.stop_reasons[:n])
+                   rng=self.rng, stop_ids=self.stop_ids, max_seq_len=self.max_seq_len, cache_dtype=self.cache_dtype,
+                   speculative=self.speculative, num_draft=self.num_draft)
+    timings = {k: v[:n] if isinstance(v, list) else v for k, v in r.timings.items()}   # per-row lists
+    return dataclasses.replace(r, prompts=r.prompts[:n], tokens=r.tokens[:n], stop_reasons=r.stop_reasons[:n],
+                               timings=timings)
 
 
 def encode_text(tok, prompt: str | None, chat_file: str | None, thinking_mode: str, raw: bool) -> list[int]:
@@ -194,6 +199,10 @@ def report(result: GenerateResult, tok=None, thinking_mode: str | None = None) -
   t = result.timings
   print(f"prefill {t['prefill_tokens']} tokens in {t['prefill_s']:.3f} s (compile {t['compile_prefill_s']:.1f} s); "
         f"decode {t['decode_tokens_per_s']:.1f} tokens/s (compile {t['compile_decode_s']:.1f} s)", file=sys.stderr)
+  if t.get("speculative"):
+    print(f"speculative {t['speculative']}, {t['num_draft']} draft(s) per step: accepted {sum(t['accepted'])} of "
+          f"{t['num_draft'] * sum(t['steps'])} drafts (rate {t['acceptance_rate']:.2f}), {t['tokens_per_step']:.2f} "
+          f"tokens per step; per row accepted {t['accepted']} in steps {t['steps']}", file=sys.stderr)
 
 
 def result_json(result: GenerateResult, cfg: ModelConfig, random_weights: bool) -> dict:

@@ -35,11 +35,11 @@ def top_k_mask(logits: jnp.ndarray, k: int) -> jnp.ndarray:
   return jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], keep].set(vals)
 
 
-def sample(logits: jnp.ndarray, key: jax.Array, sampling: Sampling) -> jnp.ndarray:
-  """logits [B,V] fp32 -> token ids [B] int32."""
-  if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / sampling.temperature
+def processed_logits(logits: jnp.ndarray, sampling: Sampling) -> jnp.ndarray:
+  """logits [..., V] -> fp32 logits of the distribution `sample` draws from (temperature, then top-k, then
+  top-p; excluded tokens at -inf). Not for greedy sampling."""
+  shape = logits.shape
+  logits = logits.astype(jnp.float32).reshape(-1, shape[-1]) / sampling.temperature
   if sampling.top_k:
     logits = top_k_mask(logits, sampling.top_k)
   if sampling.top_p < 1.0:
@@ -49,4 +49,19 @@ def sample(logits: jnp.ndarray, key: jax.Array, sampling: Sampling) -> jnp.ndarr
     before = jnp.cumsum(probs, axis=-1) - probs            # mass of strictly more likely tokens
     sorted_logits = jnp.where(before < sampling.top_p, sorted_logits, -jnp.inf)   # keeps at least one
     logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return logits.reshape(shape)
+
+
+def probabilities(logits: jnp.ndarray, sampling: Sampling) -> jnp.ndarray:
+  """logits [..., V] -> the probabilities [..., V] fp32 that `sample` draws from (greedy: one-hot on the
+  argmax)."""
+  if sampling.greedy:
+    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  return jax.nn.softmax(processed_logits(logits, sampling), axis=-1)
+
+
+def sample(logits: jnp.ndarray, key: jax.Array, sampling: Sampling) -> jnp.ndarray:
+  """logits [..., V] fp32 -> token ids [...] int32."""
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, processed_logits(logits, sampling), axis=-1).astype(jnp.int32)

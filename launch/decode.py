@@ -55,6 +55,10 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtyp
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh as AXIS:SIZE pairs over data, sequence, tensor, expert, e.g. "
                            "data:2,expert:4 (sizes multiply to the device count). Default: experts over as many "
                            "devices as divide the expert count, data over the rest; none on one device.")
+_SPECULATIVE = flags.DEFINE_enum("speculative", None, ["mtp"], "Speculative decoding: 'mtp' drafts with the MTP "
+                                 "block and verifies num_draft tokens per step (same output as plain decoding).")
+_NUM_DRAFT = flags.DEFINE_integer("num_draft", 1, "Draft tokens per step with --speculative=mtp (1 = the MTP "
+                                  "block's trained depth; more re-apply it to its own output).")
 _CONFIG_GIVEN = any(a.startswith("--config") for a in sys.argv[1:])   # else a checkpoint's config.json is used
 
 
@@ -107,14 +111,15 @@ def main(argv):
           file=sys.stderr)
     prompts = [[cfg.bos_token_id]]
   longest = max((len(p) for p in prompts), default=0)
-  max_seq = _MAX_SEQ.value or (4096 if interactive else longest + _MAX_NEW.value)
+  spec_extra = _NUM_DRAFT.value if _SPECULATIVE.value else 0      # verification looks num_draft tokens ahead
+  max_seq = _MAX_SEQ.value or (4096 if interactive else longest + _MAX_NEW.value + spec_extra)
   runtime.check_fits(cfg, batch=max(1, len(prompts)), max_seq_len=max_seq, cache_dtype=_CACHE_DTYPE.value,
                      checkpoint=checkpoint)
 
   params = runtime.load_or_init(cfg, checkpoint, seed=_SEED.value, mesh=mesh)
   run = runtime.Runner(params, cfg, sampling, max_new_tokens=_MAX_NEW.value, max_seq_len=_MAX_SEQ.value,
                        stop_ids=tuple(stop_ids), cache_dtype=_CACHE_DTYPE.value, rng=jax.random.key(_SEED.value),
-                       mesh=mesh)
+                       mesh=mesh, speculative=_SPECULATIVE.value, num_draft=_NUM_DRAFT.value)
   if interactive:
     runtime.interactive_chat(run, tok, _THINKING.value)
     return
