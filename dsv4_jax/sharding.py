@@ -3,15 +3,36 @@
 Model code speaks only logical names ("batch", "heads", "experts", ...). `AXIS_RULES` says which
 physical mesh axis each one is split over; names missing from the mesh (or mapped to None) are
 replicated. With no active mesh every constraint is a no-op, so CPU tests run the same code.
+
+The table is ours; applying it is Flax's partitioning (flax.linen): `use_mesh` enters jax's mesh and
+Flax's `nn.logical_axis_rules` context, rule lookup is `nn.logical_to_mesh_axes`, shardings come from
+`nn.logical_to_mesh_sharding` and activation constraints from `nn.with_logical_constraint`. So Flax code
+run under `use_mesh` (`nn.with_logical_constraint`, `nnx.get_partition_spec` of the `nnx.Param`s in
+dsv4_jax/nnx.py, whose `out_sharding` metadata are these logical names) sees the same placement.
+
+What Flax does not do, and this file adds around it:
+  * mesh awareness: Flax maps a name to its mesh axis whether or not the mesh has that axis or gives it
+    more than one device; `mesh_rules` first drops such axes, so a 1-device mesh gives replicated specs;
+  * divisibility: a dimension its mesh axes do not divide (a batch of 1 on data:2) is replicated instead
+    of failing (`param_sharding`, `constrain`); `check_mesh` rejects meshes that do this to the model;
+  * the concrete mesh while tracing: Flax's global mesh is jax's abstract mesh, but the expert-parallel
+    MoE and the cache placement need the devices, so `active_mesh` reads jax's concrete mesh;
+  * the mesh itself (`make_mesh`, `parse_mesh`, `check_mesh`): Flax has no mesh constructor.
+Flax's lookup differs from the hand-written one it replaced in three corners, none of which the model
+reaches (every weight, activation and cache leaf of tiny, flash and pro gets the same spec on every mesh
+with axes of size 1 to 4): two names of one array that map to the same mesh axis are resolved by table
+order rather than dimension order; a rule naming several mesh axes applies all or none of them; and a
+name may appear only once per array.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from typing import Iterator, Sequence
 
+import flax.linen as nn
 import jax
+from jax._src.mesh import get_concrete_mesh     # no public getter works while tracing (see _jax_mesh)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Physical mesh axes: data (batch), sequence (long prompts), tensor (heads, compressed attention,
@@ -35,6 +56,7 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # weights
     ("vocab", "tensor"),
     ("embed", None),
+    ("embed_out", None),           # the MTP projections' output [D, D] (named apart: one name per array)
     ("q_lora", None),
     ("heads", "tensor"),
     ("head_dim", None),
@@ -54,71 +76,89 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
 )
 
-_state = threading.local()
+
+def mesh_rules(mesh: Mesh, rules: Sequence[tuple[str, object]] = AXIS_RULES) -> tuple:
+  """`rules` as they apply on `mesh`, in Flax's format: mesh axes that `mesh` lacks or has with size 1 are
+  dropped (a name left without any maps to None). What `use_mesh` puts in Flax's rules context."""
+  out = []
+  for name, phys in rules:
+    phys = (phys,) if isinstance(phys, str) else tuple(phys or ())
+    phys = tuple(p for p in phys if p in mesh.axis_names and mesh.shape[p] > 1)
+    out.append((name, phys[0] if len(phys) == 1 else phys or None))
+  return tuple(out)
+
+
+def _jax_mesh() -> Mesh | None:
+  """jax's concrete mesh (`jax.set_mesh`), also while tracing, where `jax.sharding.get_mesh` refuses: the
+  expert-parallel MoE and cache placement need devices, not the abstract mesh Flax reads."""
+  mesh = get_concrete_mesh()
+  return None if mesh is None or mesh.empty else mesh
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None, rules: Sequence[tuple[str, object]] = AXIS_RULES) -> Iterator[None]:
-  """Activates `mesh` for `constrain` (and for `logical_sharding` without an explicit mesh). The mesh is also
-  entered as jax's own (`jax.set_mesh`), which makes it part of jit's cache key: a function traced without
-  a mesh is retraced under one (the MoE's expert-parallel branch and every constraint depend on it)."""
-  prev = getattr(_state, "ctx", None)
-  _state.ctx = (mesh, tuple(rules)) if mesh is not None else None
-  try:
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+  """Activates `mesh` for `constrain` (and for `logical_sharding` without an explicit mesh): jax's mesh
+  (`jax.set_mesh`) and Flax's rules (`nn.logical_axis_rules(mesh_rules(mesh, rules))`). jax's mesh is part
+  of jit's cache key: a function traced without a mesh is retraced under one (the MoE's expert-parallel
+  branch and every constraint depend on it). `use_mesh(None)` deactivates both."""
+  outer = mesh is None and _jax_mesh() is None
+  with contextlib.nullcontext() if outer else jax.set_mesh(mesh):
+    with nn.logical_axis_rules(mesh_rules(mesh, rules) if mesh is not None else ()):
       yield
-  finally:
-    _state.ctx = prev
 
 
 def active_mesh() -> tuple[Mesh | None, tuple]:
-  ctx = getattr(_state, "ctx", None)
-  return ctx if ctx is not None else (None, AXIS_RULES)
+  """(jax's current mesh or None, the rules in Flax's context, else AXIS_RULES)."""
+  mesh = _jax_mesh()
+  return (mesh, tuple(nn.get_logical_axis_rules()) or AXIS_RULES) if mesh is not None else (None, AXIS_RULES)
 
 
 def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules=AXIS_RULES) -> PartitionSpec:
-  """PartitionSpec for logical `axes`; each mesh axis is used at most once (first come first served)."""
-  table = dict(rules)
-  used: set[str] = set()
-  out = []
-  for name in axes:
-    phys = table.get(name) if name is not None else None
-    phys = (phys,) if isinstance(phys, str) else tuple(phys or ())
-    phys = tuple(p for p in phys if p in mesh.axis_names and mesh.shape[p] > 1 and p not in used)
-    used.update(phys)
-    out.append(None if not phys else phys[0] if len(phys) == 1 else phys)
-  return PartitionSpec(*out)
+  """PartitionSpec for logical `axes` on `mesh` (Flax's `nn.logical_to_mesh_axes` over `mesh_rules`); each
+  mesh axis is used at most once."""
+  return nn.logical_to_mesh_axes(tuple(axes), mesh_rules(mesh, rules))
 
 
 def logical_sharding(axes: Sequence[str | None], mesh: Mesh | None = None, rules=None) -> NamedSharding | None:
+  """NamedSharding for logical `axes` on `mesh` (default: the active one; None without one)."""
   if mesh is None:
     mesh, active_rules = active_mesh()
     rules = rules or active_rules
   if mesh is None:
     return None
-  return NamedSharding(mesh, logical_to_spec(axes, mesh, rules or AXIS_RULES))
+  return nn.logical_to_mesh_sharding(PartitionSpec(*axes), mesh, mesh_rules(mesh, rules or AXIS_RULES))
+
+
+def _fit(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> tuple:
+  """`axes` with the names whose mesh axes do not divide their dimension replaced by None (Flax would
+  emit the sharding and fail): replicated there. Repeats while a freed mesh axis lands on another such
+  dimension."""
+  axes, rules = list(axes), mesh_rules(mesh, rules)
+  while True:
+    spec = nn.logical_to_mesh_axes(tuple(axes), rules)
+    bad = [d for d, phys in enumerate(spec) if phys is not None and
+           shape[d] % math.prod(mesh.shape[n] for n in ((phys,) if isinstance(phys, str) else phys))]
+    if not bad:
+      return tuple(axes)
+    for d in bad:
+      axes[d] = None
 
 
 def param_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=AXIS_RULES) -> NamedSharding:
   """A weight's NamedSharding from its logical axes; a dimension its mesh axes do not divide is replicated
   (check_mesh rejects such meshes for the model's own dimensions)."""
-  spec = list(logical_to_spec(axes, mesh, rules))
-  for d, phys in enumerate(spec):
-    names = (phys,) if isinstance(phys, str) else tuple(phys or ())
-    if names and shape[d] % math.prod(mesh.shape[n] for n in names):
-      spec[d] = None
-  return NamedSharding(mesh, PartitionSpec(*spec))
+  return logical_sharding(_fit(axes, shape, mesh, rules), mesh, rules)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op without an active mesh. A dimension its mesh axes do
-  not divide (a batch of 1 on data:2) stays replicated."""
+  """`nn.with_logical_constraint` by logical names on the active mesh; a no-op without one. A dimension its
+  mesh axes do not divide (a batch of 1 on data:2) stays replicated."""
   if len(axes) != x.ndim:
     raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of rank {x.ndim}.")
   mesh, rules = active_mesh()
   if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, param_sharding(axes, x.shape, mesh, rules))
+  return nn.with_logical_constraint(x, _fit(axes, x.shape, mesh, rules), rules=mesh_rules(mesh, rules), mesh=mesh)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
