@@ -6,8 +6,10 @@
 Per kernel and shape: median time, the bytes the op must move (each stored row it reads once, its inputs
 and outputs once) and its FLOPs, as achieved HBM bandwidth and FLOP/s, and as fractions of this chip's
 ceilings measured in the same run (a large device-to-device copy; a large bf16 matmul), beside the XLA
-reference (`attn_impl="xla"`) on the same inputs. Targets (docs/performance.md, issue 9): decode kernels
->= 70% of HBM bandwidth, prefill attention >= 40% of bf16 peak. On a CPU there is no accelerator to
+reference (`attn_impl="xla"`) on the same inputs. The "prefill q1" rows run the per-query (decode) kernel
+at the prefill shapes, beside the default blocked prefill kernel, to show what blocking queries buys.
+Targets (docs/performance.md, issue 9): decode kernels >= 70% of HBM bandwidth, prefill attention >= 40% of
+bf16 peak. On a CPU there is no accelerator to
 measure: it says so and exits 0 (the kernels' CPU proof is the interpret-mode tests and the deviceless
 compiles).
 """
@@ -71,20 +73,25 @@ def attention_case(B: int, S: int, L: int, source: str):
   else:
     sel = jnp.full((B, S), N, jnp.int32)
     rows = WINDOW + N
-  nbytes = B * S * (rows * MAIN.nbytes + 2 * H * K * 2 + (TOPK * 4 if source == "csa" else 0))
-  if source == "hca":
-    nbytes = B * (S * 2 * H * K * 2 + WINDOW * K * 2 + N * MAIN.nbytes)    # rows shared by the S queries
+  win_rows = WINDOW + S - 1 if S > 1 else WINDOW                          # consecutive windows overlap
+  nbytes = B * (S * 2 * H * K * 2 + win_rows * K * 2 + S * WINDOW * 4)    # q, o, window rows (bf16), ids
+  if source == "csa":
+    nbytes += B * S * TOPK * (MAIN.nbytes + 4)                            # each query's own top-k rows
+  else:
+    nbytes += B * N * MAIN.nbytes                                         # rows shared by the S queries
   flops = B * S * 4 * H * K * rows
   return (q, sink, win, widx, words, sel), nbytes, flops
 
 
-def attention_fn(impl, source):
+def attention_fn(impl, source, q_block=None):
+  """q_block: None = the kernel's default (decode kernel for S = 1, the blocked prefill kernel otherwise);
+  1 = the per-query kernel (to show what the prefill blocking buys)."""
   def f(q, sink, win, widx, words, sel):
     comp = ops.Rows(words, MAIN, jnp.int32(0))
     kw = dict(comp_idx=sel) if source == "csa" else dict(comp_visible=sel)
     if impl == "xla":
       return ops.sparse_attention_ref(q, sink, K ** -0.5, ops.Rows(win), widx, comp, **kw)
-    return sa.sparse_attention(q, sink, K ** -0.5, ops.Rows(win), widx, comp, **kw)
+    return sa.sparse_attention(q, sink, K ** -0.5, ops.Rows(win), widx, comp, q_block=q_block, **kw)
   return jax.jit(f)
 
 
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
     for L in contexts:
       cases += [("attention csa decode", B, 1, L), ("attention hca decode", B, 1, L), ("indexer decode", B, 1, L)]
   cases += [("attention csa prefill", 1, 512, 8192), ("attention hca prefill", 1, 512, 131072),
+            ("attention csa prefill q1", 1, 512, 8192), ("attention hca prefill q1", 1, 512, 131072),
             ("indexer prefill", 1, 512, 131072)]
   header = (f"{'kernel':24s} {'B':>3s} {'S':>4s} {'context':>8s} | {'pallas ms':>9s} {'GB/s':>7s} {'%bw':>5s} "
             f"{'%flop':>6s} | {'xla ms':>8s} {'%bw':>5s} | {'xla/pallas':>10s}")
@@ -134,7 +142,8 @@ def main(argv=None) -> int:
       if name.startswith("attention"):
         source = name.split()[1]
         inputs, nbytes, flops = attention_case(B, S, L, source)
-        fk, fx = attention_fn("pallas", source), attention_fn("xla", source)
+        fk = attention_fn("pallas", source, 1 if name.endswith(" q1") else None)   # q1: one query per program
+        fx = attention_fn("xla", source)
       else:
         inputs, nbytes, flops = indexer_case(B, S, L)
         fk, fx = indexer_fn("pallas"), indexer_fn("xla")

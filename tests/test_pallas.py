@@ -54,19 +54,21 @@ def _close(out, ref, dtype):
   np.testing.assert_allclose(out, ref, rtol=0, atol=tol)
 
 
-# (shape, dtype, formats, sources, backends): each format, source and backend at the tiny shape; the real
-# head counts and dims in the formats they are stored in. (Interpret-mode compiles dominate CI time.)
+# (shape, dtype, formats, sources, backends, q_blocks): each format, source and backend at the tiny shape; the
+# real head counts and dims in the formats they are stored in. q_block 2 is the prefill kernel (blocks of
+# queries; S = 3 leaves a padded query in the last block), 1 the per-query (decode) kernel. (Interpret-mode
+# compiles dominate CI time.)
 ATTENTION_CASES = [
-    ("tiny", jnp.float32, ("fp8",), ("csa", "hca"), BACKENDS),
-    ("tiny", jnp.float32, ("float32",), ("values",), BACKENDS),
-    ("tiny", jnp.bfloat16, ("bfloat16",), ("csa", "hca"), BACKENDS),
-    ("flash", jnp.bfloat16, ("fp8",), ("csa", "hca"), BACKENDS),
-    ("pro", jnp.float32, ("fp8", "float32"), ("csa",), ("tpu",)),
+    ("tiny", jnp.float32, ("fp8",), ("csa", "hca"), BACKENDS, (2, 1)),
+    ("tiny", jnp.float32, ("float32",), ("values",), BACKENDS, (2,)),
+    ("tiny", jnp.bfloat16, ("bfloat16",), ("csa", "hca"), BACKENDS, (2,)),
+    ("flash", jnp.bfloat16, ("fp8",), ("csa", "hca"), BACKENDS, (2,)),
+    ("pro", jnp.float32, ("fp8", "float32"), ("csa",), ("tpu",), (2,)),
 ]
 
 
-@pytest.mark.parametrize("shape,dtype,formats,sources,backends", ATTENTION_CASES)
-def test_sparse_attention_equals_reference(shape, dtype, formats, sources, backends):
+@pytest.mark.parametrize("shape,dtype,formats,sources,backends,q_blocks", ATTENTION_CASES)
+def test_sparse_attention_equals_reference(shape, dtype, formats, sources, backends, q_blocks):
   H, K, r = SHAPES[shape]
   B, S, N, W, T, C = 2, 3, 45, 11, 37, 70                   # odd lengths, not multiples of any block
   q = _rand(1, (B, S, H, K), dtype)
@@ -87,9 +89,11 @@ def test_sparse_attention_equals_reference(shape, dtype, formats, sources, backe
         kw = dict(comp_idx=cidx) if source == "csa" else dict(comp_visible=vis)
       ref = ops.sparse_attention_ref(q, sink, 0.07, win, widx, comp, **kw)
       for backend in backends:
-        out = sa.sparse_attention(q, sink, 0.07, win, widx, comp, backend=backend, block_rows=16, **kw)
-        _close(out, ref, dtype)
-        assert np.asarray(out)[0, 0].tolist() == np.zeros((H, K)).tolist()     # nothing visible: exactly 0
+        for q_block in q_blocks:
+          out = sa.sparse_attention(q, sink, 0.07, win, widx, comp, backend=backend, block_rows=16,
+                                    q_block=q_block, **kw)
+          _close(out, ref, dtype)
+          assert np.asarray(out)[0, 0].tolist() == np.zeros((H, K)).tolist()     # nothing visible: exactly 0
 
 
 def test_sparse_attention_all_masked_is_zero_not_nan():
@@ -142,24 +146,38 @@ def test_rowcodec_parts_rebuild_every_format():
     np.testing.assert_allclose(dot, q @ lay.decode(words, jnp.float32).T, rtol=1e-5, atol=1e-4)
 
 
+def _model_window(B, S, W, start, ring):
+  """Window index rows as the model builds them (dsv4_jax.attention.window_indices): consecutive positions
+  from `start`, older ones in a ring of `ring` slots, -1 before position 0."""
+  from dsv4_jax.attention import window_indices
+  start = np.asarray(start, np.int32)
+  positions = start[:, None] + np.arange(S, dtype=np.int32)
+  return jax.jit(window_indices, static_argnums=(2, 3))(positions, start, W, ring)
+
+
 def test_tpu_dma_kernels_have_no_races():
-  """The manual-DMA sparse attention (row gathers and contiguous HCA chunks) under the TPU simulator with
-  eager DMAs and race detection: no race, no out-of-bounds DMA (-1 rows are clamped), same result."""
+  """The manual-DMA sparse attention (row gathers and contiguous HCA chunks), the per-query (decode) kernel
+  and the prefill kernel (blocks of queries, S not a multiple of the block; the model's windows, with -1 at
+  the front, as each block's set of rows), under the TPU simulator with eager DMAs and race detection: no
+  race, no out-of-bounds DMA (-1 rows are clamped), same result."""
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret  # races_found lives here
   from jax.experimental.pallas import tpu as pltpu
-  H, K = 8, 128
-  q = _rand(1, (1, 2, H, K))
+  H, K, S = 8, 128, 3
+  q = _rand(1, (1, S, H, K))
   win = ops.Rows(_rand(2, (1, 20, K)))
-  widx = _index_rows(1, 2, 9, 20, 3)
   lay = Layout("fp8", K, 64, "float32")
   entries = _rand(4, (1, 40, K))
   comp = ops.Rows(jnp.stack([lay.encode(entries)] * 2), lay, jnp.int32(1), 40)
   params = pltpu.InterpretParams(dma_execution_mode="eager", detect_races=True)
-  for kw in (dict(comp_idx=_index_rows(1, 2, 20, 40, 5)), dict(comp_visible=jnp.array([[17, 40]], jnp.int32))):
+  cases = [(1, _index_rows(1, S, 9, 20, 3), dict(comp_idx=_index_rows(1, S, 20, 40, 5))),
+           (1, _index_rows(1, S, 9, 20, 3), dict(comp_visible=jnp.array([[17, 40, 3]], jnp.int32))),
+           (2, _model_window(1, S, 9, [1], 9), dict(comp_idx=_index_rows(1, S, 20, 40, 5))),
+           (2, _model_window(1, S, 9, [1], 9), dict(comp_visible=jnp.array([[17, 40, 3]], jnp.int32)))]
+  for q_block, widx, kw in cases:
     ref = ops.sparse_attention_ref(q, _rand(6, (H,)), 0.1, win, widx, comp, **kw)
     try:
       out = sa.sparse_attention(q, _rand(6, (H,)), 0.1, win, widx, comp, backend="tpu", interpret=params,
-                                block_rows=16, **kw)
+                                block_rows=16, q_block=q_block, **kw)
       jax.block_until_ready(out)
       assert not tpu_interpret.races.races_found
     finally:
@@ -167,9 +185,31 @@ def test_tpu_dma_kernels_have_no_races():
     _close(out, ref, jnp.float32)
 
 
+def test_window_union_counts_each_listed_row():
+  """The prefill kernel's window per block of queries: the block's distinct rows, and per query how often it
+  lists each (duplicates twice, -1 never); the model's consecutive windows need W + q_block - 1 rows."""
+  idx = _index_rows(2, 6, 11, 30, 7)
+  union = jax.jit(sa.window_union, static_argnums=(1, 2, 3))
+  uids, n_u, count = map(np.asarray, union(idx, 2, 30, 16))
+  idx = np.asarray(idx)
+  assert uids.shape == (6, 32) and count.shape == (6, 2, 32)
+  for blk in range(6):
+    rows = idx[blk // 3, 2 * (blk % 3): 2 * (blk % 3) + 2]                                  # [2, 11]
+    want = sorted(set(rows.ravel().tolist()) - {-1})
+    assert uids[blk, :len(want)].tolist() == want and n_u[blk] == len(want)
+    for t in range(2):
+      listed = rows[t].tolist()
+      assert count[blk, t, :len(want)].tolist() == [listed.count(u) for u in want]
+      assert not count[blk, t, len(want):].any()
+  W, Tq = 128, 16
+  widx = _model_window(1, 64, W, [300], W)                                        # ring + this call's rows
+  n_u = union(widx, Tq, W + 64, 128)[1]
+  assert np.asarray(n_u).tolist() == [W + Tq - 1] * 4
+
+
 def test_triton_kernels_lower_for_cuda():
-  """The GPU programs at Flash's decode shapes go through the Triton lowering (power-of-two arrays, dot
-  sizes) on this CPU host."""
+  """The GPU programs at Flash's decode and prefill (blocks of queries; CSA and HCA) shapes go through the
+  Triton lowering (power-of-two arrays, dot sizes) on this CPU host."""
   H, K = 64, 512
   lay, klay = Layout("fp8", K, 64), Layout("fp4", 128)
   S = jax.ShapeDtypeStruct
@@ -181,9 +221,19 @@ def test_triton_kernels_lower_for_cuda():
   def index(qI, w, words):
     return ix.index_scores(qI, w, ops.Rows(words, klay, jnp.int32(0), 1024), backend="gpu", interpret=False)
 
+  def attend_hca(q, sink, win, widx, words, vis):
+    return sa.sparse_attention(q, sink, 0.04, ops.Rows(win), widx, ops.Rows(words, lay, jnp.int32(0), 1024),
+                               comp_visible=vis, backend="gpu", interpret=False)
+
   for f, args in ((attend, (S((2, 1, H, K), jnp.bfloat16), S((H,), jnp.float32), S((2, 129, K), jnp.bfloat16),
                             S((2, 1, 128), jnp.int32), S((1, 2, 1024, lay.words), jnp.uint32),
                             S((2, 1, 512), jnp.int32))),
+                  (attend, (S((1, 6, H, K), jnp.bfloat16), S((H,), jnp.float32), S((1, 134, K), jnp.bfloat16),
+                            S((1, 6, 128), jnp.int32), S((1, 1, 1024, lay.words), jnp.uint32),
+                            S((1, 6, 512), jnp.int32))),                       # prefill: blocks of queries
+                  (attend_hca, (S((1, 6, H, K), jnp.bfloat16), S((H,), jnp.float32),
+                                S((1, 134, K), jnp.bfloat16), S((1, 6, 128), jnp.int32),
+                                S((1, 1, 1024, lay.words), jnp.uint32), S((1, 6), jnp.int32))),
                   (index, (S((2, 1, 64, 128), jnp.bfloat16), S((2, 1, 64), jnp.bfloat16),
                            S((1, 2, 1024, klay.words), jnp.uint32)))):
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -195,6 +245,8 @@ def test_unsupported_shapes_are_named():
   win = ops.Rows(_rand(2, (1, 5, 64)))
   with pytest.raises(KernelUnsupported, match="block_rows=24 must be a power of two"):
     sa.sparse_attention(q, jnp.zeros(16), 0.1, win, jnp.zeros((1, 1, 4), jnp.int32), backend="gpu", block_rows=24)
+  with pytest.raises(KernelUnsupported, match="q_block=3 must be a power of two"):
+    sa.sparse_attention(q, jnp.zeros(16), 0.1, win, jnp.zeros((1, 1, 4), jnp.int32), backend="gpu", q_block=3)
   with pytest.raises(KernelUnsupported, match="unknown Pallas backend 'cuda'"):
     sa.sparse_attention(q, jnp.zeros(16), 0.1, win, jnp.zeros((1, 1, 4), jnp.int32), backend="cuda")
 
