@@ -14,7 +14,6 @@ accelerator at real size, where a k+1-token verify step costs about what a 1-tok
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 

@@ -127,9 +127,10 @@ def _spec_loop(params, cfg: ModelConfig, sampling: Sampling, live: int, eos_id: 
   def running(n, stopped):
     return (stopped == 0) & (n < max_new)
 
-  def cond(s):
+  def cond(s):                 # stopped rows may hold more tokens (a last step's overshoot): not counted
     _, n, stopped, _, _, _, cache, *_ = s
-    return jnp.any(running(n, stopped)) & (jnp.max(cache["length"]) + k + 1 <= live)
+    run = running(n, stopped)
+    return jnp.any(run) & (jnp.max(jnp.where(run, cache["length"], 0)) + k + 1 <= live)
 
   def body(s):
     out, n, stopped, pending, drafts, dlogits, cache, key, accepted, steps = s
@@ -221,9 +222,10 @@ def _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, st
   while True:
     out, n, stopped, _, _, _, cache, *_ = state
     length, n_h, stopped_h = jax.device_get((cache["length"], n, stopped))
-    if not ((stopped_h == 0) & (n_h < max_new_tokens)).any():
+    run = (stopped_h == 0) & (n_h < max_new_tokens)
+    if not run.any():
       break
-    live = live_bucket(int(length.max()) + k + 1, max_seq_len)
+    live = live_bucket(int(length[run].max()) + k + 1, max_seq_len)     # <= capacity for running rows
     loop_c, secs = _aot(("spec", cfg, sampling, live, eos_id, max_new_tokens), (params, *state),
                         lambda: _SPEC_LOOP.lower(params, cfg, sampling, live, eos_id, max_new_tokens, *state))
     compile_in_loop += secs

@@ -222,9 +222,9 @@ def _checked_codec(layout: Layout) -> rowcodec.Codec:
         f"encode_rows: layout {layout} is not covered by whole word fields (odd bf16 width, or a width the "
         f"format's blocks do not divide)")
   if layout.fmt == "fp8":
-    check((layout.width - layout.rope_dim) % 64 == 0, f"encode_rows: fp8 needs K - rope_dim divisible by 64")
+    check((layout.width - layout.rope_dim) % 64 == 0, "encode_rows: fp8 needs K - rope_dim divisible by 64")
   if layout.fmt == "fp4":
-    check(layout.width % 32 == 0, f"encode_rows: fp4 needs K divisible by 32")
+    check(layout.width % 32 == 0, "encode_rows: fp4 needs K divisible by 32")
   return c
 
 

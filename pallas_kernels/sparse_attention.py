@@ -291,7 +291,6 @@ def _call_gpu(q, sink, srcs, arrays, visible, scale, block_rows, head_block, int
   B, S, H, _ = q.shape
   hb = head_block
   in_specs, operands = [], []
-  n_src = len(srcs)
   bases = jnp.stack([a[1] for a in arrays], axis=1).reshape(-1)                   # [B * n_src]
   in_specs += [pl.BlockSpec(bases.shape, lambda i, h: (0,)),
                pl.BlockSpec((B * S,), lambda i, h: (0,))]

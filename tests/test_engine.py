@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax import (abstract_params, attention, compressor, decode_step, init_cache, init_params, load_config, ops,
+from dsv4_jax import (abstract_params, decode_step, init_cache, init_params, load_config, ops,
                       prefill)
 from dsv4_jax.cache import cache_axes, live_bucket
 from dsv4_jax.kv_format import Layout

@@ -6,13 +6,12 @@ tokens with all-to-all and gathers no expert weight, and the tiny model's forwar
 device's. The real `ragged_all_to_all` is lowered for TPU on an abstract mesh, and (with libtpu under .aot/)
 compiled for a v5e:2x4 topology in a second subprocess."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fake_devices import ROOT, run_script
+
 LIBTPU = os.path.join(ROOT, ".aot", "libtpu")
 
 SCRIPT = textwrap.dedent("""
@@ -181,11 +180,7 @@ TPU_SCRIPT = textwrap.dedent("""
 
 
 def test_expert_parallel_moe_on_8_cpu_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900)
-  print(proc.stdout)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
+  run_script(SCRIPT, n_devices=8)
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(LIBTPU, "libtpu")), reason="no libtpu under .aot/ (make setup)")
@@ -194,7 +189,4 @@ def test_expert_parallel_compiles_for_tpu_with_the_real_ragged_all_to_all():
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   env.update(PYTHONPATH=os.pathsep.join([LIBTPU, ROOT]), TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
              TPU_ACCELERATOR_TYPE="v6e-4")
-  proc = subprocess.run([sys.executable, "-c", TPU_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
-  print(proc.stdout)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+  run_script(TPU_SCRIPT, env=env, timeout=300)

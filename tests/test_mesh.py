@@ -1,11 +1,9 @@
 """The logical-axis rules on a real multi-device mesh: 4 CPU devices in a subprocess (the device count is
 fixed when JAX starts). Sharded forward and prefill equal the single-device results."""
-import os
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fake_devices import run_script
+
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -55,11 +53,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_forward_and_prefill_match_single_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  print(proc.stdout)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+  run_script(SCRIPT, n_devices=4)
 
 
 def test_a_mesh_is_part_of_jits_cache_key():

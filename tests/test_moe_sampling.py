@@ -121,8 +121,10 @@ def test_grouped_path_dequantises_groups_and_matches_dense(tiny, group):
   idx, w = moe.route(p["gate"], cfg, x, jnp.arange(40))
   valid = jnp.arange(40) < 33
   got = _routed(q, cfg, x, idx, w, valid, group=group)                  # scanned groups
-  want = _routed(d, cfg, x, idx, w, valid)                              # one ragged_dot on the dense stack
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  want = np.asarray(_routed(d, cfg, x, idx, w, valid))                  # one ragged_dot on the dense stack
+  # the same products summed in another order (XLA:CPU tiles the two matmuls differently, and differently on
+  # different CPUs): fp32 rounding, relative to the outputs' scale (|want| reaches ~300 with fp4 experts)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-6 * np.abs(want).max())
   assert (np.asarray(got)[33:] == 0).all()
 
 

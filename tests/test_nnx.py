@@ -2,9 +2,6 @@
 paths, same arrays), its forward is `forward` bit for bit, `from_pretrained` is `load_params`, one
 `nnx.Optimizer` step is one functional `train_step`, and under an 8-device mesh its Params carry the
 shardings the rules table promises (Flax's partitioning resolves their metadata the same way)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,8 +13,8 @@ from flax import nnx
 from dsv4_jax import config, generation, load_params, params as params_lib, train, transformer
 from dsv4_jax.nnx import DeepseekV4, make_optimizer, to_params, train_step
 from dsv4_jax.qarray import QArray
+from fake_devices import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 3 sliding-window layers (hash, then 2 score-routed ones scanned) + an MTP block: every container of the tree
 SMALL = dict(n_layers=3, compress_ratios=(0, 0, 0, 0), n_hash_layers=1, dim=64, vocab_size=128, n_heads=2,
              head_dim=64, rope_head_dim=32, q_lora_rank=32, o_lora_rank=32, o_groups=2, index_n_heads=4,
@@ -191,8 +188,4 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_module_under_8_device_mesh_has_the_promised_shardings():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  print(proc.stdout)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+  run_script(MESH_SCRIPT, n_devices=8)

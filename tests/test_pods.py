@@ -6,8 +6,9 @@ import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV8 = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+from fake_devices import ROOT, cpu_env, run_script
+
+ENV8 = cpu_env(8)
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -109,9 +110,7 @@ def _ids(proc):
 
 
 def test_meshes_and_sharded_init_on_8_devices():
-  proc = _run([sys.executable, "-c", SCRIPT], ENV8)
-  print(proc.stdout)
-  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+  run_script(SCRIPT, n_devices=8)
 
 
 def test_decode_with_mesh_matches_one_device_and_bad_mesh_is_one_error_line():

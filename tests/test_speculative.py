@@ -50,6 +50,19 @@ def test_greedy_speculative_equals_plain_greedy(demo, k):
   assert got.stop_reasons == ["stop_id" if stop in g else "max_new_tokens" for g in plain.tokens]
 
 
+def test_speculative_sampling_runs_in_the_loop_and_is_seeded(demo):
+  """The rejection rule inside the jitted loop (its distribution is checked on `accept` below): every row
+  gets its tokens, the same key gives the same tokens, and the counts add up."""
+  cfg, params = demo
+  sampling = Sampling(temperature=0.8, top_k=50)
+  run = lambda seed: generate(params, cfg, [[1, 40, 41], [1, 7]], 16, sampling=sampling, rng=jax.random.key(seed),
+                              stop_on_eos=False, speculative="mtp", num_draft=2)
+  a, b = run(3), run(3)
+  assert a.tokens == b.tokens and [len(t) for t in a.tokens] == [16, 16]
+  assert all(0 <= x < cfg.vocab_size for t in a.tokens for x in t)
+  assert all(s <= 15 <= s + acc for s, acc in zip(a.timings["steps"], a.timings["accepted"])), a.timings
+
+
 def test_rollback_leaves_no_trace():
   """Append the next token with k wrong ones after it, roll the wrong ones back, then append the real
   continuation: the logits equal a run that never saw the wrong tokens (the same call with the k slots
