@@ -1,0 +1,435 @@
+r"""AOT memory plan: compile prefill and decode for a TPU slice with no TPU present, and say whether they fit.
+
+  python -m launch.aot --config=flash --topology=v5p-64 --mesh=data:2,expert:16 --batch=8 --max_seq_len=131072
+  python -m launch.aot --config=pro --topology=v6e:8x8 --mesh=data:1,expert:64 --batch=1 --max_seq_len=1048576
+  python -m launch.aot --config=tiny --topology=v5p:2x2x1 --mesh=expert:4 --batch=4 --max_seq_len=2048 \
+      --config.attn_impl=pallas_tpu
+
+Compiles, deviceless (libtpu from PyPI, `make setup` puts it under .aot/libtpu; docs: ../shared/docs/pallas.md
+§1.5), the prefill step (one chunk of cfg.query_chunk tokens appended to a cache of --max_seq_len, live bucket =
+--max_seq_len: the last chunk of the longest prompt) and the decode step (one token, same live bucket), with every
+weight, cache leaf and activation sharded by the rules table (dsv4_jax/sharding.py) on --mesh. Arguments are
+abstract (jax.ShapeDtypeStruct with shardings): nothing is allocated. Prints per chip: weights, cache,
+temporaries (XLA's memory_analysis), the total against the chip's HBM and whether it fits; then the largest batch
+that fits at that context, by linear scaling: cache per sequence exactly from the cache shapes, temporaries per
+sequence from a second compile of each step at another batch size (--max_batch=off skips it).
+
+--topology: either the Cloud TPU accelerator-type name or an explicit physical shape.
+  * NAME-N: for v5p (and v4) N counts TensorCores, 2 per chip: v5p-64 = 32 chips (2x4x4); for v5e and v6e N
+    counts chips: v6e-64 = 64 chips (8x8). tpu7x takes the explicit form only.
+  * GEN:AxB[xC]: the physical chip grid, as pallas_kernels/aot.py uses: v5e:2x2, v6e:4x8, v5p:2x2x1, tpu7x:2x2x1.
+HBM per chip: v5e 16 GiB, v6e 32 GiB, v5p 95 GiB, tpu7x 192 GiB (--hbm_gib overrides).
+
+--weights=released: the released checkpoint's storage (fp4 routed experts, or fp8 for -Base configs whose
+expert_dtype is fp8; fp8 with 128x128 e8m0 scales for wq_a, wq_b, wkv, wo_b, indexer wq_b, shared experts, MTP
+e_proj/h_proj; wo_a dequantised as the loader does; the rest bf16 / fp32), as `QArray`s the model dequantises
+inside its matmuls. --weights=bf16: every weight dense in the compute dtype.
+
+libtpu is loaded only in a child process (this script re-runs itself with .aot/libtpu on PYTHONPATH and the TPU_*
+variables set), so importing launch.aot or running the CPU tests never starts a TPU backend. Bad flags or a mesh
+that does not match the topology or the model fail with one `error: ...` line and exit code 2, before libtpu
+loads. A compile that runs out of HBM is reported as "does not fit" with XLA's numbers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from launch import common
+from launch.common import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBTPU = os.path.join(ROOT, ".aot", "libtpu")
+GiB = 2 ** 30
+HBM_GIB = {"v5e": 16, "v6e": 32, "v5p": 95, "v4": 32, "tpu7x": 192}
+CORES_IN_NAME = {"v5p": 2, "v4": 2}          # NAME-N counts TensorCores on these generations
+GRID_RANK = {"v5e": 2, "v6e": 2, "v5p": 3, "v4": 3, "tpu7x": 3}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v7x": "tpu7x"}
+STEPS = ("prefill", "decode")
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(common.CONFIG_DIR, "flash.py"),
+                                          "configs/ name or .py config file.", lock_config=False)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice: NAME-N (v5p/v4: N counts TensorCores, 2 per "
+                                "chip, so v5p-64 is 32 chips; v5e/v6e: N chips) or GEN:AxB[xC] (v6e:4x8, v5p:2x4x4).")
+_MESH = flags.DEFINE_string("mesh", None, "Mesh over the slice's chips, AXIS:SIZE pairs over data, sequence, tensor, "
+                            "expert (sizes multiply to the chip count). Default: experts over as many chips as "
+                            "divide the expert count, data over the rest.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences (a multiple of the mesh's data axis).")
+_MAX_SEQ = flags.DEFINE_integer("max_seq_len", 131072, "Cache capacity in tokens (also the live bucket compiled).")
+_WEIGHTS = flags.DEFINE_enum("weights", "released", ["released", "bf16"], "Weight storage (see the module doc).")
+_CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "paper", ["paper", "bfloat16", "float32"],
+                                 "KV cache storage: paper = fp8 entries / fp4 indexer keys + scales.")
+_STEPS = flags.DEFINE_list("steps", list(STEPS), "Steps to compile: prefill, decode.")
+_MAX_BATCH = flags.DEFINE_enum("max_batch", "scale", ["scale", "off"], "scale: a second compile per step at "
+                               "another batch gives temporaries per sequence, and so the largest batch that fits.")
+_HBM = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: by generation, see --help).")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled step's HLO text here (STEP.hlo.txt).")
+_LAYERS = flags.DEFINE_integer("layers", None, "Compile only the first N layers (quick looks; the report says so).")
+_IN_TPU = flags.DEFINE_bool("in_tpu_process", False, "Internal: set on the child process that loads libtpu.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 7200, "Seconds before the compile process is stopped.")
+
+
+# ---- topology ------------------------------------------------------------------------------------------
+
+def _grid(chips: int, rank: int) -> tuple[int, ...]:
+  """The usual physical grid of a slice of `chips` (a power of two): v5p 4 -> 2x2x1, 8 -> 2x2x2, 32 -> 2x4x4,
+  64 -> 4x4x4; v5e/v6e 4 -> 2x2, 8 -> 2x4, 16 -> 4x4, 32 -> 4x8."""
+  if chips < 1 or chips & (chips - 1):
+    raise UsageError(f"a slice of {chips} chips: the NAME-N form needs a power-of-two chip count; give the "
+                     "grid instead (e.g. v5p:2x2x3).")
+  if chips == 1:
+    return (1,) * rank
+  dims = [2, 2] + [1] * (rank - 2) if rank == 3 else [1, 1]
+  if rank == 3 and chips < 4:
+    raise UsageError(f"{chips} chips: 3-D slices (v5p, v4, tpu7x) start at 4 chips (2x2x1).")
+  while math.prod(dims) < chips:
+    lo = min(dims)
+    i = max(j for j, d in enumerate(dims) if d == lo)
+    dims[i] *= 2
+  return tuple(dims)
+
+
+def parse_topology(spec: str) -> tuple[str, str, int]:
+  """"v5p-64" | "v5p:2x4x4" -> (generation, "v5p:2x4x4" for jax.experimental.topologies, chips)."""
+  s = spec.strip().lower()
+  m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", s)
+  if not m:
+    raise UsageError(f"--topology={spec!r}: expected NAME-N (v5p-64, v6e-16) or GEN:AxB[xC] (v6e:4x8, v5p:2x4x4).")
+  gen = ALIASES.get(m.group(1), m.group(1))
+  if gen not in HBM_GIB:
+    raise UsageError(f"--topology={spec!r}: unknown TPU generation {m.group(1)!r}; known: {', '.join(HBM_GIB)}.")
+  if m.group(3):
+    dims = tuple(int(d) for d in m.group(3).split("x"))
+    if len(dims) != GRID_RANK[gen] or min(dims) < 1:
+      raise UsageError(f"--topology={spec!r}: {gen} grids have {GRID_RANK[gen]} positive dimensions.")
+  else:
+    if gen == "tpu7x":
+      raise UsageError(f"--topology={spec!r}: give tpu7x slices as a grid, e.g. tpu7x:2x2x1.")
+    n = int(m.group(2))
+    per = CORES_IN_NAME.get(gen, 1)
+    if n % per:
+      raise UsageError(f"--topology={spec!r}: {gen}-N counts TensorCores ({per} per chip); N must be even.")
+    dims = _grid(n // per, GRID_RANK[gen])
+  return gen, f"{gen}:{'x'.join(map(str, dims))}", math.prod(dims)
+
+
+# ---- the plan (runs in the libtpu process) ---------------------------------------------------------------
+
+FP8_LEAVES = re.compile(r"(attn/(wq_a|wq_b|wkv|wo_b)|attn/indexer/wq_b|shared_experts/w[123]|e_proj|h_proj)$")
+EXPERT_LEAVES = re.compile(r"ffn/experts/w[123]$")
+
+
+def weight_format(path: str, cfg, weights: str) -> str | None:
+  """"fp8" | "fp4" | None (dense) for a parameter path under --weights."""
+  if weights != "released":
+    return None
+  if EXPERT_LEAVES.search(path):
+    return cfg.expert_dtype or "fp4"
+  return "fp8" if FP8_LEAVES.search(path) else None
+
+
+def abstract_params(cfg, mesh, weights: str):
+  """The parameter tree as ShapeDtypeStructs sharded by the rules table (QArrays of them for quantised
+  leaves); nothing is allocated."""
+  import jax
+  import jax.numpy as jnp
+  from dsv4_jax import qarray
+  from dsv4_jax.params import is_spec, path_str
+  from dsv4_jax.sharding import param_sharding
+  from dsv4_jax.transformer import param_specs
+
+  def sds(shape, dtype, axes):
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=param_sharding(axes, tuple(shape), mesh))
+
+  def leaf(path, spec):
+    fmt = weight_format(path_str(path), cfg, weights) if spec.kind == "weight" else None
+    if fmt is None:
+      return sds(spec.shape, spec.dtype(cfg.dtype), spec.axes)
+    block = qarray.FP8_BLOCK if fmt == "fp8" else qarray.FP4_BLOCK
+    vshape = spec.shape if fmt == "fp8" else spec.shape[:-1] + (spec.shape[-1] // 2,)
+    vdtype = jnp.float8_e4m3fn if fmt == "fp8" else jnp.uint8
+    return qarray.QArray(sds(vshape, vdtype, spec.axes), sds(qarray.scale_shape(spec.shape, block), jnp.uint8,
+                                                            spec.axes), block, fmt)
+
+  return jax.tree_util.tree_map_with_path(leaf, param_specs(cfg), is_leaf=is_spec)
+
+
+def abstract_cache(cfg, mesh, batch: int, max_seq_len: int, cache_dtype: str):
+  import jax
+  from dsv4_jax.cache import cache_axes, init_cache
+  from dsv4_jax.sharding import param_sharding
+  cache = jax.eval_shape(lambda: init_cache(cfg, batch, max_seq_len, cache_dtype))
+  axes = cache_axes(cache)
+  is_axes = lambda x: isinstance(x, tuple)
+  shardings = jax.tree.map(lambda ax, a: param_sharding(ax, a.shape, mesh), axes, cache, is_leaf=is_axes)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, shardings)
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+  import jax
+  import numpy as np
+  total = 0
+  for a in jax.tree.leaves(tree):
+    shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+  return total
+
+
+def compile_step(cfg, mesh, params, step: str, batch: int, max_seq_len: int, cache_dtype: str):
+  """-> dict(weights, cache, temp, other, total bytes per chip, seconds, hlo) or dict(oom=message, ...)."""
+  import jax
+  import jax.numpy as jnp
+  from dsv4_jax import inference
+  from dsv4_jax.sharding import param_sharding, use_mesh
+
+  cache = abstract_cache(cfg, mesh, batch, max_seq_len, cache_dtype)
+  S = min(cfg.query_chunk, max_seq_len) if step == "prefill" else 1
+  tokens = jax.ShapeDtypeStruct((batch, S), jnp.int32, sharding=param_sharding(("batch", None), (batch, S), mesh))
+  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=param_sharding(("batch",), (batch,), mesh))
+  logits = param_sharding(("batch", None), (batch, cfg.vocab_size), mesh)
+  cache_sh = jax.tree.map(lambda a: a.sharding, cache)
+  live = max_seq_len
+  f = jax.jit(lambda p, t, n, c: inference.step(p, cfg, t, n, c, live), donate_argnums=3,
+              out_shardings=(logits, cache_sh))
+  out = {"weights": per_chip_bytes(params), "cache": per_chip_bytes(cache), "batch": batch, "tokens": S}
+  t0 = time.time()
+  try:
+    with use_mesh(mesh):
+      compiled = f.trace(params, tokens, lengths, cache).lower().compile()
+  except Exception as e:  # noqa: BLE001  (XLA reports an HBM overflow as a compile error: that is the answer)
+    msg = " ".join(str(e).split())
+    if "cannot be automatically partitioned" in msg:
+      raise UsageError(f"attn_impl={cfg.attn_impl}: the Pallas kernels are not inside a shard_map yet, so they "
+                       "compile only on a 1-chip mesh (e.g. --topology=v5e:1x1 --mesh=data:1); use "
+                       "--config.attn_impl=xla on a multi-chip mesh.") from None
+    if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
+      raise
+    out.update(oom=msg, seconds=time.time() - t0)
+    return out
+  out["seconds"] = time.time() - t0
+  ma = compiled.memory_analysis()
+  args = int(ma.argument_size_in_bytes)
+  out["temp"] = int(ma.temp_size_in_bytes)
+  out["other"] = max(0, args - out["weights"] - out["cache"]) + max(0, int(ma.output_size_in_bytes)
+                                                                      - int(ma.alias_size_in_bytes))
+  out["total"] = out["weights"] + out["cache"] + out["temp"] + out["other"]
+  out["hlo"] = compiled.as_text()
+  return out
+
+
+def _gib(b: float) -> str:
+  return f"{b / GiB:.2f} GiB"
+
+
+def _oom_used(msg: str) -> str:
+  m = re.search(r"(Used [^.]*? of [^.]*? hbm[^.]*\.(?: Exceeded [^.]*\.)?)", msg)
+  return m.group(1) if m else msg[:300]
+
+
+COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+def _collectives(hlo: str) -> str:
+  counts = {k: len(re.findall(rf"\b{k}(?:-start)?\(", hlo)) for k in COLLECTIVES}
+  counts["all-to-all"] -= counts["ragged-all-to-all"]       # "ragged-all-to-all(" also ends in "all-to-all("
+  return ", ".join(f"{k} {v}" for k, v in counts.items()) + "; " + _kernels(hlo)
+
+
+def _kernels(hlo: str) -> str:
+  """Mosaic custom calls in the compiled HLO: XLA's own ragged-dot kernels apart from the Pallas kernels."""
+  names = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+  ragged = sum("ragged-dot" in n or "ragged_dot" in n for n in names)
+  return f"Mosaic custom calls {len(names)} (XLA ragged-dot {ragged}, Pallas kernels {len(names) - ragged})"
+
+
+def _compile_pallas_for_tpu(cfg):
+  """In the libtpu process the default backend is the CPU (no chips), so the Pallas kernels would pick interpret
+  mode: register "pallas_tpu" with interpret=False (Mosaic TPU kernels) and compile "pallas" as it."""
+  import dataclasses
+  import functools
+  if not cfg.attn_impl.startswith("pallas"):
+    return cfg
+  if cfg.attn_impl == "pallas_gpu":
+    raise UsageError("attn_impl=pallas_gpu cannot compile for a TPU topology; use pallas_tpu (or xla).")
+  from dsv4_jax import ops
+  from pallas_kernels import compressor, encode, indexer, sparse_attention
+  kw = dict(backend="tpu", interpret=False)
+  ops.register("pallas_tpu", indexer_topk=functools.partial(indexer.indexer_topk, **kw),
+               sparse_attention=functools.partial(sparse_attention.sparse_attention, **kw),
+               compress_pool=functools.partial(compressor.pool, **kw),
+               encode_rows=functools.partial(encode.encode_rows, **kw))
+  return dataclasses.replace(cfg, attn_impl="pallas_tpu")
+
+
+def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int, max_seq_len: int, weights: str,
+         cache_dtype: str, steps: list[str], max_batch: str, hbm: float, hlo_dir: str | None) -> int:
+  import jax
+  from jax.experimental import topologies
+  from dsv4_jax.runtime import describe_mesh
+  from dsv4_jax.sharding import make_mesh
+
+  cfg = _compile_pallas_for_tpu(cfg)
+  dims = [int(d) for d in topo_grid.split(":")[1].split("x")]
+  small = {"chips_per_host_bounds": dims + [1] * (3 - len(dims))} if math.prod(dims) < 4 else {}   # < one host
+  devices = topologies.get_topology_desc(topology_name=topo_grid, platform="tpu", **small).devices
+  mesh = make_mesh(mesh_spec, cfg, devices=devices)
+  data = int(mesh.shape["data"])
+  kind = devices[0].device_kind
+  expert_fmt = (cfg.expert_dtype or "fp4") if weights == "released" else None
+  wdesc = (f"released ({expert_fmt} routed experts, fp8 dense projections)" if weights == "released"
+           else f"dense {cfg.dtype}")
+  print(f"aot plan: config {cfg.name} ({cfg.n_layers} layers), {topo_name} = {topo_grid}, {len(devices)} chips "
+        f"({kind}, HBM {hbm / GiB:.0f} GiB each); {describe_mesh(mesh)}", flush=True)
+  print(f"  batch {batch} x max_seq_len {max_seq_len} (live bucket {max_seq_len}), weights {wdesc}, "
+        f"cache {cache_dtype}, compute {cfg.dtype}, attn_impl {cfg.attn_impl}, jax {jax.__version__}", flush=True)
+  params = abstract_params(cfg, mesh, weights)
+  results = {}
+  for step in steps:
+    print(f"compiling {step} for {topo_name} (batch {batch}) ...", flush=True)
+    r = compile_step(cfg, mesh, params, step, batch, max_seq_len, cache_dtype)
+    results[step] = r
+    print(f"  {step}: compiled in {r['seconds']:.1f} s", flush=True)
+    if hlo_dir and "hlo" in r:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, f"{step}.hlo.txt"), "w") as f:
+        f.write(r["hlo"])
+
+  print(f"\nper chip ({len(devices)} x {kind}, {hbm / GiB:.0f} GiB HBM), batch {batch}, context {max_seq_len} "
+        "(weights, cache: the shards of the abstract arrays; temporaries: XLA memory_analysis; other: XLA's "
+        "arguments beyond them (tokens, tile padding) + outputs not aliased to the donated cache):")
+  print(f"  {'step':8s} {'weights':>11s} {'cache':>11s} {'temporaries':>12s} {'other':>10s} {'total':>11s}  fits")
+  for step, r in results.items():
+    if "oom" in r:
+      print(f"  {step:8s} {_gib(r['weights']):>11s} {_gib(r['cache']):>11s} {'-':>12s} {'-':>10s} {'-':>11s}  NO: "
+            f"XLA: {_oom_used(r['oom'])}")
+      continue
+    fits = "yes" if r["total"] <= hbm else "NO"
+    print(f"  {step:8s} {_gib(r['weights']):>11s} {_gib(r['cache']):>11s} {_gib(r['temp']):>12s} "
+          f"{_gib(r['other']):>10s} {_gib(r['total']):>11s}  {fits} ({100 * r['total'] / hbm:.0f}% of HBM)")
+  for step, r in results.items():
+    if "hlo" in r:
+      print(f"  {step} collectives: {_collectives(r['hlo'])}")
+
+  if max_batch == "scale" and results:
+    _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_dtype, hbm, topo_name)
+  ok = all("oom" not in r and r["total"] <= hbm for r in results.values())
+  print(f"\nverdict: {cfg.name} {'FITS' if ok else 'DOES NOT FIT'} on {topo_name} at batch {batch} x {max_seq_len} "
+        f"tokens ({weights} weights, {cache_dtype} cache).", flush=True)
+  return 0
+
+
+def _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_dtype, hbm, topo_name):
+  """Linear in the batch per chip: weights fixed; cache exact per sequence; temporaries per sequence from a
+  second compile. Largest multiple of the data axis whose every step fits."""
+  print(f"\nlargest batch at {max_seq_len} tokens (by scaling: cache per sequence exact from the cache shapes, "
+        "temporaries per sequence from compiles at two batch sizes):")
+  best = None
+  for step, r1 in results.items():
+    other = [b for b in (batch // 2, batch * 2) if b >= data and b % data == 0 and b != batch]
+    r2 = None
+    for b2 in other[:1] if "oom" not in r1 else [b for b in (batch // 2, batch // 4) if b >= data and b % data == 0]:
+      print(f"compiling {step} for {topo_name} (batch {b2}) ...", flush=True)
+      r2 = compile_step(cfg, mesh, params, step, b2, max_seq_len, cache_dtype)
+      print(f"  {step}: compiled in {r2['seconds']:.1f} s", flush=True)
+      if "oom" not in r2:
+        break
+    pts = [r for r in (r1, r2) if r is not None and "oom" not in r]
+    if len(pts) < 2:
+      print(f"  {step}: cannot scale (needs two batch sizes that compile; got {len(pts)})")
+      continue
+    a, b = sorted(pts, key=lambda r: r["batch"])
+    db = b["batch"] - a["batch"]
+    cache_seq = (b["cache"] - a["cache"]) / db
+    temp_seq = ((b["temp"] + b["other"]) - (a["temp"] + a["other"])) / db
+    note = ""
+    if temp_seq < 0:          # XLA's scheduling is not linear in the batch: take no growth, the larger fixed part
+      note, temp_seq = f" (measured slope {temp_seq / 2**20:.1f} MiB clamped to 0)", 0.0
+    fixed = a["weights"] + max(r["temp"] + r["other"] - temp_seq * r["batch"] for r in (a, b))
+    per_seq = cache_seq + temp_seq
+    n = int((hbm - fixed) // per_seq) if per_seq > 0 else 0
+    n = max(0, n // data * data)
+    print(f"  {step:8s} fixed {_gib(fixed)} per chip + {per_seq / 2**20:.2f} MiB per sequence "
+          f"(cache {cache_seq / 2**20:.2f} MiB, temporaries {temp_seq / 2**20:.2f} MiB{note}; from batches "
+          f"{a['batch']} and {b['batch']}) -> at most {n} sequences")
+    best = n if best is None else min(best, n)
+  if best is not None:
+    print(f"  largest batch that fits every step: {best} (a multiple of data:{data}; extrapolated, not compiled)")
+
+
+# ---- entry points ----------------------------------------------------------------------------------------
+
+def _config(layers: int | None):
+  import dataclasses
+  from dsv4_jax.config import from_config_dict
+  cfg = from_config_dict(_CONFIG.value)
+  if layers:
+    if not 1 <= layers <= cfg.n_layers:
+      raise UsageError(f"--layers={layers}: must lie in [1, {cfg.n_layers}].")
+    cfg = dataclasses.replace(cfg, n_layers=layers, compress_ratios=cfg.compress_ratios[:layers]
+                              + cfg.compress_ratios[cfg.n_layers:])
+  return cfg
+
+
+def _check(cfg, gen: str, chips: int):
+  """Flag checks that need no libtpu: the mesh against the chip count and the model, the batch against data."""
+  from jax.sharding import AbstractMesh
+  from dsv4_jax import sharding
+  shape = sharding.parse_mesh(_MESH.value) if _MESH.value else sharding.default_mesh_shape(chips, cfg)
+  sizes = tuple(int(shape.get(a, 1)) for a in sharding.MESH_AXES)
+  if math.prod(sizes) != chips:
+    given = ",".join(f"{a}:{n}" for a, n in zip(sharding.MESH_AXES, sizes) if n > 1) or "1 device"
+    raise ValueError(f"mesh {given} has {math.prod(sizes)} devices but --topology={_TOPOLOGY.value} has {chips} "
+                     f"chips; the axis sizes must multiply to {chips}"
+                     + (f" ({gen}-N counts TensorCores, 2 per chip)." if gen in CORES_IN_NAME and "-" in _TOPOLOGY.value
+                        else "."))
+  sharding.check_mesh(AbstractMesh(sizes, sharding.MESH_AXES), cfg)
+  data = shape.get("data", 1)
+  if _BATCH.value < 1 or _BATCH.value % data:
+    raise UsageError(f"--batch={_BATCH.value} must be a positive multiple of the mesh's data axis ({data}).")
+  if _MAX_SEQ.value < 1:
+    raise UsageError(f"--max_seq_len={_MAX_SEQ.value} must be >= 1.")
+  bad = [s for s in _STEPS.value if s not in STEPS]
+  if bad or not _STEPS.value:
+    raise UsageError(f"--steps={','.join(_STEPS.value)}: choose from {', '.join(STEPS)}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments: {argv[1:]}")
+  gen, grid, chips = parse_topology(_TOPOLOGY.value)
+  cfg = _config(_LAYERS.value)
+  _check(cfg, gen, chips)
+  hbm = (_HBM.value or HBM_GIB[gen]) * GiB
+  if _IN_TPU.value:
+    if _LAYERS.value:
+      print(f"NOTE: --layers={_LAYERS.value}: only the first {_LAYERS.value} layers are compiled; weights, cache "
+            "and temporaries are NOT those of the full model.", flush=True)
+    return plan(cfg, _TOPOLOGY.value, grid, _MESH.value, _BATCH.value, _MAX_SEQ.value, _WEIGHTS.value,
+                _CACHE_DTYPE.value, list(_STEPS.value), _MAX_BATCH.value, hbm, _HLO_DIR.value)
+  if not os.path.isdir(os.path.join(LIBTPU, "libtpu")):
+    raise FileNotFoundError(f"no libtpu under {LIBTPU}: run `make setup` (pip install --target {LIBTPU} "
+                            "'libtpu==0.0.42.*').")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env.update(PYTHONPATH=os.pathsep.join([LIBTPU, ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
+                                                          else [])),
+             TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE="v6e-4",
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")   # compile-only: no chips to share, so no lockfile
+  try:
+    rc = subprocess.run([sys.executable, "-m", "launch.aot", *sys.argv[1:], "--in_tpu_process"], env=env,
+                        cwd=ROOT, timeout=_TIMEOUT.value).returncode
+  except subprocess.TimeoutExpired:
+    raise UsageError(f"the compile did not finish in --timeout={_TIMEOUT.value} s.") from None
+  if rc:
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+  common.run(main, config_flag="config")
