@@ -141,12 +141,6 @@ def cache_axes(cache: dict) -> dict:
   return out
 
 
-def rollback_rows(cfg: ModelConfig, cache: dict) -> int:
-  """How many of its latest tokens the cache can discard by setting `length` back (init_cache's `rollback`)."""
-  layers = cache["layers"]
-  return (layers["prefix"] or layers["stack"] or layers["suffix"])[0]["win"].n_rows - cfg.window_size
-
-
 def live_bucket(n_tokens: int, capacity: int) -> int:
   """The static `live` bound a step compiles for: the smallest MIN_LIVE * 2^j >= n_tokens, capped at the
   capacity. Compressed stores are read up to live // m rows, so step cost follows the longest live
