@@ -10,10 +10,11 @@ Layout
   over `expert` (the rules table's ("experts", "expert")): shard j holds experts [j*E/n, (j+1)*E/n). No
   expert weight is ever gathered. (Weights also split over `tensor` on `expert_mlp` are gathered over
   `tensor` by the shard_map in_spec: tensor-parallel experts inside EP are not done.)
-* Tokens: the B*S rows are flattened and split over ("data", "expert") (those of the two present with size
-  > 1), data-major: the batch rule's `data` split, and each data row's tokens further split over its
-  expert shards (as MaxText). Rows are padded (valid False) to a multiple of that count. Other mesh axes
-  (sequence, tensor) replicate the computation. The exchange runs within each data row over `expert`.
+* Tokens: the B*S rows are flattened and split over ("data", "sequence", "expert") (those present with
+  size > 1), data-major: the batch rule's `data` split, the context-parallel `sequence` split, and each
+  group's tokens further split over its expert shards (as MaxText). Rows are padded (valid False) to a
+  multiple of that count. The `tensor` axis replicates the computation. The exchange runs within each
+  (data, sequence) group over `expert`.
 
 Per shard (T_l tokens, N = T_l*k (token, slot) pairs, n = expert-axis size, E_l = E/n local experts):
 1. pairs sorted by expert (stable; pairs of padded tokens last and never sent): contiguous chunks per
@@ -47,8 +48,13 @@ takes `impl`: "native" (jax.lax.ragged_all_to_all) or "emulate" (padded `all_to_
 contract for one update per peer); the default (None, or `options(impl=...)`) picks "emulate" only when the
 mesh's devices are CPUs, "native" otherwise (TPU/GPU, abstract meshes). Tests force "native" to lower for TPU.
 
-Not done: a decode path that all-gathers few tokens instead of two ragged exchanges; tensor-parallel
-experts; a custom VJP (gradients flow through the emulation and the native op's transpose rule as jax
+Few tokens (decode): when the group's n*T_l*k pairs are fewer than the experts (`decode_path`, the rule
+`moe.routed_experts` uses on one device), two ragged exchanges of a handful of rows cost more in latency than
+they save; instead the group's tokens are all-gathered over `expert` (n*T_l rows), every shard applies its
+local experts to the pairs that chose them (`moe._gathered_experts`: each chosen expert read once), and the
+per-slot outputs are reduce-scattered back (`_gather_body`). No capacity, nothing dropped.
+
+Not done: tensor-parallel experts; a custom VJP (gradients flow through the emulation and the native op's transpose rule as jax
 defines them; a CPU check of grad(sum(moe(x)**2)) on expert:8 matched one device to 2e-7, but it is not
 in the tests).
 """
@@ -68,14 +74,14 @@ from dsv4_jax.config import ModelConfig
 
 F32 = jnp.float32
 EXPERT_AXIS = "expert"
-TOKEN_AXES = ("data", "expert")
+TOKEN_AXES = ("data", "sequence", "expert")
 
-_opts = {"capacity_factor": None, "impl": None}
+_opts = {"capacity_factor": None, "impl": None, "path": None}
 
 
 @contextlib.contextmanager
 def options(**kw) -> Iterator[None]:
-  """Overrides the defaults of `routed_experts` (capacity_factor, impl) for calls made inside (e.g. through
+  """Overrides the defaults of `routed_experts` (capacity_factor, impl, path) for calls made inside (e.g. through
   `moe.moe`, which takes no such arguments)."""
   unknown = set(kw) - set(_opts)
   if unknown:
@@ -197,15 +203,50 @@ def _shard_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, cap: int, tok
   return acc, load, dropped
 
 
+def _gather_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, tok_axes):
+  """One shard, few tokens: x [T,D], idx/w [T,k] (ascending expert id), valid [T] -> like `_shard_body`.
+  The expert group's n*T tokens are all-gathered; this shard applies its own experts to the pairs that chose
+  them (`moe._gathered_experts`: each chosen local expert read once), the per-slot outputs (one shard holds
+  each pair's, the others exact zeros) are summed and scattered back over `expert`, and the combine is
+  `moe.routed_experts`' ascending-id chain."""
+  T, k = idx.shape
+  E = cfg.n_routed_experts
+  El = E // n
+  me = jax.lax.axis_index(EXPERT_AXIS)
+  gather = partial(jax.lax.all_gather, axis_name=EXPERT_AXIS, tiled=True)
+  xa, ia, wa, va = gather(x), gather(idx), gather(w), gather(valid)          # [n*T, ...]
+  mine = (ia // El == me) & va[:, None]                                       # pairs of my experts
+  y = moe._gathered_experts(pe, cfg, xa, jnp.where(mine, ia - me * El, El), wa, va, n_experts=El)
+  y = jnp.where(mine[..., None], y, 0)                                        # [n*T, k, D] x.dtype
+  yp = jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)  # my T tokens' slots, exact
+  yp = jnp.where(valid[:, None, None], yp, 0)
+  acc = yp[:, 0].astype(F32)
+  for j in range(1, k):                                                       # moe.routed_experts' chain
+    acc = acc + yp[:, j].astype(F32)
+  counts = jnp.zeros((E,), F32).at[moe._expert_key(idx, valid, E)].add(1.0, mode="drop")
+  return acc, jax.lax.psum(counts, tok_axes), jnp.zeros((), jnp.int32)
+
+
+def decode_path(tokens_per_shard: int, k: int, n_shards: int, n_experts: int) -> str:
+  """"gather" when the expert group's (token, slot) pairs are fewer than the experts (decode batches: the
+  single-device rule of `moe.routed_experts`), else "exchange" (the two ragged all-to-alls)."""
+  return "gather" if n_shards * tokens_per_shard * k < n_experts else "exchange"
+
+
 def routed_experts(pe: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
                    valid: jnp.ndarray | None, mesh, *, capacity_factor: float | None = "default",
-                   impl: str | None = None, group: int = moe.EXPERT_GROUP) -> tuple[jnp.ndarray, EPStats]:
+                   impl: str | None = None, path: str | None = None,
+                   group: int = moe.EXPERT_GROUP) -> tuple[jnp.ndarray, EPStats]:
   """`moe.routed_experts` over `mesh`'s expert axis. x: [T,D], idx/w: [T,k], valid: [T] bool (None = all) ->
   ([T,D] fp32, EPStats). capacity_factor: see the module doc ("default": `options`' value, None =
-  dropless); impl: "native" | "emulate" | None (`options`' value, else by the mesh's platform)."""
+  dropless); impl: "native" | "emulate" | None (`options`' value, else by the mesh's platform); path:
+  "exchange" | "gather" | None (`options`' value, else by size: `decode_path`)."""
   if capacity_factor == "default":
     capacity_factor = _opts["capacity_factor"]
   impl = impl or _opts["impl"] or _platform_impl(mesh)
+  path = path or _opts["path"]
+  if path not in (None, "exchange", "gather"):
+    raise ValueError(f"expert-parallel path must be 'exchange', 'gather' or None (by size); got {path!r}")
   T, k = idx.shape
   E = cfg.n_routed_experts
   n = mesh.shape[EXPERT_AXIS]
@@ -222,9 +263,12 @@ def routed_experts(pe: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray,
   if Tp != T:
     pad = lambda a: jnp.pad(a, [(0, Tp - T)] + [(0, 0)] * (a.ndim - 1))
     x, idx, w, valid = pad(x), pad(idx), pad(w), pad(valid)
-  cap = capacity_rows(Tp // n_tok, k, n, capacity_factor)
   tok = P(tok_axes)
-  body = partial(_shard_body, cfg=cfg, n=n, cap=cap, tok_axes=tok_axes, impl=impl, group=group)
+  if (path or decode_path(Tp // n_tok, k, n, E)) == "gather":
+    body = partial(_gather_body, cfg=cfg, n=n, tok_axes=tok_axes)
+  else:
+    cap = capacity_rows(Tp // n_tok, k, n, capacity_factor)
+    body = partial(_shard_body, cfg=cfg, n=n, cap=cap, tok_axes=tok_axes, impl=impl, group=group)
   f = jax.shard_map(body, mesh=mesh, in_specs=(jax.tree.map(lambda _: P(EXPERT_AXIS), pe), tok, tok, tok, tok),
                     out_specs=(tok, P(), P()), check_vma=False)
   y, load, dropped = f(pe, x, idx.astype(jnp.int32), w.astype(F32), valid)

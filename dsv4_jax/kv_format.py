@@ -20,12 +20,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dsv4_jax import quant
 
 F32 = jnp.float32
-_E2M1 = jnp.array(quant.E2M1_VALUES[:8], F32)
+_E2M1 = np.array(quant.E2M1_VALUES[:8], np.float32)   # NumPy: no backend at import time
 FORMATS = ("bfloat16", "float32", "fp8", "fp4")
 
 
@@ -110,7 +111,7 @@ class Layout:
     c = b[..., : K // 2]
     s = _from_exponent_byte(b[..., K // 2: K // 2 + K // 32])
     codes = jnp.stack([c & 15, c >> 4], -1).reshape(*c.shape[:-1], K)
-    vals = jnp.where(codes >= 8, -1.0, 1.0) * _E2M1[(codes & 7).astype(jnp.int32)]
+    vals = jnp.where(codes >= 8, -1.0, 1.0) * jnp.asarray(_E2M1)[(codes & 7).astype(jnp.int32)]
     return (vals.reshape(*s.shape, 32) * s[..., None]).reshape(vals.shape).astype(dtype)
 
 

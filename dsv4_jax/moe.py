@@ -170,9 +170,11 @@ def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tupl
 
 
 def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
-                      valid: jnp.ndarray) -> jnp.ndarray:
+                      valid: jnp.ndarray, n_experts: int | None = None) -> jnp.ndarray:
   """Decode path. x: [T,D], idx/w: [T,k] (a token's slots in ascending expert id), valid [T] -> per-slot
-  expert outputs [T,k,D] in x.dtype.
+  expert outputs [T,k,D] in x.dtype. `p` holds n_experts (default cfg.n_routed_experts) experts; a pair whose
+  idx is n_experts chooses none of them (its output is garbage: the caller masks it; the expert-parallel
+  decode path marks the pairs of other shards' experts so).
 
   The distinct chosen experts (U = T*k static slots, the spare ones repeating the largest id) are gathered and
   dequantised once ([U, out, in]) and applied to every token ([U, T] rows; pairs nobody chose have weight 0):
@@ -181,7 +183,7 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   in top-k or the released tid2eid tables) gets it once, with the summed weight.
   """
   T, k = idx.shape
-  ids, real = chosen_experts(idx, valid, cfg.n_routed_experts)                  # [U]
+  ids, real = chosen_experts(idx, valid, n_experts or cfg.n_routed_experts)     # [U]
   pw = jax.tree.map(lambda a: a[ids], p)                                        # [U, out, in] per matrix
   hit = (idx[None] == ids[:, None, None]) & (real[:, None, None] & valid[None, :, None])   # [U,T,k]
   wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U,T]

@@ -1,5 +1,7 @@
 """What the launch scripts need around the model: memory checks before allocating, loading or random
-init, text prompts through the V4 chat format, and printing results."""
+init, text prompts through the V4 chat format, and printing results. In a multi-host job every process
+calls these alike (each loads its own shards, all take part in generation); `note` and the scripts print on
+process 0 only."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,18 +24,21 @@ GB = 1e9
 
 
 def available_memory_bytes() -> tuple[int, str]:
-  """Memory the model can use on the default backend, and what it is."""
-  devices = jax.devices()
+  """Memory the model can use on the default backend, and what it is. Several processes (multi-host): this
+  host's memory times the process count (hosts alike; only local devices report their memory)."""
+  devices = jax.local_devices()
+  hosts = jax.process_count()
+  on = f" x {hosts} hosts" if hosts > 1 else ""
   if devices[0].platform == "cpu":
     try:
       with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
-      return int(info["MemAvailable"].split()[0]) * 1024, "available host RAM"
+      return int(info["MemAvailable"].split()[0]) * 1024 * hosts, "available host RAM" + on
     except (OSError, KeyError, ValueError):
-      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM"
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * hosts, "host RAM" + on
   stats = [d.memory_stats() or {} for d in devices]
   total = sum(int(s.get("bytes_limit", 0)) for s in stats)
-  return total, f"memory of {len(devices)} {devices[0].platform} device(s)"
+  return total * hosts, f"memory of {len(devices)} {devices[0].platform} device(s){on}"
 
 
 def _nbytes(tree) -> int:
@@ -110,15 +115,22 @@ def describe_mesh(mesh: Mesh | None) -> str:
   return f"mesh: {axes} over {mesh.size} {mesh.devices.flat[0].platform} devices"
 
 
+def note(*args) -> None:
+  """print(*args) on stderr, on process 0 only (the others of a multi-host job stay quiet)."""
+  from dsv4_jax.distributed import is_primary
+  if is_primary():
+    print(*args, file=sys.stderr)
+
+
 def load_or_init(cfg: ModelConfig, checkpoint: str | None, seed: int = 0, mesh: Mesh | None = None) -> dict:
   """The checkpoint's weights, or random ones, placed on `mesh` by the rules table (None: one device)."""
   if checkpoint:
     from dsv4_jax.weights import load_params
     check_checkpoint_config(checkpoint, cfg)
-    print(f"loading {checkpoint} ...", file=sys.stderr)
+    note(f"loading {checkpoint} ...")
     return load_params(checkpoint, cfg, mesh=mesh)
-  print(f"NOTE: no --checkpoint given: config {cfg.name!r} runs on RANDOM weights (seed {seed}); "
-        "the generated tokens are meaningless.", file=sys.stderr)
+  note(f"NOTE: no --checkpoint given: config {cfg.name!r} runs on RANDOM weights (seed {seed}); "
+       "the generated tokens are meaningless.")
   return init_params(cfg, jax.random.key(seed), mesh=mesh)
 
 

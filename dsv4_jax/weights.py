@@ -5,6 +5,14 @@ of units (checkpoint/stream.py: "top", "layer.N", "mtp.J"); each unit goes strai
 with the sharding its logical axes get from the rules table, and scanned layers are written into their
 stacked arrays in place, so host memory stays about one unit and device memory the model.
 
+Multi-host (a mesh over the devices of several processes, after `distributed.initialize`): every process
+calls `load_params` alike and ends up with global arrays of which it holds only the shards of its own devices.
+A converted (Orbax) checkpoint is restored with those target shardings, so each process reads from storage
+only the byte ranges of its shards (per-host restore). A safetensors checkpoint is NOT read by slice: every
+process reads every tensor whole (host memory stays one unit per process, and `device_put` keeps only the
+process's shards on its devices), so each host reads the whole checkpoint from storage; for a multi-host
+job convert once with `launch.convert` and load the Orbax directory.
+
 Quantised weights (fp8 e4m3 with 128x128 e8m0 scales, fp4 e2m1 experts with 1x32 scales) stay `QArray`s
 unless `quantized=False`; the model dequantises them blockwise inside its matmuls (qarray.dense), with
 the same result bit for bit. Dense weights are cast to `dtype` (default `cfg.dtype`); mHC, norm, sink,
@@ -35,9 +43,9 @@ log = logging.getLogger(__name__)
 
 def _sharding(axes: tuple, shape: tuple, mesh: Mesh | None):
   """NamedSharding of a leaf from its logical axes (`sharding.param_sharding`: a dimension the mesh axes do
-  not divide is replicated); one device without a mesh."""
+  not divide is replicated); without a mesh this process's first device."""
   if mesh is None:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return param_sharding(axes, shape, mesh)
 
 
@@ -194,6 +202,9 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mes
                 quantized: bool = True) -> dict:
   """Parameters from a checkpoint directory (safetensors, or converted by `launch.convert`) or one
   .safetensors file, placed on `mesh` by the logical axis rules (None: the default device).
+
+  With a mesh spanning several processes each process holds only its devices' shards; it restores only those
+  from a converted checkpoint but reads safetensors whole (see the module docstring).
 
   Tensor names may be official (`layers.3.attn.wq_a.weight`) or HF (`model.layers.3.self_attn.q_a_proj.weight`).
   fp8 / fp4 weights stay QArrays (`quantized=False`: dequantised exactly to `dtype`). Dense weights are cast

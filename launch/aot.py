@@ -1,34 +1,69 @@
-r"""AOT memory plan: compile prefill and decode for a TPU slice with no TPU present, and say whether they fit.
+r"""AOT memory plan: compile prefill and decode for a TPU slice or a GPU node with no accelerator present, and say
+whether they fit.
 
   python -m launch.aot --config=flash --topology=v5p-64 --mesh=data:2,expert:16 --batch=8 --max_seq_len=131072
   python -m launch.aot --config=pro --topology=v6e:8x8 --mesh=data:1,expert:64 --batch=1 --max_seq_len=1048576
   python -m launch.aot --config=tiny --topology=v5p:2x2x1 --mesh=expert:4 --batch=4 --max_seq_len=2048 \
       --config.attn_impl=pallas_tpu
+  python -m launch.aot --config=flash --topology=h200:8 --mesh=expert:8 --batch=4 --max_seq_len=131072
 
 Compiles, deviceless (libtpu from PyPI, `make setup` puts it under .aot/libtpu; docs: ../shared/docs/pallas.md
 §1.5), the prefill step (one chunk of cfg.query_chunk tokens appended to a cache of --max_seq_len, live bucket =
 --max_seq_len: the last chunk of the longest prompt) and the decode step (one token, same live bucket), with every
 weight, cache leaf and activation sharded by the rules table (dsv4_jax/sharding.py) on --mesh. Arguments are
-abstract (jax.ShapeDtypeStruct with shardings): nothing is allocated. Prints per chip: weights, cache,
+abstract (jax.ShapeDtypeStruct with shardings): nothing is allocated. Prints per chip (or GPU): weights, cache,
 temporaries (XLA's memory_analysis), the total against the chip's HBM and whether it fits; then the largest batch
 that fits at that context, by linear scaling: cache per sequence exactly from the cache shapes, temporaries per
 sequence from a second compile of each step at another batch size (--max_batch=off skips it).
 
---topology: either the Cloud TPU accelerator-type name or an explicit physical shape.
+--topology: either the Cloud TPU accelerator-type name or an explicit physical shape, or a GPU node.
   * NAME-N: for v5p (and v4) N counts TensorCores, 2 per chip: v5p-64 = 32 chips (2x4x4); for v5e and v6e N
     counts chips: v6e-64 = 64 chips (8x8). tpu7x takes the explicit form only.
   * GEN:AxB[xC]: the physical chip grid, as pallas_kernels/aot.py uses: v5e:2x2, v6e:4x8, v5p:2x2x1, tpu7x:2x2x1.
+  * GPU:N: N GPUs (h100:8, h200:8, b200:8; gpu:N with --hbm_gib for any other GPU).
 HBM per chip: v5e 16 GiB, v6e 32 GiB, v5p 95 GiB, tpu7x 192 GiB (--hbm_gib overrides).
+Memory per GPU, NVIDIA's datasheet figures read as decimal GB (10^9 bytes): H100 SXM 80 GB (74.5 GiB), H200 SXM
+141 GB (131.3 GiB), B200 (HGX/DGX B200) 180 GB (167.6 GiB; 192 GB was the figure announced at GTC 2024, the
+shipping HGX/DGX B200 datasheets say 180 GB). The drivers report a little more (nvidia-smi shows an H100 80GB
+as 81559 MiB = 79.6 GiB, an H200 as about 140 GiB), so these are conservative by ~6%; --hbm_gib overrides.
+
+The GPU plan (GPU:N) is an XLA:CPU stand-in, not an XLA:GPU compile: there is no deviceless XLA:GPU compile from
+PyPI, so the child process runs with JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=N
+and compiles the same steps, with the same shardings and the same abstract arguments, on an N-device CPU mesh.
+What that means for the numbers:
+  * weights and cache per GPU are exact: they are the shards of the abstract arrays, whatever the backend;
+  * temporaries are XLA:CPU's buffer assignment standing in for XLA:GPU's: an estimate, and an inflated one.
+    On CPU the expert exchange is the padded all-to-all emulation (dsv4_jax/expert_parallel.py: XLA:CPU has
+    no ragged-all-to-all), ragged_dot is a masked dense dot ([16, rows, 4096] f32 selects in Flash's
+    prefill), and XLA:CPU has no bf16 or fp8 dot, so it upcasts weights, whole layer stacks at a time (an
+    f32[20,8192,4096] convert, 2.5 GiB, in Flash's decode). Measured on the same mesh and batch (Flash,
+    expert:4, batch 4, 128K): XLA:CPU 19.42 / 18.55 GiB of temporaries (prefill / decode) against libtpu's
+    6.79 / 4.55 GiB for v5p-8, about 3-4x. So the table reads them as an upper bound ("temporaries<="), not a
+    proof (XLA:GPU has its own workspaces and scheduling). What is inflated is the fixed part (prefill: 60.76
+    GiB per chip on XLA:CPU against 47.31 on libtpu); the growth per sequence is close, even lower (0.86 GiB
+    against 1.06), so the extrapolated largest batch comes out low (26 against libtpu's 31 at 95 GiB), an
+    estimate on the low side rather than a bound;
+  * the fits column says "maybe" where weights + cache (+ other) fit and only the temporaries' upper bound
+    does not (the verdict: MAY FIT), "NO" only where weights + cache alone overflow; the largest batch is
+    bracketed by the one with no temporaries at all. XLA:CPU never runs out of memory while compiling: the
+    verdict is arithmetic on its numbers;
+  * jax on a GPU preallocates 75% of the memory by default. The verdict is against --mem_fraction (default
+    0.95) of the memory: run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (or XLA_PYTHON_CLIENT_PREALLOCATE=false)
+    to get it; the CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers live in the remaining 5%;
+  * attn_impl=pallas*: refused (XLA:CPU cannot compile Mosaic GPU or Triton kernels); the plan is for
+    attn_impl=xla.
+Flash and Pro at full depth compile in 30 to 60 s per step on XLA:CPU (2-core machine, ~1.3 GiB resident).
 
 --weights=released: the released checkpoint's storage (fp4 routed experts, or fp8 for -Base configs whose
 expert_dtype is fp8; fp8 with 128x128 e8m0 scales for wq_a, wq_b, wkv, wo_b, indexer wq_b, shared experts, MTP
 e_proj/h_proj; wo_a dequantised as the loader does; the rest bf16 / fp32), as `QArray`s the model dequantises
 inside its matmuls. --weights=bf16: every weight dense in the compute dtype.
 
-libtpu is loaded only in a child process (this script re-runs itself with .aot/libtpu on PYTHONPATH and the TPU_*
-variables set), so importing launch.aot or running the CPU tests never starts a TPU backend. Bad flags or a mesh
-that does not match the topology or the model fail with one `error: ...` line and exit code 2, before libtpu
-loads. A compile that runs out of HBM is reported as "does not fit" with XLA's numbers.
+The compile runs only in a child process (this script re-runs itself: for a TPU with .aot/libtpu on PYTHONPATH
+and the TPU_* variables set; for a GPU with the CPU variables above), so importing launch.aot or running the CPU
+tests never starts a TPU backend. Bad flags or a mesh that does not match the topology or the model fail with
+one `error: ...` line and exit code 2, before the child starts. A compile that runs out of HBM is reported as
+"does not fit" with XLA's numbers.
 """
 from __future__ import annotations
 
@@ -52,12 +87,16 @@ HBM_GIB = {"v5e": 16, "v6e": 32, "v5p": 95, "v4": 32, "tpu7x": 192}
 CORES_IN_NAME = {"v5p": 2, "v4": 2}          # NAME-N counts TensorCores on these generations
 GRID_RANK = {"v5e": 2, "v6e": 2, "v5p": 3, "v4": 3, "tpu7x": 3}
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v7x": "tpu7x"}
+GPU_GB = {"h100": 80, "h200": 141, "b200": 180}     # datasheet GB (10^9 bytes) per GPU; "gpu" needs --hbm_gib
+GPU_NAMES = {"h100": "NVIDIA H100", "h200": "NVIDIA H200", "b200": "NVIDIA B200", "gpu": "GPU"}
+GPU_MEM_FRACTION = 0.95                               # XLA_PYTHON_CLIENT_MEM_FRACTION the verdict assumes
 STEPS = ("prefill", "decode")
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(common.CONFIG_DIR, "flash.py"),
                                           "configs/ name or .py config file.", lock_config=False)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice: NAME-N (v5p/v4: N counts TensorCores, 2 per "
-                                "chip, so v5p-64 is 32 chips; v5e/v6e: N chips) or GEN:AxB[xC] (v6e:4x8, v5p:2x4x4).")
+                                "chip, so v5p-64 is 32 chips; v5e/v6e: N chips) or GEN:AxB[xC] (v6e:4x8, v5p:2x4x4); "
+                                "or N GPUs: h100:8, h200:8, b200:8, gpu:N (with --hbm_gib), planned on XLA:CPU.")
 _MESH = flags.DEFINE_string("mesh", None, "Mesh over the slice's chips, AXIS:SIZE pairs over data, sequence, tensor, "
                             "expert (sizes multiply to the chip count). Default: experts over as many chips as "
                             "divide the expert count, data over the rest.")
@@ -69,10 +108,15 @@ _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "paper", ["paper", "bfloat16", "
 _STEPS = flags.DEFINE_list("steps", list(STEPS), "Steps to compile: prefill, decode.")
 _MAX_BATCH = flags.DEFINE_enum("max_batch", "scale", ["scale", "off"], "scale: a second compile per step at "
                                "another batch gives temporaries per sequence, and so the largest batch that fits.")
-_HBM = flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB (default: by generation, see --help).")
+_HBM = flags.DEFINE_float("hbm_gib", None, "HBM per chip (or GPU) in GiB (default: by generation, see --help).")
+_MEM_FRACTION = flags.DEFINE_float("mem_fraction", None, "GPUs: the fraction of each GPU's memory jax may use "
+                                   f"(XLA_PYTHON_CLIENT_MEM_FRACTION; default {GPU_MEM_FRACTION}); the verdict "
+                                   "is against it. TPUs: 1.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled step's HLO text here (STEP.hlo.txt).")
+_JSON = flags.DEFINE_string("json", None, "Also write the per-step numbers (bytes per chip / GPU) as JSON here.")
 _LAYERS = flags.DEFINE_integer("layers", None, "Compile only the first N layers (quick looks; the report says so).")
-_IN_TPU = flags.DEFINE_bool("in_tpu_process", False, "Internal: set on the child process that loads libtpu.")
+_IN_CHILD = flags.DEFINE_bool("in_compile_process", False, "Internal: set on the child process that compiles "
+                               "(libtpu for a TPU, N CPU devices for a GPU node).")
 _TIMEOUT = flags.DEFINE_integer("timeout", 7200, "Seconds before the compile process is stopped.")
 
 
@@ -96,15 +140,28 @@ def _grid(chips: int, rank: int) -> tuple[int, ...]:
   return tuple(dims)
 
 
+def is_gpu(gen: str) -> bool:
+  return gen in GPU_NAMES
+
+
 def parse_topology(spec: str) -> tuple[str, str, int]:
-  """"v5p-64" | "v5p:2x4x4" -> (generation, "v5p:2x4x4" for jax.experimental.topologies, chips)."""
+  """"v5p-64" | "v5p:2x4x4" -> (generation, "v5p:2x4x4" for jax.experimental.topologies, chips);
+  "h200:8" -> ("h200", "h200:8", 8) (GPUs: see `is_gpu`)."""
   s = spec.strip().lower()
+  g = re.fullmatch(r"([a-z0-9]+):(\d+)", s)
+  if g and g.group(1) in GPU_NAMES:
+    n = int(g.group(2))
+    if n < 1:
+      raise UsageError(f"--topology={spec!r}: needs at least 1 GPU.")
+    return g.group(1), f"{g.group(1)}:{n}", n
   m = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", s)
   if not m:
-    raise UsageError(f"--topology={spec!r}: expected NAME-N (v5p-64, v6e-16) or GEN:AxB[xC] (v6e:4x8, v5p:2x4x4).")
+    raise UsageError(f"--topology={spec!r}: expected NAME-N (v5p-64, v6e-16), GEN:AxB[xC] (v6e:4x8, v5p:2x4x4) "
+                     "or GPU:N (h200:8, h100:8, b200:8, gpu:8).")
   gen = ALIASES.get(m.group(1), m.group(1))
   if gen not in HBM_GIB:
-    raise UsageError(f"--topology={spec!r}: unknown TPU generation {m.group(1)!r}; known: {', '.join(HBM_GIB)}.")
+    raise UsageError(f"--topology={spec!r}: unknown TPU generation {m.group(1)!r}; known: {', '.join(HBM_GIB)} "
+                     f"(GPUs: {', '.join(GPU_NAMES)}, as GPU:N).")
   if m.group(3):
     dims = tuple(int(d) for d in m.group(3).split("x"))
     if len(dims) != GRID_RANK[gen] or min(dims) < 1:
@@ -237,10 +294,13 @@ def _oom_used(msg: str) -> str:
 COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 
 
-def _collectives(hlo: str) -> str:
+def _collectives(hlo: str, cpu: bool = False) -> str:
   counts = {k: len(re.findall(rf"\b{k}(?:-start)?\(", hlo)) for k in COLLECTIVES}
   counts["all-to-all"] -= counts["ragged-all-to-all"]       # "ragged-all-to-all(" also ends in "all-to-all("
-  return ", ".join(f"{k} {v}" for k, v in counts.items()) + "; " + _kernels(hlo)
+  text = ", ".join(f"{k} {v}" for k, v in counts.items())
+  if cpu:                                                    # no Mosaic on XLA:CPU
+    return text + " (XLA:CPU: the expert exchange's ragged all-to-alls are emulated by padded all-to-alls)"
+  return text + "; " + _kernels(hlo)
 
 
 def _kernels(hlo: str) -> str:
@@ -269,25 +329,59 @@ def _compile_pallas_for_tpu(cfg):
   return dataclasses.replace(cfg, attn_impl="pallas_tpu")
 
 
-def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int, max_seq_len: int, weights: str,
-         cache_dtype: str, steps: list[str], max_batch: str, hbm: float, hlo_dir: str | None) -> int:
+def _devices(gen: str, grid: str):
+  """The compile target's devices and their name: TPU topology devices (no chips needed), or for a GPU node the
+  N host CPU devices of the child process (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
   import jax
+  if is_gpu(gen):
+    devices, chips = jax.devices("cpu"), int(grid.split(":")[1])
+    if len(devices) != chips:
+      raise RuntimeError(f"{grid}: the compile process has {len(devices)} CPU devices, not {chips} "
+                         "(XLA_FLAGS=--xla_force_host_platform_device_count did not take).")
+    return devices, GPU_NAMES[gen]
   from jax.experimental import topologies
+  dims = [int(d) for d in grid.split(":")[1].split("x")]
+  small = {"chips_per_host_bounds": dims + [1] * (3 - len(dims))} if math.prod(dims) < 4 else {}   # < one host
+  devices = topologies.get_topology_desc(topology_name=grid, platform="tpu", **small).devices
+  return devices, devices[0].device_kind
+
+
+def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int, max_seq_len: int, weights: str,
+         cache_dtype: str, steps: list[str], max_batch: str, hbm: float, hlo_dir: str | None,
+         mem_fraction: float = 1.0, json_path: str | None = None) -> int:
+  """Compiles `steps` for the target and prints the report. hbm: memory per chip / GPU in bytes; the verdict and
+  the largest batch are against mem_fraction * hbm (1 on TPUs; jax's usable fraction on GPUs)."""
+  import jax
   from dsv4_jax.runtime import describe_mesh
   from dsv4_jax.sharding import make_mesh
 
-  cfg = _compile_pallas_for_tpu(cfg)
-  dims = [int(d) for d in topo_grid.split(":")[1].split("x")]
-  small = {"chips_per_host_bounds": dims + [1] * (3 - len(dims))} if math.prod(dims) < 4 else {}   # < one host
-  devices = topologies.get_topology_desc(topology_name=topo_grid, platform="tpu", **small).devices
+  gen = topo_grid.split(":")[0]
+  gpu = is_gpu(gen)
+  if not gpu:
+    cfg = _compile_pallas_for_tpu(cfg)
+  devices, kind = _devices(gen, topo_grid)
   mesh = make_mesh(mesh_spec, cfg, devices=devices)
   data = int(mesh.shape["data"])
-  kind = devices[0].device_kind
+  usable = mem_fraction * hbm
+  unit = "GPU" if gpu else "chip"
   expert_fmt = (cfg.expert_dtype or "fp4") if weights == "released" else None
   wdesc = (f"released ({expert_fmt} routed experts, fp8 dense projections)" if weights == "released"
            else f"dense {cfg.dtype}")
-  print(f"aot plan: config {cfg.name} ({cfg.n_layers} layers), {topo_name} = {topo_grid}, {len(devices)} chips "
-        f"({kind}, HBM {hbm / GiB:.0f} GiB each); {describe_mesh(mesh)}", flush=True)
+  if gpu:
+    sheet = f"{GPU_GB[gen]} GB = " if abs(hbm - GPU_GB.get(gen, 0) * 1e9) < 1 else ""   # datasheet, or --hbm_gib
+    mem_desc = f"{sheet}{hbm / GiB:.1f} GiB each, usable {mem_fraction:.0%} = {usable / GiB:.1f} GiB"
+    print(f"aot plan: config {cfg.name} ({cfg.n_layers} layers), {topo_name} = {len(devices)} x {kind} "
+          f"({mem_desc}), compiled on {len(devices)} XLA:CPU devices standing in; {describe_mesh(mesh)}",
+          flush=True)
+    print("  NOTE: an XLA:CPU stand-in for XLA:GPU. Weights and cache per GPU are exact (the shards of the "
+          "abstract arrays). Temporaries are XLA:CPU's buffer assignment, read as an upper bound: on CPU the "
+          "expert exchange is the padded all-to-all emulation, ragged_dot a masked dense dot, and bf16 / fp8 "
+          "weights are upcast for XLA:CPU's dots (3-4x libtpu's temporaries for Flash on the same mesh). "
+          f"Usable memory assumes XLA_PYTHON_CLIENT_MEM_FRACTION={mem_fraction:g} (jax's default preallocation "
+          "is 0.75) or XLA_PYTHON_CLIENT_PREALLOCATE=false.", flush=True)
+  else:
+    print(f"aot plan: config {cfg.name} ({cfg.n_layers} layers), {topo_name} = {topo_grid}, {len(devices)} chips "
+          f"({kind}, HBM {hbm / GiB:.0f} GiB each); {describe_mesh(mesh)}", flush=True)
   print(f"  batch {batch} x max_seq_len {max_seq_len} (live bucket {max_seq_len}), weights {wdesc}, "
         f"cache {cache_dtype}, compute {cfg.dtype}, attn_impl {cfg.attn_impl}, jax {jax.__version__}", flush=True)
   params = abstract_params(cfg, mesh, weights)
@@ -302,36 +396,72 @@ def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int,
       with open(os.path.join(hlo_dir, f"{step}.hlo.txt"), "w") as f:
         f.write(r["hlo"])
 
-  print(f"\nper chip ({len(devices)} x {kind}, {hbm / GiB:.0f} GiB HBM), batch {batch}, context {max_seq_len} "
-        "(weights, cache: the shards of the abstract arrays; temporaries: XLA memory_analysis; other: XLA's "
-        "arguments beyond them (tokens, tile padding) + outputs not aliased to the donated cache):")
-  print(f"  {'step':8s} {'weights':>11s} {'cache':>11s} {'temporaries':>12s} {'other':>10s} {'total':>11s}  fits")
+  if gpu:
+    print(f"\nper GPU ({len(devices)} x {kind}, {hbm / GiB:.1f} GiB, usable {usable / GiB:.1f} GiB), batch {batch}, "
+          f"context {max_seq_len} (weights, cache: the shards of the abstract arrays, exact; temporaries: XLA:CPU "
+          "memory_analysis, an upper bound for XLA:GPU; other: XLA's arguments beyond them (tokens, padding) + "
+          "outputs not aliased to the donated cache):")
+  else:
+    print(f"\nper chip ({len(devices)} x {kind}, {hbm / GiB:.0f} GiB HBM), batch {batch}, context {max_seq_len} "
+          "(weights, cache: the shards of the abstract arrays; temporaries: XLA memory_analysis; other: XLA's "
+          "arguments beyond them (tokens, tile padding) + outputs not aliased to the donated cache):")
+  temp_head = "temporaries<=" if gpu else "temporaries"      # <=: an upper bound on the GPU (module doc)
+  of = "usable" if gpu else "HBM"
+  tw = len(temp_head)
+  print(f"  {'step':8s} {'weights':>11s} {'cache':>11s} {temp_head:>{tw}s} {'other':>10s} {'total':>11s}  fits")
   for step, r in results.items():
     if "oom" in r:
-      print(f"  {step:8s} {_gib(r['weights']):>11s} {_gib(r['cache']):>11s} {'-':>12s} {'-':>10s} {'-':>11s}  NO: "
+      print(f"  {step:8s} {_gib(r['weights']):>11s} {_gib(r['cache']):>11s} {'-':>{tw}s} {'-':>10s} {'-':>11s}  NO: "
             f"XLA: {_oom_used(r['oom'])}")
       continue
-    fits = "yes" if r["total"] <= hbm else "NO"
-    print(f"  {step:8s} {_gib(r['weights']):>11s} {_gib(r['cache']):>11s} {_gib(r['temp']):>12s} "
-          f"{_gib(r['other']):>10s} {_gib(r['total']):>11s}  {fits} ({100 * r['total'] / hbm:.0f}% of HBM)")
+    print(f"  {step:8s} {_gib(r['weights']):>11s} {_gib(r['cache']):>11s} {_gib(r['temp']):>{tw}s} "
+          f"{_gib(r['other']):>10s} {_gib(r['total']):>11s}  {_fits(r, usable, of, gpu)}")
   for step, r in results.items():
     if "hlo" in r:
-      print(f"  {step} collectives: {_collectives(r['hlo'])}")
+      print(f"  {step} collectives: {_collectives(r['hlo'], gpu)}")
 
   if max_batch == "scale" and results:
-    _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_dtype, hbm, topo_name)
-  ok = all("oom" not in r and r["total"] <= hbm for r in results.values())
-  print(f"\nverdict: {cfg.name} {'FITS' if ok else 'DOES NOT FIT'} on {topo_name} at batch {batch} x {max_seq_len} "
-        f"tokens ({weights} weights, {cache_dtype} cache).", flush=True)
+    _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_dtype, usable, topo_name, unit)
+  ok = all("oom" not in r and r["total"] <= usable for r in results.values())
+  no = any("oom" in r or r["total"] - r["temp"] > usable for r in results.values())
+  if json_path:
+    import json
+    keys = ("weights", "cache", "temp", "other", "total", "batch", "seconds", "oom")
+    with open(json_path, "w") as f:
+      json.dump({"config": cfg.name, "topology": topo_name, "devices": len(devices), "device_kind": kind,
+                 "mesh": {k: int(v) for k, v in mesh.shape.items()}, "batch": batch, "max_seq_len": max_seq_len,
+                 "hbm_bytes": hbm, "usable_bytes": usable, "xla_cpu_stand_in": gpu, "fits": ok,
+                 "fits_without_temporaries": not no,
+                 "steps": {st: {k: r[k] for k in keys if k in r} for st, r in results.items()}}, f, indent=1)
+  where = f"{topo_name} (XLA:CPU stand-in, {mem_fraction:.0%} of memory usable)" if gpu else topo_name
+  word = "FITS" if ok else "DOES NOT FIT" if no or not gpu else "MAY FIT"
+  print(f"\nverdict: {cfg.name} {word} on {where} at batch {batch} x {max_seq_len} tokens ({weights} weights, "
+        f"{cache_dtype} cache)" + (": weights + cache fit, the temporaries' XLA:CPU upper bound does not; only an "
+                                   "XLA:GPU compile decides." if word == "MAY FIT" else "."), flush=True)
   return 0
 
 
-def _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_dtype, hbm, topo_name):
-  """Linear in the batch per chip: weights fixed; cache exact per sequence; temporaries per sequence from a
-  second compile. Largest multiple of the data axis whose every step fits."""
+def _fits(r: dict, usable: float, of: str, gpu: bool) -> str:
+  """The table's last column. GPUs: the temporaries are an upper bound, so a step that fits only without them
+  is "maybe"; one whose weights + cache + other alone overflow is a sure NO."""
+  pct = f"{100 * r['total'] / usable:.0f}% of {of}"
+  if r["total"] <= usable:
+    return f"yes ({pct})"
+  if not gpu:
+    return f"NO ({pct})"
+  sure = r["total"] - r["temp"]
+  if sure > usable:
+    return f"NO ({pct}; weights + cache + other alone {100 * sure / usable:.0f}%)"
+  return f"maybe ({pct} with the temporaries' upper bound, {100 * sure / usable:.0f}% without them)"
+
+
+def _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_dtype, hbm, topo_name,
+                   unit: str = "chip"):
+  """Linear in the batch per chip (or GPU): weights fixed; cache exact per sequence; temporaries per sequence
+  from a second compile. Largest multiple of the data axis whose every step fits in `hbm` bytes."""
   print(f"\nlargest batch at {max_seq_len} tokens (by scaling: cache per sequence exact from the cache shapes, "
         "temporaries per sequence from compiles at two batch sizes):")
-  best = None
+  best, best_hi = None, math.inf
   for step, r1 in results.items():
     other = [b for b in (batch // 2, batch * 2) if b >= data and b % data == 0 and b != batch]
     r2 = None
@@ -356,12 +486,19 @@ def _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_d
     per_seq = cache_seq + temp_seq
     n = int((hbm - fixed) // per_seq) if per_seq > 0 else 0
     n = max(0, n // data * data)
-    print(f"  {step:8s} fixed {_gib(fixed)} per chip + {per_seq / 2**20:.2f} MiB per sequence "
+    hi_text = ""
+    if unit == "GPU":         # the temporaries are an upper bound: bracket the batch with none at all
+      hi = max(0, int((hbm - a["weights"] - a["other"]) // cache_seq) // data * data) if cache_seq > 0 else 0
+      hi_text, best_hi = f" ({hi} with no temporaries at all)", min(best_hi, hi)
+    print(f"  {step:8s} fixed {_gib(fixed)} per {unit} + {per_seq / 2**20:.2f} MiB per sequence "
           f"(cache {cache_seq / 2**20:.2f} MiB, temporaries {temp_seq / 2**20:.2f} MiB{note}; from batches "
-          f"{a['batch']} and {b['batch']}) -> at most {n} sequences")
+          f"{a['batch']} and {b['batch']}) -> at most {n} sequences{hi_text}")
     best = n if best is None else min(best, n)
   if best is not None:
-    print(f"  largest batch that fits every step: {best} (a multiple of data:{data}; extrapolated, not compiled)")
+    bound = (f"; XLA:CPU's fixed temporaries are inflated, so likely low; at most {best_hi} with no temporaries at "
+             "all" if unit == "GPU" else "")
+    print(f"  largest batch that fits every step: {best} (a multiple of data:{data}; extrapolated, not compiled"
+          f"{bound})")
 
 
 # ---- entry points ----------------------------------------------------------------------------------------
@@ -379,7 +516,8 @@ def _config(layers: int | None):
 
 
 def _check(cfg, gen: str, chips: int):
-  """Flag checks that need no libtpu: the mesh against the chip count and the model, the batch against data."""
+  """Flag checks that need no compile process: the mesh against the chip (GPU) count and the model, the batch
+  against data, what the GPU stand-in cannot do."""
   from jax.sharding import AbstractMesh
   from dsv4_jax import sharding
   shape = sharding.parse_mesh(_MESH.value) if _MESH.value else sharding.default_mesh_shape(chips, cfg)
@@ -387,7 +525,7 @@ def _check(cfg, gen: str, chips: int):
   if math.prod(sizes) != chips:
     given = ",".join(f"{a}:{n}" for a, n in zip(sharding.MESH_AXES, sizes) if n > 1) or "1 device"
     raise ValueError(f"mesh {given} has {math.prod(sizes)} devices but --topology={_TOPOLOGY.value} has {chips} "
-                     f"chips; the axis sizes must multiply to {chips}"
+                     f"{'GPUs' if is_gpu(gen) else 'chips'}; the axis sizes must multiply to {chips}"
                      + (f" ({gen}-N counts TensorCores, 2 per chip)." if gen in CORES_IN_NAME and "-" in _TOPOLOGY.value
                         else "."))
   sharding.check_mesh(AbstractMesh(sizes, sharding.MESH_AXES), cfg)
@@ -399,6 +537,20 @@ def _check(cfg, gen: str, chips: int):
   bad = [s for s in _STEPS.value if s not in STEPS]
   if bad or not _STEPS.value:
     raise UsageError(f"--steps={','.join(_STEPS.value)}: choose from {', '.join(STEPS)}.")
+  if is_gpu(gen):
+    if cfg.attn_impl.startswith("pallas"):
+      raise UsageError(f"attn_impl={cfg.attn_impl}: a GPU plan compiles on XLA:CPU, which cannot compile Mosaic "
+                       "GPU or Triton kernels; use --config.attn_impl=xla.")
+    if gen == "gpu" and not _HBM.value:
+      raise UsageError(f"--topology={_TOPOLOGY.value}: give the memory per GPU with --hbm_gib (or name the GPU: "
+                       f"{', '.join(GPU_GB)}).")
+  elif _MEM_FRACTION.value is not None:
+    raise UsageError("--mem_fraction is for GPU topologies (jax's GPU memory preallocation); a TPU plan uses "
+                     "all of the HBM.")
+  if _MEM_FRACTION.value is not None and not 0 < _MEM_FRACTION.value <= 1:
+    raise UsageError(f"--mem_fraction={_MEM_FRACTION.value}: must lie in (0, 1].")
+  if _HBM.value is not None and _HBM.value <= 0:
+    raise UsageError(f"--hbm_gib={_HBM.value}: must be positive.")
 
 
 def main(argv):
@@ -407,23 +559,30 @@ def main(argv):
   gen, grid, chips = parse_topology(_TOPOLOGY.value)
   cfg = _config(_LAYERS.value)
   _check(cfg, gen, chips)
-  hbm = (_HBM.value or HBM_GIB[gen]) * GiB
-  if _IN_TPU.value:
+  gpu = is_gpu(gen)
+  hbm = _HBM.value * GiB if _HBM.value else (GPU_GB[gen] * 1e9 if gpu else HBM_GIB[gen] * GiB)
+  fraction = (_MEM_FRACTION.value or GPU_MEM_FRACTION) if gpu else 1.0
+  if _IN_CHILD.value:
     if _LAYERS.value:
       print(f"NOTE: --layers={_LAYERS.value}: only the first {_LAYERS.value} layers are compiled; weights, cache "
             "and temporaries are NOT those of the full model.", flush=True)
     return plan(cfg, _TOPOLOGY.value, grid, _MESH.value, _BATCH.value, _MAX_SEQ.value, _WEIGHTS.value,
-                _CACHE_DTYPE.value, list(_STEPS.value), _MAX_BATCH.value, hbm, _HLO_DIR.value)
-  if not os.path.isdir(os.path.join(LIBTPU, "libtpu")):
-    raise FileNotFoundError(f"no libtpu under {LIBTPU}: run `make setup` (pip install --target {LIBTPU} "
-                            "'libtpu==0.0.42.*').")
+                _CACHE_DTYPE.value, list(_STEPS.value), _MAX_BATCH.value, hbm, _HLO_DIR.value, fraction,
+                _JSON.value)
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-  env.update(PYTHONPATH=os.pathsep.join([LIBTPU, ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
-                                                          else [])),
-             TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE="v6e-4",
-             ALLOW_MULTIPLE_LIBTPU_LOAD="1")   # compile-only: no chips to share, so no lockfile
+  path = [ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+  if gpu:                              # N host CPU devices stand in for the N GPUs
+    env.update(PYTHONPATH=os.pathsep.join(path), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={chips}")
+  else:
+    if not os.path.isdir(os.path.join(LIBTPU, "libtpu")):
+      raise FileNotFoundError(f"no libtpu under {LIBTPU}: run `make setup` (pip install --target {LIBTPU} "
+                              "'libtpu==0.0.42.*').")
+    env.update(PYTHONPATH=os.pathsep.join([LIBTPU] + path),
+               TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE="v6e-4",
+               ALLOW_MULTIPLE_LIBTPU_LOAD="1")   # compile-only: no chips to share, so no lockfile
   try:
-    rc = subprocess.run([sys.executable, "-m", "launch.aot", *sys.argv[1:], "--in_tpu_process"], env=env,
+    rc = subprocess.run([sys.executable, "-m", "launch.aot", *sys.argv[1:], "--in_compile_process"], env=env,
                         cwd=ROOT, timeout=_TIMEOUT.value).returncode
   except subprocess.TimeoutExpired:
     raise UsageError(f"the compile did not finish in --timeout={_TIMEOUT.value} s.") from None
@@ -432,4 +591,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main, config_flag="config")
+  common.run(main, config_flag="config", multihost=False)   # compiles for a topology; no chips, no peers

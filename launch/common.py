@@ -15,6 +15,11 @@ instead of `absl.app.run(main)`. Then:
 - The log stays at WARNING: absl's default INFO level would print library chatter such as jax's
   "Unable to initialize backend 'tpu'" on every run. `--verbosity=N` / `-v N` sets it as absl does
   (0 = INFO, 1 = DEBUG).
+- Multi-host: `--coordinator_address`, `--num_processes`, `--process_id` (or JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID; on a multi-host TPU slice, SLURM `srun` or `mpirun` none is needed) start
+  jax's distributed runtime (`dsv4_jax.distributed.initialize`) after flag parsing and before `main` touches
+  a device; then `jax.devices()` lists every process's devices and a `--mesh` spans them all. Scripts print
+  results on process 0 only (`distributed.is_primary()`). On a single host nothing changes.
 - With `config_flag`, `--config=NAME` (NAME one of `config_names()`, optionally `NAME:ARGS`) becomes the path of
   configs/NAME.py before absl parses the flags; a NAME that is neither a config there nor an existing file fails
   with `error: no config named ...`, listing the names.
@@ -39,6 +44,14 @@ EXIT_ERROR = 2            # an expected failure: the message says what to change
 EXIT_INTERRUPTED = 130    # Ctrl-C
 
 UsageError = app.UsageError   # raise this for bad flag values or combinations
+
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0 (any free port, "
+                                   "the same on every process). Default: JAX_COORDINATOR_ADDRESS, else detected on "
+                                   "a TPU slice / SLURM / Open MPI, else a single host.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: processes in the job (default: "
+                                      "JAX_NUM_PROCESSES or detected; 1 = single process).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process, 0..num_processes-1 (default: "
+                                   "JAX_PROCESS_ID or detected).")
 # Expected failures: their message is the whole story. ValueError covers input validation across dsv4_jax
 # (bad ids, shapes that do not match a config, corrupt or truncated checkpoints, JSON that does not parse);
 # OSError covers paths the user gave (missing, existing, not a directory, unreadable) and a full disk.
@@ -133,9 +146,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(f"the config has no field {name!r} to override (--config.FIELD=VALUE sets an existing field).")
 
 
-def _main(main: Callable, argv: list[str]):
+def start_distributed() -> bool:
+  """`distributed.initialize` from the multi-host flags (else the environment); prints which process this is
+  (process 0 only). True when the job spans several processes."""
+  from dsv4_jax import distributed
+  started = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if started and distributed.describe() and distributed.is_primary():
+    print(distributed.describe(), file=sys.stderr, flush=True)
+  return started
+
+
+def refuse_multihost(what: str) -> None:
+  """Raises UsageError when the flags or the environment make this one process of several (`what`: why the
+  script cannot take part, and what to do instead); starts nothing."""
+  from dsv4_jax import distributed
+  planned = distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if planned:
+    raise UsageError(f"this is a multi-host job ({planned[0]}): {what}")
+
+
+def _main(main: Callable, argv: list[str], multihost: bool | str = True):
   quiet_logs()
   try:
+    if isinstance(multihost, str):
+      refuse_multihost(multihost)
+    elif multihost:
+      start_distributed()
     return main(argv)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
@@ -146,13 +182,17 @@ def _main(main: Callable, argv: list[str]):
     fail(e)
 
 
-def run(main: Callable[[list[str]], object], *, config_flag: str | None = None, argv: Sequence[str] | None = None):
+def run(main: Callable[[list[str]], object], *, config_flag: str | None = None, argv: Sequence[str] | None = None,
+        multihost: bool | str = True):
   """`absl.app.run(main)` with the behaviour in this module's docstring. `config_flag` names the script's
-  `config_flags.DEFINE_config_file` flag (usually "config") whose value may be a configs/ name."""
+  `config_flags.DEFINE_config_file` flag (usually "config") whose value may be a configs/ name. `multihost`:
+  True starts jax's distributed runtime when the flags or the environment ask for it; False never does (a
+  deviceless compile); a message: a script
+  that runs in one process refuses such a job with `error: this is a multi-host job (...): MESSAGE`."""
   argv = list(sys.argv if argv is None else argv)
   if config_flag:
     try:
       argv = config_argv(argv, config_flag)
     except UsageError as e:
       fail(e)
-  app.run(functools.partial(_main, main), argv=argv, flags_parser=_parse_flags)
+  app.run(functools.partial(_main, main, multihost=multihost), argv=argv, flags_parser=_parse_flags)

@@ -5,6 +5,10 @@
 --dtype=keep (default) keeps fp8 / fp4 weights quantised (155 GB for Flash); bf16 / fp32 write dense
 arrays. See dsv4_jax/checkpoint/convert.py. A bad input (missing, truncated or mismatched shards, an existing
 output without --overwrite) fails with one `error: ...` line on stderr and exit code 2 (launch/common.py).
+
+Conversion is host work for one process: in a multi-host job (a TPU slice, `srun`, `mpirun`, or the
+--coordinator_address flags) it refuses to start. Convert once onto storage every host reads (then every host
+restores only its shards), or on each host into its own disk with --num_processes=1.
 """
 import os
 
@@ -32,4 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run(main)
+  common.run(main, multihost="launch.convert runs in one process; run it on one host writing to storage every "
+                             "host reads, or on each host separately with --num_processes=1.")

@@ -5,6 +5,8 @@ r"""Generate with DeepSeek-V4.
   python -m launch.decode --config=flash --checkpoint=DIR --chat=messages.json --thinking_mode=thinking
   python -m launch.decode --config=flash --checkpoint=DIR --chat=-        # interactive multi-turn chat
   python -m launch.decode --config=flash --checkpoint=DIR --prompt="Hello" --mesh=data:2,expert:4   # 8 chips
+  python -m launch.decode --config=flash --checkpoint=DIR --prompt="Hello" --mesh=expert:16 \
+      --coordinator_address=HOST0:8476 --num_processes=4 --process_id=I        # on each of 4 hosts, I = 0..3
 
 `--config` is a name from configs/ (flash, pro, flash_base, pro_base, tiny) or a .py config file;
 override fields with `--config.FIELD=VALUE` (e.g. `--config.dtype=float32`). Without `--config`, a
@@ -12,6 +14,11 @@ override fields with `--config.FIELD=VALUE` (e.g. `--config.dtype=float32`). Wit
 `--checkpoint` the model runs on random weights (the output says so). Without a prompt flag the prompt is BOS
 alone (the output says so); an empty `--prompt_ids` is an error. `--output_json` writes prompt ids, generated
 ids, stop reasons and timings for scripts.
+
+Multi-host (a TPU slice, several GPU hosts): run the same command on every host (launch/common.py starts
+jax's distributed runtime; on a TPU slice, under SLURM `srun` or `mpirun` no extra flag is needed). The mesh
+spans every process's devices, each process loads only its shards, all take part in generation, and only
+process 0 prints (and writes --output_json). The interactive chat (--chat=-) needs a single process.
 
 Bad input fails with one `error: ...` line on stderr and exit code 2; the log stays at WARNING unless
 `--verbosity` / `-v` asks for more (see launch/common.py).
@@ -67,7 +74,7 @@ def main(argv):
     raise UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
 
-  from dsv4_jax import runtime
+  from dsv4_jax import distributed, runtime
   from dsv4_jax.config import describe, from_config_dict
   from dsv4_jax.sampling import Sampling
 
@@ -81,15 +88,20 @@ def main(argv):
   shipped_ckpt, shipped_tok = shipped_assets(cfg.name)       # dsv4_jax/assets/NAME/: the demo model + tokenizer
   checkpoint = _CHECKPOINT.value or shipped_ckpt
   if checkpoint and not _CHECKPOINT.value:
-    print(f"NOTE: using the shipped {cfg.name} checkpoint {checkpoint}", file=sys.stderr)
+    runtime.note(f"NOTE: using the shipped {cfg.name} checkpoint {checkpoint}")
   sources = [f for f in (_PROMPT_IDS.value, _PROMPT.value, _CHAT.value) if f is not None]
   if len(sources) > 1:
     raise UsageError("give one of --prompt_ids, --prompt, --chat.")
+  interactive = _CHAT.value == "-"
+  if interactive and jax.distributed.is_initialized():
+    raise UsageError("--chat=- (interactive) reads stdin on one process; give --prompt, --prompt_ids or a "
+                     "--chat file in a multi-host run.")
+  primary = distributed.is_primary()                        # the other processes compute and stay quiet
   sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  print(describe(cfg), file=sys.stderr)
+  runtime.note(describe(cfg))
   mesh = runtime.launch_mesh(_MESH.value, cfg)              # a mesh that does not fit fails here, before loading
   if mesh is not None:
-    print(runtime.describe_mesh(mesh), file=sys.stderr)
+    runtime.note(runtime.describe_mesh(mesh))
 
   tok = None
   if _PROMPT.value is not None or _CHAT.value is not None:
@@ -99,7 +111,6 @@ def main(argv):
       raise UsageError(f"the tokenizer has {tok.vocab_size} ids but config {cfg.name!r} only {cfg.vocab_size}; "
                        "text prompts need a real-vocabulary config (e.g. --config=flash).")
 
-  interactive = _CHAT.value == "-"
   if interactive:
     prompts = []
   elif _CHAT.value is not None or _PROMPT.value is not None:
@@ -107,8 +118,8 @@ def main(argv):
   elif prompt_ids is not None:
     prompts = prompt_ids
   else:
-    print(f"NOTE: no --prompt_ids, --prompt or --chat given: the prompt is BOS alone (id {cfg.bos_token_id}).",
-          file=sys.stderr)
+    runtime.note(f"NOTE: no --prompt_ids, --prompt or --chat given: the prompt is BOS alone (id "
+                 f"{cfg.bos_token_id}).")
     prompts = [[cfg.bos_token_id]]
   longest = max((len(p) for p in prompts), default=0)
   spec_extra = _NUM_DRAFT.value if _SPECULATIVE.value else 0      # verification looks num_draft tokens ahead
@@ -124,6 +135,8 @@ def main(argv):
     runtime.interactive_chat(run, tok, _THINKING.value)
     return
   result = run(prompts)
+  if not primary:
+    return
   runtime.report(result, tok, _THINKING.value if (tok and not _RAW.value) else None)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:

@@ -23,6 +23,9 @@ checkpoint after the current step and exits. `--export=DIR` writes the final par
 `load_params` / `launch.decode --checkpoint=DIR` read. With JAX_COMPILATION_CACHE_DIR set, a resumed run
 reuses the first run's compiled step.
 
+Multi-host: not supported yet. In a multi-host job (a TPU slice, `srun`, `mpirun`, or --coordinator_address)
+it refuses to start; train on one host's devices.
+
 Bad input (missing or empty data, a chat line that is not valid messages, seq_len past the model's limit,
 a checkpoint or workdir that does not match the config) fails with one `error: ...` line and exit code 2,
 before any compute.
@@ -518,4 +521,6 @@ def _state_tree(state) -> dict:
 
 
 if __name__ == "__main__":
-  common.run(main, config_flag="config")
+  common.run(main, config_flag="config",   # every process would feed, save and export the whole run
+             multihost="launch.train runs on the devices of one host; multi-host training (per-process data, "
+                       "saves and export) is not supported yet. Train on one host (--num_processes=1).")

@@ -101,11 +101,25 @@ SCRIPT = textwrap.dedent("""
           print("  hlo: all-to-all x%d, all-gathers" % hlo.count("all-to-all("),
                 [re.search(r"= \\(?(\\w+\\[[\\d,]*\\])", ln).group(1) for ln in gathers], flush=True)
 
-    # ---- decode size (2 tokens x 2 slots < 8 experts: moe's gathered path; 2 rows padded to 8 shards)
-    ref, _, _ = run(score, x[:, :1], ids[:, :1], None, None)
-    y, st, _ = run(score, x[:, :1], ids[:, :1], None, {"expert": 8})
-    print("decode size rel err", rel(y, ref), flush=True)
-    assert rel(y, ref) <= 1e-5 and int(st.dropped) == 0
+    # ---- decode size (4 tokens x 2 slots = 8 experts; moe's gathered path for 3 tokens): both EP paths,
+    # the exchange and the small-batch all-gather (chosen by size on real configs: `decode_path`), with a
+    # padded row, hash routing and fp4 experts; the gather path exchanges no all-to-all
+    assert ep.decode_path(1, 6, 8, 256) == "gather" and ep.decode_path(8, 6, 8, 256) == "exchange"
+    assert ep.decode_path(1, 2, 4, 8) == "exchange"                # 8 pairs, 8 experts: not fewer
+    vdec = jnp.array([[True], [True], [False], [True]])
+    for name, p in (("score", score), ("hash", hashed), ("fp4", quantised)):
+      ref, rst, _ = run(p, x[:, :1], ids[:, :1], vdec, None)
+      for shape in MESHES:
+        for path in ("exchange", "gather"):
+          y, st, hlo = run(p, x[:, :1], ids[:, :1], vdec, shape, hlo=name == "score", path=path)
+          print("decode size", name, shape, path, "rel err", rel(y, ref), flush=True)
+          assert rel(y, ref) <= 1e-5 and int(st.dropped) == 0, (name, shape, path, rel(y, ref))
+          np.testing.assert_array_equal(np.asarray(st.load), np.asarray(rst.load))
+          if hlo and path == "gather":
+            assert "all-to-all" not in hlo and "reduce-scatter" in hlo, shape
+            for line in (ln for ln in hlo.splitlines() if "all-gather(" in ln or "all-gather-start(" in ln):
+              dims = tuple(int(d) for d in re.search(r"= \\(?\\w+\\[([\\d,]*)\\]", line).group(1).split(",") if d)
+              assert dims[-2:] not in ((F, D), (D, F)), line
 
     # ---- every token on experts 0 and 1: dropless at the default capacity; counted drops when smaller
     skew = dict(score, gate=dict(score["gate"], bias=jnp.zeros((E,)).at[0].set(100.0).at[1].set(50.0)))

@@ -65,10 +65,11 @@ def save_unit(root: str, unit: str, tree: dict) -> dict:
 
 def restore_unit(root: str, unit: str, leaves: dict[str, dict], shardings: dict[str, Any] | None = None) -> dict:
   """Restores one unit onto devices. `leaves`: its manifest entry; `shardings`: leaf path -> a
-  Sharding for the dense leaf, or a {"values", "scales"} pair of Shardings for a QArray (None: the
-  default device). Returns the unit tree with QArray leaves rebuilt."""
+  Sharding for the dense leaf, or a {"values", "scales"} pair of Shardings for a QArray (None: this
+  process's first device). Returns the unit tree with QArray leaves rebuilt. With shardings over several
+  processes' devices each process reads and holds only the shards of its own devices."""
   shardings = shardings or {}
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   flat_args = {}
   for name, rec in leaves.items():
     sh = shardings.get(name)

@@ -337,6 +337,8 @@ def stream_units(path: str | os.PathLike, cfg: ModelConfig, progress: Callable[[
   Raises ValueError naming the tensor on an unexpected or duplicated tensor, a wrong shape or dtype
   for `cfg`, a truncated shard, or (at the end) tensors the config needs that the checkpoint lacks.
   A checkpoint without any mtp.* tensor (HF-saved) yields no mtp units; a warning says so.
+  Every tensor is read whole, also in a multi-host job where this process keeps only some shards (e.g.
+  its experts): weights.py's module docstring.
   """
   reader = reader or CheckpointReader(path, cfg)
   specs = unit_specs(cfg)
