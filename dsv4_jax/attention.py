@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax import compressor, indexer, ops, quant
+from dsv4_jax import compressor, context_parallel, indexer, ops, quant
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import fp8_linear
 from dsv4_jax.norm import head_rms_rescale, rms_norm
@@ -133,6 +133,29 @@ def _append(cache, name: str, p: dict, cfg: ModelConfig, x, ratio: int, start, l
   return cache.write(name, rows, E).set_state(name + "_state", state)
 
 
+def _context_parallel(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, lengths, cache):
+  """`attention` of a prompt from position 0 split over the mesh's `sequence` axis (context_parallel.py);
+  with a (fresh, empty) cache, then stores what a chunked prefill would have left there: the ring's last
+  tokens, the complete entries and the compressors' states."""
+  names = [n for n, r in (("comp", ratio), ("idx", ratio == indexer.CSA_RATIO)) if r]
+  ring = 0 if cache is None else cache.tree["win"].n_rows
+  tail = max([ring] + [cache.state(n + "_state")["C"].shape[1] for n in names]) if cache is not None else 0
+  out, comp, keys, tail_kv, tail_x = context_parallel.attention(p, cfg, ratio, x, lengths, tail)
+  if cache is None:
+    return out, None
+  t = lengths[:, None] - tail + jnp.arange(tail, dtype=jnp.int32)                # the tails' positions
+  cache = cache.write("win", jnp.where((t >= 0) & (t >= lengths[:, None] - ring), t % ring, ring), tail_kv)
+  for name, pc, E in (("comp", p.get("compressor"), comp), ("idx", p.get("indexer", {}).get("compressor"), keys)):
+    if E is None:
+      continue
+    ids = jnp.arange(E.shape[1], dtype=jnp.int32)[None]
+    cache = cache.write(name, jnp.where(ids < (lengths // ratio)[:, None], ids, jnp.iinfo(jnp.int32).max), E)
+    R = cache.state(name + "_state")["C"].shape[1]
+    state = compressor.state_from_tokens(pc, tail_x, ratio, t, rollback=R - compressor.state_rows(ratio))
+    cache = cache.set_state(name + "_state", state)
+  return out, cache
+
+
 def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: jnp.ndarray | None = None,
               lengths: jnp.ndarray | None = None, cache=None):
   """Attention of x [B,S,D] (attn_norm output) -> ([B,S,D], cache).
@@ -142,8 +165,12 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: 
   (rows right-padded); the entries those tokens complete are written to the stores before attending (an
   entry is visible to the token that completes it, docs/architecture.md §3.2), the window reads the ring
   plus this call's KV, and the ring takes the new KV last.
+  On a mesh with a `sequence` axis, a whole sequence (no cache, or a `fresh` one: every row empty) runs
+  context-parallel (dsv4_jax/context_parallel.py).
   """
   B, S, _ = x.shape
+  if context_parallel.shards() > 1 and (cache is None or cache.fresh):
+    return _context_parallel(p, cfg, ratio, x, lengths, cache)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   start = positions[:, 0]

@@ -156,11 +156,13 @@ class LayerCache:
   """One layer's stores inside the cache tree: `tree` is that layer's dict; for a scanned group its leaves
   have a leading [reps] axis and `rep` is this layer's index. `live`: tokens the reads cover (static).
   `cfg`: entries are encoded on write by `ops.encode_rows(cfg, ...)` (cfg.attn_impl's encoder); None: by
-  `Layout.encode`."""
+  `Layout.encode`. `fresh` (static): every row is empty and the call starts at position 0, so attention may
+  take the prompt whole, context-parallel (dsv4_jax/context_parallel.py)."""
   tree: dict
   rep: jax.Array | None
   live: int
   cfg: ModelConfig | None = None
+  fresh: bool = False
 
   def _get(self, x):
     return x if self.rep is None else jax.lax.dynamic_index_in_dim(x, self.rep, 0, keepdims=False)

@@ -104,6 +104,19 @@ def empty_state(ratio: int, c: int, lead: tuple, rollback: int = 0) -> dict:
   return {k: jnp.zeros(lead + s, F32) for k, s in state_shapes(ratio, c, rollback).items()}
 
 
+def state_from_tokens(p: dict, x: jnp.ndarray, ratio: int, positions: jnp.ndarray, rollback: int = 0) -> dict:
+  """The state (`state_shapes`) a sequence has after the tokens x [B, T, D] at `positions` [B, T] (its last
+  ones, ascending; positions < 0 are none): their projections in the ring rows t mod R. What
+  `compress_chunk` leaves after feeding the sequence up to positions[:, -1] from an empty state."""
+  R = state_rows(ratio, rollback)
+  x, positions = x[:, -R:], positions[:, -R:]
+  C, Z = project(p, x, ratio, positions)
+  state = empty_state(ratio, C.shape[-1] // (2 if overlaps(ratio) else 1), (x.shape[0],), rollback)
+  b = jnp.arange(x.shape[0])[:, None]
+  slot = jnp.where(positions >= 0, positions % R, R)                 # R: out of range, dropped
+  return {"C": state["C"].at[b, slot].set(C, mode="drop"), "Z": state["Z"].at[b, slot].set(Z, mode="drop")}
+
+
 def _take_rows(a: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
   """a: [B, N, ...], rows: [B, M] (clipped into range) -> [B, M, ...]."""
   rows = jnp.clip(rows, 0, a.shape[1] - 1)
@@ -158,27 +171,28 @@ def compress_chunk(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start:
 
 
 def compress(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, indexer: bool = False,
-             chunk: int | None = None) -> jnp.ndarray:
-  """All entries of a sequence that starts at position 0: x [B,S,D] -> [B, n, c] with entry i at row i;
-  rows i < S // m are the complete windows (the rest are partial, and never visible).
+             chunk: int | None = None, start=0, state: dict | None = None) -> jnp.ndarray:
+  """All entries of x [B,S,D] -> [B, n, c], entry start/m + i at row i; rows i < S // m are the complete
+  windows (the rest are partial, and never visible).
 
-  Runs `compress_chunk` over chunks of `chunk` tokens (default cfg.query_chunk, rounded up to a multiple of
-  m) carrying the state, so the fp32 projections exist for one chunk at a time.
+  x starts at position `start` (a multiple of m; may be traced) after the tokens whose projections `state`
+  holds (default: a sequence from position 0, no state). Runs `compress_chunk` over chunks of `chunk`
+  tokens (default cfg.query_chunk, rounded up to a multiple of m) carrying the state, so the fp32
+  projections exist for one chunk at a time.
   """
   B, S, _ = x.shape
   Q = -(-(chunk or cfg.query_chunk) // ratio) * ratio
   c = p["norm"].shape[0]
-  state = empty_state(ratio, c, (B,))
+  state = empty_state(ratio, c, (B,)) if state is None else state
+  first = jnp.full((B,), start, jnp.int32)
   if S <= Q:
-    return compress_chunk(p, cfg, x, ratio, jnp.zeros((B,), jnp.int32), jnp.full((B,), S, jnp.int32), state,
-                          indexer)[0]
+    return compress_chunk(p, cfg, x, ratio, first, jnp.full((B,), S, jnp.int32), state, indexer)[0]
   n = -(-S // Q)
   xs = jnp.moveaxis(jnp.pad(x, ((0, 0), (0, n * Q - S), (0, 0))).reshape(B, n, Q, -1), 1, 0)
 
   def body(state, ic):
     i, xc = ic
-    start = jnp.full((B,), i * Q, jnp.int32)
-    E, _, _, state = compress_chunk(p, cfg, xc, ratio, start, jnp.clip(S - start, 0, Q), state, indexer)
+    E, _, _, state = compress_chunk(p, cfg, xc, ratio, first + i * Q, jnp.clip(S - i * Q, 0, Q), state, indexer)
     return state, E[:, : Q // ratio]
 
   _, E = jax.lax.scan(body, state, (jnp.arange(n), xs))                # [n, B, Q/m, c]

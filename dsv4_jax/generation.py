@@ -10,7 +10,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from dsv4_jax import context_parallel as cp
+from dsv4_jax import sharding
 from dsv4_jax import speculative as spec
 from dsv4_jax.cache import init_cache, live_bucket
 from dsv4_jax.config import ModelConfig
@@ -145,7 +148,7 @@ def _spec_loop(params, cfg: ModelConfig, sampling: Sampling, live: int, eos_id: 
   return jax.lax.while_loop(cond, body, (out, n, stopped, pending, drafts, dlogits, cache, key, accepted, steps))
 
 
-_PREFILL = jax.jit(step, static_argnums=(1, 5), donate_argnums=4)
+_PREFILL = jax.jit(step, static_argnums=(1, 5, 6), donate_argnums=4)
 _SPEC_PREFILL = jax.jit(_spec_prefill, static_argnums=(1, 5, 6, 7, 8, 9), donate_argnums=4)
 _SPEC_LOOP = jax.jit(_spec_loop, static_argnums=(1, 2, 3, 4, 5), donate_argnums=12)
 _FIRST = jax.jit(_first_token, static_argnums=(2, 3, 4))
@@ -153,11 +156,22 @@ _DECODE = jax.jit(_decode_loop, static_argnums=(1, 2, 3, 4), donate_argnums=11)
 _EXECUTABLES: dict = {}
 
 
+def _to_host(tree):
+  """`jax.device_get` that also works in a multi-process job: an array spread over several hosts (e.g.
+  batch over `data` across hosts) is all-gathered first, so every process gets the whole value."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)
+
+
 def _aot(key: tuple, arrays, lower) -> tuple:
   """(executable, compile seconds): compiled ahead of time once per static key and array signature, so that
-  compile time is reported apart from run time and repeated calls reuse the executable."""
+  compile time is reported apart from run time and repeated calls reuse the executable (under the same
+  mesh: the active mesh is part of the key, as it is of jit's)."""
   leaves, tree = jax.tree.flatten(arrays)
-  key = key + (tree, tuple((np.shape(x), str(x.dtype) if hasattr(x, "dtype") else type(x)) for x in leaves))
+  key = key + (sharding.active_mesh()[0], tree, tuple((np.shape(x), str(x.dtype) if hasattr(x, "dtype") else type(x)) for x in leaves))
   if key in _EXECUTABLES:
     return _EXECUTABLES[key], 0.0
   t0 = time.perf_counter()
@@ -170,9 +184,10 @@ def _plain(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, e
   max_seq_len = int(cache["max_seq_len"])
   used = int(lengths.max())
   live = live_bucket(used, max_seq_len)
+  split = cp.shards() > 1                  # the cache is empty: the prompt may run context-parallel
   prefill_c, timings["compile_prefill_s"] = _aot(
-      ("prefill", cfg, live), (params, tokens, lengths, cache),
-      lambda: _PREFILL.lower(params, cfg, tokens, lengths, cache, live))
+      ("prefill", cfg, live, split), (params, tokens, lengths, cache),
+      lambda: _PREFILL.lower(params, cfg, tokens, lengths, cache, live, split))
   t0 = time.perf_counter()
   logits, cache = prefill_c(params, tokens, lengths, cache)
   logits.block_until_ready()
@@ -185,7 +200,7 @@ def _plain(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, e
   compile_in_loop = 0.0
   out, n, stopped, last, key = first_c(logits, rng, stops)
   i = 1
-  while i < max_new_tokens and bool(jax.device_get(jnp.any(stopped == 0))):
+  while i < max_new_tokens and bool(_to_host(jnp.any(stopped == 0))):
     # one executable per live bucket: tokens i..i1-1 keep every row within `live` tokens
     live = live_bucket(used + i, max_seq_len)
     i1 = min(max_new_tokens, live - used + 1)
@@ -195,7 +210,7 @@ def _plain(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, e
     compile_in_loop += secs
     out, n, stopped, last, cache, key = loop_c(params, *args)
     i = i1
-  out, n, stopped = jax.device_get((out, n, stopped))
+  out, n, stopped = _to_host((out, n, stopped))
   timings["decode_s"] = time.perf_counter() - t0 - compile_in_loop
   timings["compile_decode_s"] += compile_in_loop
   return out, n, stopped
@@ -221,7 +236,7 @@ def _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, st
   compile_in_loop = 0.0
   while True:
     out, n, stopped, _, _, _, cache, *_ = state
-    length, n_h, stopped_h = jax.device_get((cache["length"], n, stopped))
+    length, n_h, stopped_h = _to_host((cache["length"], n, stopped))
     run = (stopped_h == 0) & (n_h < max_new_tokens)
     if not run.any():
       break
@@ -231,7 +246,7 @@ def _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, st
     compile_in_loop += secs
     out, n, stopped, pending, drafts, dlogits, cache, key, accepted, steps = loop_c(params, *state)
     state = (out, n, stopped, pending, drafts, dlogits, cache, key, stops, accepted, steps)
-  out, n, stopped, accepted, steps = jax.device_get((state[0], state[1], state[2], state[9], state[10]))
+  out, n, stopped, accepted, steps = _to_host((state[0], state[1], state[2], state[9], state[10]))
   timings["decode_s"] = time.perf_counter() - t0 - compile_in_loop
   timings["compile_decode_s"] += compile_in_loop
   timings.update(speculative="mtp", num_draft=k, steps=steps.tolist(), accepted=accepted.tolist(),

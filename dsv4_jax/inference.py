@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv4_jax import context_parallel as cp
 from dsv4_jax import head, mtp
 from dsv4_jax.cache import live_bucket
 from dsv4_jax.config import ModelConfig
@@ -23,13 +24,15 @@ def _last(X: jnp.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
 
 
 def step_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray, cache: dict,
-                 live: int | None = None, all_positions: bool = False):
+                 live: int | None = None, all_positions: bool = False, context_parallel: bool = False):
   """`step` up to the head: -> (final streams [B,1,nh,D] at each row's last new token, or with
   `all_positions` (static; S <= cfg.query_chunk) at every position [B,S,nh,D]; updated cache).
 
   A cache built with `mtp=True` (speculative decoding) also feeds its MTP block every new position but the
   last of each row (whose next token is not known yet), so that MTP cache keeps up with a chunked prefill;
   with `all_positions` (verification) the caller feeds the MTP block the positions it keeps.
+  `context_parallel` (static; the cache empty, no MTP caches): the prompt runs whole, each layer's attention
+  split over the mesh's `sequence` axis (dsv4_jax/context_parallel.py), instead of chunk by chunk.
   """
   tokens = tokens.astype(jnp.int32)
   lengths = lengths.astype(jnp.int32)
@@ -38,6 +41,8 @@ def step_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: j
   B, S = tokens.shape
   Q = cfg.query_chunk
   with_mtp = "mtp" in cache and not all_positions
+  if context_parallel and with_mtp:
+    raise ValueError("context_parallel prefill does not feed MTP caches; prefill a speculative cache in chunks.")
   if all_positions and S > Q:
     raise ValueError(f"all_positions needs at most query_chunk={Q} tokens per call; got {S}.")
   nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))                     # the token after each position
@@ -47,7 +52,7 @@ def step_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: j
     positions = start_c[:, None] + jnp.arange(toks.shape[1], dtype=jnp.int32)
     X = embed_streams(params, cfg, toks)
     X, layer_caches = run_layers(params["layers"], cfg, X, toks, positions=positions, lengths=len_c,
-                                 caches=layer_caches, live=live)
+                                 caches=layer_caches, live=live, fresh=context_parallel)
     if with_mtp:                              # MTP position i: streams X_i and the token i+1, both known
       len_m = jnp.maximum(len_c - (start_c + len_c == start + lengths), 0)
       mtp_caches = [mtp.mtp_step(p, cfg, cfg.n_layers + j, params["embed"], X, nxt_c, start_c, len_m, c, live)[1]
@@ -55,7 +60,7 @@ def step_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: j
     return X, (layer_caches, mtp_caches)
 
   state = (cache["layers"], cache.get("mtp") if with_mtp else None)
-  if S <= Q:
+  if S <= Q or context_parallel:
     X, state = run(state, tokens, nxt, start, lengths)
     X_out = X if all_positions else _last(X, lengths - 1)
   else:
@@ -80,7 +85,7 @@ def step_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: j
 
 
 def step(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarray, cache: dict,
-         live: int | None = None):
+         live: int | None = None, context_parallel: bool = False):
   """tokens [B,S] (row b's first lengths[b] are real), lengths [B] -> (logits [B,V] fp32 at each row's last
   new token, updated cache). Pure; see `prefill` / `decode_step` for the checked, jitted entry points.
 
@@ -88,14 +93,24 @@ def step(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarr
   live // m rows, so the cost follows the live context, not the capacity (default: the whole capacity).
   A call longer than cfg.query_chunk runs as a scan over chunks of that many tokens through the whole
   stack (a chunked prefill inside one executable): activations exist for one chunk at a time, the cache
-  is the only thing that grows with S, and only the last positions reach the head.
+  is the only thing that grows with S, and only the last positions reach the head. `context_parallel`
+  (static): a prompt into an empty cache runs whole, split over the mesh's `sequence` axis (see
+  `use_context_parallel`).
   """
-  X_last, new_cache = step_streams(params, cfg, tokens, lengths, cache, live)
+  X_last, new_cache = step_streams(params, cfg, tokens, lengths, cache, live, context_parallel=context_parallel)
   logits = head.logits(X_last, params["hc_head"], params["norm"], params["head"], cfg)[:, 0]
   return logits, new_cache
 
 
-_step_jit = jax.jit(step, static_argnums=(1, 5), donate_argnums=4)
+_step_jit = jax.jit(step, static_argnums=(1, 5, 6), donate_argnums=4)
+
+
+def use_context_parallel(cache: dict) -> bool:
+  """Host-side: whether a prefill into `cache` runs context-parallel: the active mesh has a `sequence` axis,
+  every row of the cache is empty and it has no MTP caches (speculative decoding prefills in chunks)."""
+  if cp.shards() <= 1 or "mtp" in cache:
+    return False
+  return not np.asarray(jax.device_get(cache["length"])).any()
 
 
 def check_append(cfg: ModelConfig, tokens, lengths, cache: dict) -> int:
@@ -127,10 +142,12 @@ def prefill(params: dict, cfg: ModelConfig, tokens, lengths, cache: dict):
   """Appends prompts (or a chunk of them) to the cache: tokens [B,S] right-padded, lengths [B].
 
   Returns (logits [B,V] at each row's last token, cache). The input cache is donated (invalid afterwards).
+  Under a mesh with a `sequence` axis, a prompt into an empty cache runs context-parallel.
   """
   tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
   live = check_append(cfg, tokens, lengths, cache)
-  return _step_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), cache, live)
+  return _step_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), cache, live,
+                   use_context_parallel(cache))
 
 
 def decode_step(params: dict, cfg: ModelConfig, next_tokens, cache: dict, live: int | None = None):

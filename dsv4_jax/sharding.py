@@ -79,11 +79,14 @@ AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def mesh_rules(mesh: Mesh, rules: Sequence[tuple[str, object]] = AXIS_RULES) -> tuple:
   """`rules` as they apply on `mesh`, in Flax's format: mesh axes that `mesh` lacks or has with size 1 are
-  dropped (a name left without any maps to None). What `use_mesh` puts in Flax's rules context."""
+  dropped (a name left without any maps to None), and so are axes that are manual where this runs (inside
+  a `shard_map` over them, e.g. `sequence` in context-parallel attention: each shard holds its own rows).
+  What `use_mesh` puts in Flax's rules context."""
+  manual = jax.sharding.get_abstract_mesh().manual_axes
   out = []
   for name, phys in rules:
     phys = (phys,) if isinstance(phys, str) else tuple(phys or ())
-    phys = tuple(p for p in phys if p in mesh.axis_names and mesh.shape[p] > 1)
+    phys = tuple(p for p in phys if p in mesh.axis_names and mesh.shape[p] > 1 and p not in manual)
     out.append((name, phys[0] if len(phys) == 1 else phys or None))
   return tuple(out)
 

@@ -153,7 +153,7 @@ def embed_streams(params: dict, cfg: ModelConfig, tokens: jnp.ndarray) -> jnp.nd
 
 def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarray, remat=False,
                positions: jnp.ndarray | None = None, lengths: jnp.ndarray | None = None, caches: dict | None = None,
-               live: int = 0, stats: bool = False):
+               live: int = 0, stats: bool = False, fresh: bool = False):
   """The main stack. X: [B,S,nh,D] -> (X [B,S,nh,D], caches).
 
   Without caches: the whole sequence from position 0. With `caches` (the cache's "layers" tree): row b
@@ -161,14 +161,15 @@ def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarr
   writes only its new rows (a scanned group's caches are indexed by repetition, never sliced out and
   stacked back). `live`: static bound on the tokens any row holds after the call (see cache.live_bucket).
   `remat`: False, True (recompute each scanned period in the backward pass) or a `jax.checkpoint_policies`
-  policy. `stats` (training): also return the layers' `moe.MoEStats` as a third element, a tree laid out
+  policy. `fresh` (static, with caches): every row's cache is empty and positions start at 0 (a prompt
+  that runs context-parallel over the mesh's `sequence` axis). `stats` (training): also return the layers' `moe.MoEStats` as a third element, a tree laid out
   like `layers` (a scanned position's stats carry the leading [reps] axis, as its parameters).
   """
   from dsv4_jax.cache import LayerCache          # cache.py builds on this module's layer plan
   plan = layer_plan(cfg)
 
   def apply(p, i, X, c, rep=None):
-    view = None if c is None else LayerCache(c, rep, live, cfg)
+    view = None if c is None else LayerCache(c, rep, live, cfg, fresh)
     X, view, *st = block.block(p, cfg, cfg.layer_ratio(i), X, tokens, positions, lengths, view, stats=stats)
     return X, None if view is None else view.tree, st[0] if stats else None
 
