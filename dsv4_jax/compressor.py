@@ -192,7 +192,8 @@ def compress(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, indexer: boo
 
   def body(state, ic):
     i, xc = ic
-    E, _, _, state = compress_chunk(p, cfg, xc, ratio, first + i * Q, jnp.clip(S - i * Q, 0, Q), state, indexer)
+    n_c = jnp.full((B,), jnp.clip(S - i * Q, 0, Q), jnp.int32)              # tokens of x in this chunk
+    E, _, _, state = compress_chunk(p, cfg, xc, ratio, first + i * Q, n_c, state, indexer)
     return state, E[:, : Q // ratio]
 
   _, E = jax.lax.scan(body, state, (jnp.arange(n), xs))                # [n, B, Q/m, c]

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4_jax import compressor, indexer, ops, sharding
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.qarray import QArray, dense
 from dsv4_jax.rope import rope_angles
 
 SEQUENCE_AXIS = "sequence"
@@ -80,7 +81,7 @@ def _pick_tail(a: jnp.ndarray, t: jnp.ndarray, first: jnp.ndarray) -> jnp.ndarra
   return jnp.where(mine.reshape(mine.shape + (1,) * (a.ndim - 2)), got, 0)
 
 
-def _shard_body(p, x, lengths, *, cfg: ModelConfig, ratio: int, n: int, tail: int) -> dict:
+def _shard_body(p, x, lengths, *, cfg: ModelConfig, ratio: int, n: int, tail: int, cpu_wire: bool) -> dict:
   """One shard: x [B, L, D] at positions iL.. -> {"out": [B, L, D], "comp": [B, nL/m, c] (compressed
   layers), "keys": [B, nL/4, cI] (CSA), "tail_kv": [B, tail, K], "tail_x": [B, tail, D]} (tails: the `tail`
   positions before lengths[b], each picked on the shard that holds it and summed over the axis)."""
@@ -100,10 +101,12 @@ def _shard_body(p, x, lengths, *, cfg: ModelConfig, ratio: int, n: int, tail: in
   ring = jnp.zeros((B, W, kv.shape[-1]), kv.dtype).at[b, halo_pos[:, H - W:] % W].set(kv_halo)
   window = ops.Rows(jnp.concatenate([ring, kv], axis=1))
 
+  wire = jnp.float32 if cpu_wire else cfg.dtype                  # see _bf16_weights_as_f32
+
   def gathered_entries(pc, is_indexer: bool):
     state = compressor.state_from_tokens(pc, x_halo, ratio, halo_pos)
     E = compressor.compress(pc, cfg, x, ratio, indexer=is_indexer, start=first, state=state)[:, : L // ratio]
-    return jax.lax.all_gather(E, SEQUENCE_AXIS, axis=1, tiled=True)          # [B, n*L/m, c]
+    return jax.lax.all_gather(E.astype(wire), SEQUENCE_AXIS, axis=1, tiled=True).astype(E.dtype)   # [B, nL/m, c]
 
   got = {}
   if ratio:
@@ -114,9 +117,21 @@ def _shard_body(p, x, lengths, *, cfg: ModelConfig, ratio: int, n: int, tail: in
   got["out"] = attention.map_query_chunks(
       lambda xc, pc: attention.attend(p, cfg, ratio, xc, pc, start, W, window, rows.get("comp"), rows.get("keys")),
       cfg.query_chunk, (x, positions))
-  t = lengths[:, None] - tail + jnp.arange(tail, dtype=jnp.int32)
-  got["tail_kv"], got["tail_x"] = jax.lax.psum((_pick_tail(kv, t, first), _pick_tail(x, t, first)), SEQUENCE_AXIS)
+  if tail:
+    t = lengths[:, None] - tail + jnp.arange(tail, dtype=jnp.int32)
+    got["tail_kv"], got["tail_x"] = jax.lax.psum((_pick_tail(kv, t, first), _pick_tail(x, t, first)),
+                                                 SEQUENCE_AXIS)
   return got
+
+
+def _bf16_weights_as_f32(p, body):
+  """XLA:CPU only: the weights enter the shard_map in fp32 and are cast back inside (and the entries are
+  all-gathered in fp32). Their gradients are all-reduces over `sequence` (the weights') and reduce-scatters
+  (the entries'), and XLA:CPU's AllReducePromotion pass aborts on those in bf16 ("Invalid binary instruction
+  opcode copy", jax 0.10.2); TPU and GPU reduce bf16 natively."""
+  dtypes = jax.tree.map(lambda a: a.dtype, p)
+  wide = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, p)
+  return wide, lambda w, *args: body(jax.tree.map(lambda a, d: a.astype(d), w, dtypes), *args)
 
 
 def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, lengths: jnp.ndarray | None = None,
@@ -126,7 +141,7 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, lengths: jn
   x: [B, S, D] (attn_norm output), lengths: [B] real tokens per row (default S; only the tails use it),
   `tail` (static): how many final positions per row to hand back -> (out [B, S, D], comp [B, n*L/m, c] or
   None, keys or None (all entries of the padded prompt, replicated over `sequence`), tail_kv [B, tail, K],
-  tail_x [B, tail, D] (position lengths[b] - tail + j at row j; zeros before position 0)).
+  tail_x [B, tail, D] (position lengths[b] - tail + j at row j; zeros before position 0; None for tail 0)).
   """
   mesh = sharding.active_mesh()[0]
   n = shards()
@@ -136,13 +151,23 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, lengths: jn
     lengths = jnp.full((B,), S, jnp.int32)
   xp = jnp.pad(x, ((0, 0), (0, Sp - S), (0, 0))) if Sp != S else x
   seq = P(None, SEQUENCE_AXIS)
-  out_specs = {"out": seq, "tail_kv": P(), "tail_x": P()}
+  out_specs = {"out": seq}
+  if tail:
+    out_specs.update(tail_kv=P(), tail_x=P())
   if ratio:
     out_specs["comp"] = P()
   if ratio == indexer.CSA_RATIO:
     out_specs["keys"] = P()
-  body = partial(_shard_body, cfg=cfg, ratio=ratio, n=n, tail=max(tail, 1))
+  # quantised weights enter dequantised (exact: fp8/fp4 times a power of two is a bf16 value): libtpu 0.0.42
+  # aborts on the fp8 -> f32 convert of a QArray inside a partially manual shard_map ("Cannot find a valid
+  # window"); one layer's attention weights, ~160 MB in bf16 for Flash, exist for the layer's duration
+  p = jax.tree.map(lambda a: dense(a, cfg.dtype) if isinstance(a, QArray) else a, p,
+                   is_leaf=lambda a: isinstance(a, QArray))
+  cpu = mesh.devices.flat[0].platform == "cpu"
+  body = partial(_shard_body, cfg=cfg, ratio=ratio, n=n, tail=tail, cpu_wire=cpu)
+  if cpu:
+    p, body = _bf16_weights_as_f32(p, body)
   f = jax.shard_map(body, mesh=mesh, in_specs=(P(), seq, P()), out_specs=out_specs, axis_names={SEQUENCE_AXIS},
                     check_vma=False)
   got = f(p, xp, lengths.astype(jnp.int32))
-  return (got["out"][:, :S], got.get("comp"), got.get("keys"), got["tail_kv"][:, :tail], got["tail_x"][:, :tail])
+  return got["out"][:, :S], got.get("comp"), got.get("keys"), got.get("tail_kv"), got.get("tail_x")

@@ -200,7 +200,8 @@ def make_mesh(spec: str | dict[str, int] | None = None, cfg=None, devices=None) 
   `default_mesh_shape` (experts over as many devices as divide cfg.n_routed_experts, data over the rest;
   all data without `cfg`). Axes not named have size 1; the sizes must multiply to the number of devices.
   With `cfg`, `check_mesh` runs too, so a mesh that does not divide the model fails here, before any
-  loading. Axes are Auto-sharded: placement follows the constraints, XLA inserts the collectives."""
+  loading. Axes are Auto-sharded: placement follows the constraints, XLA inserts the collectives. On TPU and
+  GPU the devices are laid out along the interconnect (`_device_grid`)."""
   import numpy as np
   devices = list(devices if devices is not None else jax.devices())
   if spec is None:
@@ -220,10 +221,28 @@ def make_mesh(spec: str | dict[str, int] | None = None, cfg=None, devices=None) 
     raise ValueError(f"mesh {given} has {int(np.prod(sizes))} devices but {len(devices)} "
                      f"{devices[0].platform} device(s) are present; the axis sizes must multiply to "
                      f"{len(devices)}.")
-  mesh = Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+  mesh = Mesh(_device_grid(devices, sizes), MESH_AXES)
   if cfg is not None:
     check_mesh(mesh, cfg)
   return mesh
+
+
+def _device_grid(devices: list, sizes: tuple[int, ...]):
+  """The devices laid out as the mesh `sizes`. TPU and GPU: `mesh_utils.create_device_mesh`, which follows
+  the physical interconnect (ICI rings on a TPU slice, each process's devices together) so that the inner
+  axes (`tensor`, `expert`) talk over the fastest links; where it has no layout for the shape, and on CPU,
+  the devices in order."""
+  import numpy as np
+  grid = np.asarray(devices, dtype=object).reshape(sizes)
+  if devices[0].platform not in ("tpu", "gpu"):
+    return grid
+  from jax.experimental import mesh_utils
+  try:
+    return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:     # no physical layout for this shape
+    import logging
+    logging.getLogger(__name__).warning("mesh %s: devices in enumeration order (%s)", sizes, e)
+    return grid
 
 
 def check_mesh(mesh: Mesh, cfg) -> None:

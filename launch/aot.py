@@ -9,7 +9,8 @@ whether they fit.
 
 Compiles, deviceless (libtpu from PyPI, `make setup` puts it under .aot/libtpu; docs: ../shared/docs/pallas.md
 §1.5), the prefill step (one chunk of cfg.query_chunk tokens appended to a cache of --max_seq_len, live bucket =
---max_seq_len: the last chunk of the longest prompt) and the decode step (one token, same live bucket), with every
+--max_seq_len: the last chunk of the longest prompt) and the decode step (one token, same live bucket) (and with
+--steps=prompt a whole prompt of --max_seq_len tokens into an empty cache, context-parallel over `sequence`), with every
 weight, cache leaf and activation sharded by the rules table (dsv4_jax/sharding.py) on --mesh. Arguments are
 abstract (jax.ShapeDtypeStruct with shardings): nothing is allocated. Prints per chip (or GPU): weights, cache,
 temporaries (XLA's memory_analysis), the total against the chip's HBM and whether it fits; then the largest batch
@@ -90,7 +91,7 @@ ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v7x": "tpu7x"}
 GPU_GB = {"h100": 80, "h200": 141, "b200": 180}     # datasheet GB (10^9 bytes) per GPU; "gpu" needs --hbm_gib
 GPU_NAMES = {"h100": "NVIDIA H100", "h200": "NVIDIA H200", "b200": "NVIDIA B200", "gpu": "GPU"}
 GPU_MEM_FRACTION = 0.95                               # XLA_PYTHON_CLIENT_MEM_FRACTION the verdict assumes
-STEPS = ("prefill", "decode")
+STEPS = ("prefill", "decode", "prompt")
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(common.CONFIG_DIR, "flash.py"),
                                           "configs/ name or .py config file.", lock_config=False)
@@ -105,7 +106,9 @@ _MAX_SEQ = flags.DEFINE_integer("max_seq_len", 131072, "Cache capacity in tokens
 _WEIGHTS = flags.DEFINE_enum("weights", "released", ["released", "bf16"], "Weight storage (see the module doc).")
 _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "paper", ["paper", "bfloat16", "float32"],
                                  "KV cache storage: paper = fp8 entries / fp4 indexer keys + scales.")
-_STEPS = flags.DEFINE_list("steps", list(STEPS), "Steps to compile: prefill, decode.")
+_STEPS = flags.DEFINE_list("steps", ["prefill", "decode"], "Steps to compile: prefill (one query_chunk appended to "
+                           "the cache), decode (one token), prompt (a whole --max_seq_len prompt into an empty "
+                           "cache: context-parallel over the mesh's sequence axis, else chunk by chunk).")
 _MAX_BATCH = flags.DEFINE_enum("max_batch", "scale", ["scale", "off"], "scale: a second compile per step at "
                                "another batch gives temporaries per sequence, and so the largest batch that fits.")
 _HBM = flags.DEFINE_float("hbm_gib", None, "HBM per chip (or GPU) in GiB (default: by generation, see --help).")
@@ -248,13 +251,15 @@ def compile_step(cfg, mesh, params, step: str, batch: int, max_seq_len: int, cac
   from dsv4_jax.sharding import param_sharding, use_mesh
 
   cache = abstract_cache(cfg, mesh, batch, max_seq_len, cache_dtype)
-  S = min(cfg.query_chunk, max_seq_len) if step == "prefill" else 1
-  tokens = jax.ShapeDtypeStruct((batch, S), jnp.int32, sharding=param_sharding(("batch", None), (batch, S), mesh))
+  S = {"prefill": min(cfg.query_chunk, max_seq_len), "decode": 1, "prompt": max_seq_len}[step]
+  split = step == "prompt" and mesh.shape.get("sequence", 1) > 1       # context-parallel (empty cache)
+  tok_axes = ("batch", "seq" if split else None)
+  tokens = jax.ShapeDtypeStruct((batch, S), jnp.int32, sharding=param_sharding(tok_axes, (batch, S), mesh))
   lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=param_sharding(("batch",), (batch,), mesh))
   logits = param_sharding(("batch", None), (batch, cfg.vocab_size), mesh)
   cache_sh = jax.tree.map(lambda a: a.sharding, cache)
   live = max_seq_len
-  f = jax.jit(lambda p, t, n, c: inference.step(p, cfg, t, n, c, live), donate_argnums=3,
+  f = jax.jit(lambda p, t, n, c: inference.step(p, cfg, t, n, c, live, split), donate_argnums=3,
               out_shardings=(logits, cache_sh))
   out = {"weights": per_chip_bytes(params), "cache": per_chip_bytes(cache), "batch": batch, "tokens": S}
   t0 = time.time()

@@ -4,7 +4,8 @@ prefill + decode steps equal one device's (fp32, <= 1e-5 relative), and greedy g
 ids on the last two (on data:2,expert:4 `launch.decode` does, tests/test_pods.py). On the
 `sequence` mesh the prompt runs context-parallel (dsv4_jax/context_parallel.py): a prompt of 70 tokens is
 padded to 4 shards of 32, rows of different lengths share the batch, the compiled forward passes halos
-(collective-permute) and gathers entries (all-gather), and decoding continues from the cache it filled."""
+(collective-permute) and gathers entries (all-gather), decoding continues from the cache it filled, and
+a training step's loss and gradients through it equal one device's."""
 import textwrap
 
 from fake_devices import run_script
@@ -40,6 +41,33 @@ SCRIPT = textwrap.dedent("""
         hlo = f.lower(p, cfg, toks).compile().as_text() if cp else ""
       return [np.asarray(o) for o in out], ids, hlo
 
+    def grad_check(placed, mesh):
+      # training through context-parallel attention: the loss and every gradient equal one device's (fp32;
+      # per leaf against the largest gradient of all); bf16 compiles (XLA:CPU needs fp32 reductions there)
+      from dsv4_jax import train
+      batch = {"tokens": toks[:, :50], "loss_mask": np.ones((B, 50), np.float32)}
+      tc = train.TrainConfig(compute_dtype="float32")
+      vg = lambda p: jax.value_and_grad(lambda p: train.loss_fn(p, cfg, batch, tc)[0], allow_int=True)(p)
+      l0, g0 = jax.jit(vg)(params)
+      with sharding.use_mesh(mesh):
+        l1, g1 = jax.jit(vg)(placed)
+      pairs = [(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))
+               if jnp.issubdtype(a.dtype, jnp.floating)]
+      top = max(float(np.abs(a).max()) for a, _ in pairs)
+      gerr = max(float(np.abs(a - b).max()) for a, b in pairs) / top
+      print(f"training loss {float(l0):.6f} / {float(l1):.6f}, gradient error {gerr:.1e} of the largest", flush=True)
+      assert abs(float(l0) - float(l1)) <= 1e-5 * abs(float(l0)) and gerr <= 1e-5, (l0, l1, gerr)
+      import dataclasses
+      from dsv4_jax import attention
+      bcfg = dataclasses.replace(cfg, dtype="bfloat16")
+      p_attn = jax.tree.map(lambda a: a[0].astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a[0],
+                            placed["layers"]["stack"][1]["attn"])                  # a CSA layer (4x)
+      x = jnp.ones((B, 64, cfg.dim), jnp.bfloat16)
+      loss = lambda p: jnp.sum(attention.attention(p, bcfg, 4, x)[0].astype(jnp.float32))
+      with sharding.use_mesh(mesh):
+        g = jax.jit(jax.grad(loss, allow_int=True))(p_attn)
+      assert all(bool(jnp.isfinite(a).all()) for a in jax.tree.leaves(g) if jnp.issubdtype(a.dtype, jnp.floating))
+
     ref, ref_ids, _ = run_all(params, None)
     print("one device %.0fs" % (time.time() - t0), flush=True)
     axes = logical_axes(param_specs(cfg))
@@ -59,9 +87,36 @@ SCRIPT = textwrap.dedent("""
         with sharding.use_mesh(mesh):
           assert context_parallel.shards() == 4 and context_parallel.padded_length(cfg, S, 4) == 128
         assert "collective-permute" in hlo and "all-gather" in hlo
+        grad_check(placed, mesh)
     print("ok")
 """)
 
 
 def test_pod_meshes_match_one_device():
   run_script(SCRIPT, n_devices=8)
+
+
+def test_compress_resumes_from_a_state_built_from_earlier_tokens():
+  """What each context-parallel shard does: compress its tokens from position `start` with the state
+  `state_from_tokens` builds from the tokens just before (the halo). Entries equal those of compressing the
+  whole sequence at once, for CSA (4x, overlapping) and HCA, chunked (chunk < S) or not."""
+  import jax
+  import numpy as np
+  from dsv4_jax import compressor, init_params, load_config
+  cfg = load_config("tiny")
+  params = init_params(cfg, jax.random.key(0))
+  x = jax.random.normal(jax.random.key(3), (2, 96, cfg.dim))
+  for ratio, p in ((4, params["layers"]["stack"][1]["attn"]["compressor"]),
+                   (8, params["layers"]["stack"][0]["attn"]["compressor"])):
+    p = jax.tree.map(lambda a: a[0], p)
+    whole = np.asarray(compressor.compress(p, cfg, x, ratio))[:, : 96 // ratio]
+    assert np.allclose(np.asarray(compressor.compress(p, cfg, x, ratio, chunk=16))[:, : 96 // ratio], whole,
+                       rtol=1e-6, atol=1e-6)
+    start, H = 48, 16
+    halo_pos = np.broadcast_to(np.arange(start - H, start), (2, H))
+    state = compressor.state_from_tokens(p, x[:, start - H:start], ratio, halo_pos)
+    for chunk in (None, 16):
+      rest = compressor.compress(p, cfg, x[:, start:], ratio, chunk=chunk, start=start, state=state)
+      got = np.asarray(rest)[:, : (96 - start) // ratio]
+      err = float(np.abs(got - whole[:, start // ratio:]).max())
+      assert err <= 1e-5, (ratio, chunk, err)
