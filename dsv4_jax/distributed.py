@@ -158,3 +158,16 @@ def describe() -> str:
     return ""
   return (f"distributed: process {jax.process_index()} of {jax.process_count()} ({_state['reason']}), "
           f"{jax.local_device_count()} of {jax.device_count()} devices here")
+
+
+def to_host(tree):
+  """`jax.device_get` that also works in a multi-process job: an array spread over several processes (e.g.
+  batch over `data` across hosts) is all-gathered first, so every process gets the whole value."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)

@@ -10,10 +10,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from dsv4_jax import context_parallel as cp
 from dsv4_jax import sharding
+from dsv4_jax.distributed import to_host
 from dsv4_jax import speculative as spec
 from dsv4_jax.cache import init_cache, live_bucket
 from dsv4_jax.config import ModelConfig
@@ -156,16 +156,6 @@ _DECODE = jax.jit(_decode_loop, static_argnums=(1, 2, 3, 4), donate_argnums=11)
 _EXECUTABLES: dict = {}
 
 
-def _to_host(tree):
-  """`jax.device_get` that also works in a multi-process job: an array spread over several hosts (e.g.
-  batch over `data` across hosts) is all-gathered first, so every process gets the whole value."""
-  def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return jax.device_get(x)
-  return jax.tree.map(one, tree)
-
-
 def _aot(key: tuple, arrays, lower) -> tuple:
   """(executable, compile seconds): compiled ahead of time once per static key and array signature, so that
   compile time is reported apart from run time and repeated calls reuse the executable (under the same
@@ -200,7 +190,7 @@ def _plain(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, e
   compile_in_loop = 0.0
   out, n, stopped, last, key = first_c(logits, rng, stops)
   i = 1
-  while i < max_new_tokens and bool(_to_host(jnp.any(stopped == 0))):
+  while i < max_new_tokens and bool(to_host(jnp.any(stopped == 0))):
     # one executable per live bucket: tokens i..i1-1 keep every row within `live` tokens
     live = live_bucket(used + i, max_seq_len)
     i1 = min(max_new_tokens, live - used + 1)
@@ -210,7 +200,7 @@ def _plain(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, stops, e
     compile_in_loop += secs
     out, n, stopped, last, cache, key = loop_c(params, *args)
     i = i1
-  out, n, stopped = _to_host((out, n, stopped))
+  out, n, stopped = to_host((out, n, stopped))
   timings["decode_s"] = time.perf_counter() - t0 - compile_in_loop
   timings["compile_decode_s"] += compile_in_loop
   return out, n, stopped
@@ -236,7 +226,7 @@ def _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, st
   compile_in_loop = 0.0
   while True:
     out, n, stopped, _, _, _, cache, *_ = state
-    length, n_h, stopped_h = _to_host((cache["length"], n, stopped))
+    length, n_h, stopped_h = to_host((cache["length"], n, stopped))
     run = (stopped_h == 0) & (n_h < max_new_tokens)
     if not run.any():
       break
@@ -246,7 +236,7 @@ def _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, st
     compile_in_loop += secs
     out, n, stopped, pending, drafts, dlogits, cache, key, accepted, steps = loop_c(params, *state)
     state = (out, n, stopped, pending, drafts, dlogits, cache, key, stops, accepted, steps)
-  out, n, stopped, accepted, steps = _to_host((state[0], state[1], state[2], state[9], state[10]))
+  out, n, stopped, accepted, steps = to_host((state[0], state[1], state[2], state[9], state[10]))
   timings["decode_s"] = time.perf_counter() - t0 - compile_in_loop
   timings["compile_decode_s"] += compile_in_loop
   timings.update(speculative="mtp", num_draft=k, steps=steps.tolist(), accepted=accepted.tolist(),

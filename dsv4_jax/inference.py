@@ -15,6 +15,7 @@ from dsv4_jax import context_parallel as cp
 from dsv4_jax import head, mtp
 from dsv4_jax.cache import live_bucket
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.distributed import to_host
 from dsv4_jax.transformer import check_tokens, embed_streams, run_layers
 
 
@@ -105,18 +106,26 @@ def step(params: dict, cfg: ModelConfig, tokens: jnp.ndarray, lengths: jnp.ndarr
 _step_jit = jax.jit(step, static_argnums=(1, 5, 6), donate_argnums=4)
 
 
-def use_context_parallel(cache: dict) -> bool:
+def cache_lengths(cache: dict) -> tuple[np.ndarray, int]:
+  """Host-side (one sync, multi-process safe): (tokens cached per row [B], the cache's capacity)."""
+  used, cap = to_host((cache["length"], cache["max_seq_len"]))
+  return np.asarray(used), int(cap)
+
+
+def use_context_parallel(cache: dict, used: np.ndarray | None = None) -> bool:
   """Host-side: whether a prefill into `cache` runs context-parallel: the active mesh has a `sequence` axis,
-  every row of the cache is empty and it has no MTP caches (speculative decoding prefills in chunks)."""
+  every row of the cache is empty and it has no MTP caches (speculative decoding prefills in chunks).
+  `used`: the cache's lengths if the caller has read them (`cache_lengths`)."""
   if cp.shards() <= 1 or "mtp" in cache:
     return False
-  return not np.asarray(jax.device_get(cache["length"])).any()
+  return not (cache_lengths(cache)[0] if used is None else used).any()
 
 
-def check_append(cfg: ModelConfig, tokens, lengths, cache: dict) -> int:
+def check_append(cfg: ModelConfig, tokens, lengths, cache: dict, used: np.ndarray | None = None,
+                 cap: int | None = None) -> int:
   """Host-side checks before any compute: ids in the vocabulary, lengths within the chunk, the batch and
   the capacity of the cache (JAX would otherwise clamp or drop silently). Returns the live bucket of the
-  call (`cache.live_bucket`)."""
+  call (`cache.live_bucket`). `used`, `cap`: the cache's lengths and capacity if already read."""
   check_tokens(tokens, cfg)
   B, S = tokens.shape
   lengths = np.asarray(lengths)
@@ -128,8 +137,8 @@ def check_append(cfg: ModelConfig, tokens, lengths, cache: dict) -> int:
   if B != cache_b:
     raise ValueError(f"batch of {B} sequences does not match the cache's batch of {cache_b}; build the cache "
                      f"with init_cache(cfg, batch_size={B}, ...).")
-  used = np.asarray(jax.device_get(cache["length"]))
-  cap = int(jax.device_get(cache["max_seq_len"]))
+  if used is None or cap is None:
+    used, cap = cache_lengths(cache)
   over = np.nonzero(used + lengths > cap)[0]
   if over.size:
     b = int(over[0])
@@ -145,9 +154,10 @@ def prefill(params: dict, cfg: ModelConfig, tokens, lengths, cache: dict):
   Under a mesh with a `sequence` axis, a prompt into an empty cache runs context-parallel.
   """
   tokens = np.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
-  live = check_append(cfg, tokens, lengths, cache)
+  used, cap = cache_lengths(cache)
+  live = check_append(cfg, tokens, lengths, cache, used, cap)
   return _step_jit(params, cfg, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), cache, live,
-                   use_context_parallel(cache))
+                   use_context_parallel(cache, used))
 
 
 def decode_step(params: dict, cfg: ModelConfig, next_tokens, cache: dict, live: int | None = None):
@@ -157,6 +167,6 @@ def decode_step(params: dict, cfg: ModelConfig, next_tokens, cache: dict, live: 
   next_tokens = jnp.asarray(next_tokens, jnp.int32)
   ones = jnp.ones(next_tokens.shape, jnp.int32)
   if live is None:
-    used, cap = jax.device_get((cache["length"], cache["max_seq_len"]))
-    live = live_bucket(int(np.max(used)) + 1, int(cap))
+    used, cap = cache_lengths(cache)
+    live = live_bucket(int(np.max(used)) + 1, cap)
   return _step_jit(params, cfg, next_tokens[:, None], ones, cache, live)
