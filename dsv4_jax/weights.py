@@ -8,10 +8,12 @@ stacked arrays in place, so host memory stays about one unit and device memory t
 Multi-host (a mesh over the devices of several processes, after `distributed.initialize`): every process
 calls `load_params` alike and ends up with global arrays of which it holds only the shards of its own devices.
 A converted (Orbax) checkpoint is restored with those target shardings, so each process reads from storage
-only the byte ranges of its shards (per-host restore). A safetensors checkpoint is NOT read by slice: every
-process reads every tensor whole (host memory stays one unit per process, and `device_put` keeps only the
-process's shards on its devices), so each host reads the whole checkpoint from storage; for a multi-host
-job convert once with `launch.convert` and load the Orbax directory.
+only the byte ranges of its shards (per-host restore). From safetensors, each process reads only the routed
+experts whose shards its devices hold (`experts_to_read`; the routed experts are ~95% of the released
+weights' bytes; the experts of other processes stay zero in its host buffers and never reach a device) and
+every other tensor whole (`device_put` keeps the process's shards). So with experts over the processes each
+host reads about 1/processes of the expert bytes; converting once to Orbax (`launch.convert`) makes every
+tensor a per-shard read.
 
 Quantised weights (fp8 e4m3 with 128x128 e8m0 scales, fp4 e2m1 experts with 1x32 scales) stay `QArray`s
 unless `quantized=False`; the model dequantises them blockwise inside its matmuls (qarray.dense), with
@@ -180,6 +182,25 @@ def _check_manifest(manifest: dict, cfg: ModelConfig, root: str) -> None:
                          f"{tuple(rec['shape'])}, expected {want[name].shape} for config {cfg.name!r}.")
 
 
+def experts_to_read(cfg: ModelConfig, mesh: Mesh | None, process_of=lambda device: device.process_index
+                    ) -> set[int] | None:
+  """The routed experts whose shards this process's devices hold under `mesh` (the expert axis of a routed
+  expert weight, by the rules table); None when this process holds them all (no mesh, or one process).
+  `process_of`: a device's process (tests pretend several processes with it)."""
+  if mesh is None or not cfg.n_routed_experts:
+    return None
+  unit = stream.layer_unit(0)
+  path, spec = next((p, s) for p, s in stream.flatten(stream.unit_specs(cfg)[unit]) if stream.is_expert_leaf(p))
+  shape = tuple(spec.shape)                                             # [E, ...]
+  sh = param_sharding(spec.axes, shape, mesh)
+  me = jax.process_index()
+  experts = set()
+  for device, index in sh.devices_indices_map(shape).items():
+    if process_of(device) == me:
+      experts.update(range(cfg.n_routed_experts)[index[0]])
+  return None if len(experts) == cfg.n_routed_experts else experts
+
+
 def _restore_units(root: str, cfg: ModelConfig, mesh):
   manifest = orbax_io.read_manifest(root)
   _check_manifest(manifest, cfg, root)
@@ -204,7 +225,7 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mes
   .safetensors file, placed on `mesh` by the logical axis rules (None: the default device).
 
   With a mesh spanning several processes each process holds only its devices' shards; it restores only those
-  from a converted checkpoint but reads safetensors whole (see the module docstring).
+  from a converted checkpoint, and from safetensors reads only its own routed experts (module docstring).
 
   Tensor names may be official (`layers.3.attn.wq_a.weight`) or HF (`model.layers.3.self_attn.q_a_proj.weight`).
   fp8 / fp4 weights stay QArrays (`quantized=False`: dequantised exactly to `dtype`). Dense weights are cast
@@ -217,7 +238,7 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mes
   elif os.path.isdir(os.path.join(path, "units")) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
     raise ValueError(f"{path!r} is an unfinished conversion (no {orbax_io.MANIFEST}); convert it again.")
   else:
-    units = stream.stream_units(path, cfg)
+    units = stream.stream_units(path, cfg, experts=experts_to_read(cfg, mesh))
   seen = []
   for unit, tree in units:
     builder.add(unit, tree)

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -193,11 +193,11 @@ class _UnitBuffer:
       buf = self.values.get(path)
       if buf is None:
         E = self.need[path]
-        if isinstance(value, QArray):
-          buf = QArray(np.empty((E,) + value.values.shape, value.values.dtype),
-                       np.empty((E,) + value.scales.shape, np.uint8), value.block, value.fmt)
+        if isinstance(value, QArray):      # zeros: experts this process skips (`skip`) stay zero
+          buf = QArray(np.zeros((E,) + value.values.shape, value.values.dtype),
+                       np.zeros((E,) + value.scales.shape, np.uint8), value.block, value.fmt)
         else:
-          buf = np.empty((E,) + value.shape, value.dtype)
+          buf = np.zeros((E,) + value.shape, value.dtype)
         self.values[path] = buf
       first = official_name(self.unit, path, int(np.argmax(self.done[path])))
       if isinstance(buf, QArray) != isinstance(value, QArray) or (
@@ -213,6 +213,12 @@ class _UnitBuffer:
     self.done[path][i] = True
     self.nbytes += value.nbytes
 
+  def skip(self, path: tuple, expert: int, official: str, source: str):
+    """An expert this process does not read (its devices hold none of its shards): left zero."""
+    if self.done[path][expert]:
+      raise ValueError(f"{source}: tensor {official!r} is given twice.")
+    self.done[path][expert] = True
+
   def complete(self) -> bool:
     return all(d.all() for d in self.done.values())
 
@@ -226,6 +232,10 @@ class _UnitBuffer:
     return out
 
   def tree(self) -> dict:
+    unread = [official_name(self.unit, p, 0) for p in self.specs if p not in self.values]
+    if unread:
+      raise ValueError(f"{self.unit}: no expert of {unread[0]!r} (and its kind) was read: this process was "
+                       "given no routed expert to read.")
     return unflatten({p: self.values[p] for p in self.specs})
 
 
@@ -261,9 +271,11 @@ class CheckpointReader:
     self.total_bytes = sum(st.nbytes(n) for n, st in self.where.items())
     self.n_tensors = len(self.where)
 
-  def tensors(self, progress: Callable[[Progress], None] | None = None):
+  def tensors(self, progress: Callable[[Progress], None] | None = None, experts: Container[int] | None = None):
     """(official name, host value, source file, name as stored) in file order; scales ride with their
-    weight. Values are numpy arrays or host QArrays."""
+    weight. Values are numpy arrays or host QArrays. `experts`: the routed experts to read (None: all); a
+    routed-expert tensor of any other expert is not read and comes with the value None (of HF's stacked
+    expert tensors only the rows of those experts are read, through the memory map)."""
     scale_names = set(self.scale_of.values())
     prog = Progress(tensors_total=self.n_tensors, bytes_total=self.total_bytes)
     for st in self.files:
@@ -271,12 +283,19 @@ class CheckpointReader:
       for name in st.keys():
         if name in scale_names:
           continue
-        raw = st.read(name)
         nbytes = st.nbytes(name)
         scale_name = self.scale_of.get(name)
+        skip = lambda e: experts is not None and e is not None and e not in experts
         if names.HF_STACKED_EXPERTS.match(name):
-          pieces = [(off, np.asarray(v)) for off, v in _hf_stacked_experts(name, raw, self.cfg)]
+          if experts is None:
+            pieces = [(off, np.asarray(v)) for _, off, v in _hf_stacked_experts(name, st.read(name), self.cfg)]
+          else:                             # views of the memory map: only the rows copied are read
+            pieces = [(off, None if skip(e) else np.array(v))
+                      for e, off, v in _hf_stacked_experts(name, st.get(name), self.cfg)]
+        elif skip(_expert_of(names.to_official(name))):
+          pieces = [(names.to_official(name), None)]
         else:
+          raw = st.read(name)
           official = names.to_official(name)
           if scale_name is not None:
             sst = self.where[scale_name]
@@ -295,17 +314,26 @@ class CheckpointReader:
           progress(prog)
 
 
+def _expert_of(official: str) -> int | None:
+  """The routed expert an official tensor name belongs to (None: not a routed-expert tensor)."""
+  try:
+    return names.official_path(official)[2]
+  except (KeyError, ValueError):
+    return None
+
+
 def _hf_stacked_experts(name: str, value: np.ndarray, cfg: ModelConfig):
-  """HF's stacked routed experts gate_up_proj [E, 2F, D] / down_proj [E, D, F] -> official per-expert names."""
+  """HF's stacked routed experts gate_up_proj [E, 2F, D] / down_proj [E, D, F] -> (expert, official
+  per-expert name, view) (views of `value`: nothing is read until a view is)."""
   m = names.HF_STACKED_EXPERTS.match(name)
   layer, kind = m.group(1), m.group(2)
   F = cfg.moe_inter_dim
   for e in range(value.shape[0]):
     if kind == "gate_up_proj":
-      yield f"layers.{layer}.ffn.experts.{e}.w1.weight", value[e, :F]
-      yield f"layers.{layer}.ffn.experts.{e}.w3.weight", value[e, F:]
+      yield e, f"layers.{layer}.ffn.experts.{e}.w1.weight", value[e, :F]
+      yield e, f"layers.{layer}.ffn.experts.{e}.w3.weight", value[e, F:]
     else:
-      yield f"layers.{layer}.ffn.experts.{e}.w2.weight", value[e]
+      yield e, f"layers.{layer}.ffn.experts.{e}.w2.weight", value[e]
 
 
 def _locate(official: str, specs: dict[str, dict], cfg: ModelConfig):
@@ -331,21 +359,22 @@ def _locate(official: str, specs: dict[str, dict], cfg: ModelConfig):
 
 
 def stream_units(path: str | os.PathLike, cfg: ModelConfig, progress: Callable[[Progress], None] | None = None,
-                 reader: CheckpointReader | None = None) -> Iterator[tuple[str, dict]]:
+                 reader: CheckpointReader | None = None, experts: Container[int] | None = None
+                 ) -> Iterator[tuple[str, dict]]:
   """Yields (unit name, host tree) for every unit as soon as all its tensors are read.
 
   Raises ValueError naming the tensor on an unexpected or duplicated tensor, a wrong shape or dtype
   for `cfg`, a truncated shard, or (at the end) tensors the config needs that the checkpoint lacks.
   A checkpoint without any mtp.* tensor (HF-saved) yields no mtp units; a warning says so.
-  Every tensor is read whole, also in a multi-host job where this process keeps only some shards (e.g.
-  its experts): weights.py's module docstring.
+  `experts`: the routed experts to read (a multi-host job passes those whose shards this process's devices
+  hold; weights.py); the others are not read and stay zero in the yielded arrays (never checked). None: all.
   """
   reader = reader or CheckpointReader(path, cfg)
   specs = unit_specs(cfg)
   open_units: dict[str, _UnitBuffer] = {}
   emitted: set[str] = set()
   saw_mtp = False
-  for official, value, source, stored in reader.tensors(progress):
+  for official, value, source, stored in reader.tensors(progress, experts):
     if official.startswith("mtp.") and cfg.n_mtp_layers == 0:
       continue
     try:
@@ -357,11 +386,14 @@ def stream_units(path: str | os.PathLike, cfg: ModelConfig, progress: Callable[[
     saw_mtp |= unit.startswith("mtp.")
     if unit in emitted:
       raise ValueError(f"{source}: tensor {official!r} is given twice.")
-    _check(official, value, spec, () if expert is None else (expert,), source, cfg)
     buf = open_units.get(unit)
     if buf is None:
       buf = open_units[unit] = _UnitBuffer(unit, specs[unit], cfg.n_routed_experts)
-    buf.put(leaf, expert, _store_dtype(value, spec), official, source)
+    if value is None:
+      buf.skip(leaf, expert, official, source)
+    else:
+      _check(official, value, spec, () if expert is None else (expert,), source, cfg)
+      buf.put(leaf, expert, _store_dtype(value, spec), official, source)
     if buf.complete():
       emitted.add(unit)
       del open_units[unit]
