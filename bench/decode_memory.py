@@ -1,6 +1,7 @@
 """Memory and traffic of one compiled decode step (nothing runs: `jit(...).lower(...).compile()`).
 
     python bench/decode_memory.py [--capacities=131072,1048576] [--cache_dtype=bfloat16]
+    python bench/decode_memory.py --topology=v5p:2x2x1 [--cache_dtype=paper] [--attn_impl=pallas_tpu]
 
 A Flash-shaped attention stack at toy width (head_dim 512, window 128, 16 indexer heads x 128, top-k 512,
 layers SWA/CSA/HCA/CSA/HCA/SWA, dim 256; fp32 compute, bf16 cache). For each capacity, the step compiled
@@ -18,6 +19,14 @@ operand and what it produces: writes are in-place `dynamic-update-slice`s of the
 only the rows the math needs (a slice of live keys, the top-k rows, the live HCA rows). XLA's
 `cost_analysis` counts such a fusion's whole-store operand, so `accessed` grows with the capacity even
 where the ops touch only live rows.
+
+--topology=GEN:AxB[xC] compiles the same step for one chip of that TPU slice instead, deviceless (libtpu from
+`make setup`, in a child process, as launch/aot.py does): XLA's TPU layouts, buffer assignment and cost model.
+On a TPU, an array whose minor dimension is narrower than the 128 lanes gets a default HBM layout with the
+*rows* as the minor dimension (u32[1, 262144, 64] is laid out {1,2,0}; 17- and 146-word rows alike), and a
+scanned layer group carries its stacked stores through the while loop in the row-major layout: each step then
+relayouts such stores whole, in and out of the loop. The TPU table counts those whole-store copies (`store
+copies`) from the compiled HLO.
 
 The model scans its repeated layer group (compile time flat in depth); XLA:CPU copies each scanned layer's
 weights out of the stacked parameters (a constant, one period's weights, read twice). The `unrolled`
@@ -112,42 +121,85 @@ def store_accesses(compiled) -> list[tuple[str, str, str]]:
   return out
 
 
-def compiled_step(cfg, capacity: int, live: int, storage: str):
-  params = abstract_params(cfg)
-  cache = jax.eval_shape(lambda: init_cache(cfg, 1, capacity, storage))
-  tok, one = jax.ShapeDtypeStruct((1, 1), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
-  c = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).lower(params, cfg, tok, one, cache, live).compile()
-  return c, nbytes(params), nbytes(cache)
+def store_copies(compiled, cache) -> int:
+  """Instructions of the compiled step that copy a compressed or indexer-key store whole (a relayout: `copy`
+  or a TPU SparseCore data-format call whose result has a store's full shape, in any layout)."""
+  import re
+  stores = [c[k].words for part in cache["layers"].values() for c in part for k in ("comp", "idx") if k in c]
+  shapes = {",".join(map(str, w.shape)) for w in stores}
+  found = re.findall(r"= \(?u32\[([\d,]+)\]\{[^}]*\}\)?[^\n]*? (?:copy|call-start)\(", compiled.as_text())
+  return sum(shape in shapes for shape in found)
+
+
+def compiled_step(cfg, capacity: int, live: int, storage: str, device=None):
+  """The decode step compiled for abstract arguments (on `device`, e.g. a TPU topology's chip, when given)."""
+  sh = None if device is None else jax.sharding.SingleDeviceSharding(device)
+  put = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)
+  params = put(abstract_params(cfg))
+  cache = put(jax.eval_shape(lambda: init_cache(cfg, 1, capacity, storage)))
+  tok, one = put(jax.ShapeDtypeStruct((1, 1), jnp.int32)), put(jax.ShapeDtypeStruct((1,), jnp.int32))
+  c = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).trace(params, cfg, tok, one, cache, live).lower().compile()
+  return c, nbytes(params), nbytes(cache), cache
+
+
+def tpu_child(args) -> int:
+  """Re-runs this script in a process that sees libtpu (deviceless TPU compiles; see launch/aot.py)."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  libtpu = os.path.join(root, ".aot", "libtpu")
+  if not os.path.isdir(os.path.join(libtpu, "libtpu")):
+    sys.exit(f"error: no libtpu under {libtpu}: run `make setup`.")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env.update(PYTHONPATH=os.pathsep.join([libtpu, root]), TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
+             TPU_ACCELERATOR_TYPE="v6e-4", ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--in_child"], env=env).returncode
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--capacities", default="131072,1048576")
-  ap.add_argument("--cache_dtype", default="bfloat16")
+  ap.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32", "paper"))
+  ap.add_argument("--topology", default=None, help="compile for one chip of this TPU slice (e.g. v5p:2x2x1)")
+  ap.add_argument("--attn_impl", default="xla", choices=("xla", "pallas_tpu"), help="with --topology")
+  ap.add_argument("--in_child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.topology and not args.in_child:
+    return tpu_child(args)
+  device, target = None, f"backend {jax.default_backend()}"
+  if args.topology:
+    from jax.experimental import topologies
+    device = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices[0]
+    target = f"one chip of {args.topology} ({device.device_kind}), deviceless libtpu compile, attn_impl {args.attn_impl}"
+  elif args.attn_impl != "xla":
+    ap.error("--attn_impl=pallas_tpu needs --topology")
   print(f"one decode step, batch 1, Flash-shaped attention stack (D=256, 8 heads x 512, window 128, top-k 512, "
-        f"layers SWA/CSA/HCA/CSA/HCA/SWA), fp32 compute, {args.cache_dtype} cache; backend "
-        f"{jax.default_backend()}, jax {jax.__version__}")
+        f"layers SWA/CSA/HCA/CSA/HCA/SWA), fp32 compute, {args.cache_dtype} cache; {target}, jax {jax.__version__}")
   print(f"{'capacity':>9} {'live':>9} {'cache MB':>9} {'temp MB':>8} {'temp/cache':>10} {'accessed MB':>11} "
-        f"{'ideal MB':>9} {'acc/ideal':>9} | unrolled: {'temp MB':>8} {'temp/cache':>10} {'acc/ideal':>9}")
+        f"{'ideal MB':>9} {'acc/ideal':>9} {'store copies':>12} | unrolled: {'temp MB':>8} {'temp/cache':>10} "
+        f"{'acc/ideal':>9} {'store copies':>12}")
   from dsv4_jax import cache, transformer
   accesses = {}
   for cap in map(int, args.capacities.split(",")):
     cfg = stack_config(cap)
+    if args.attn_impl == "pallas_tpu":
+      from launch.aot import _compile_pallas_for_tpu
+      cfg = _compile_pallas_for_tpu(dataclasses.replace(cfg, attn_impl="pallas"))
     for live in (cap, live_bucket(1024, cap)):
-      c, pbytes, cbytes = compiled_step(cfg, cap, live, args.cache_dtype)
+      c, pbytes, cbytes, ctree = compiled_step(cfg, cap, live, args.cache_dtype, device)
       temp, acc = measure(c)
+      copies = store_copies(c, ctree)
       saved = unrolled(cfg)
       try:
-        cu = compiled_step(cfg, cap, live, args.cache_dtype)[0]
+        cu, _, _, ctree_u = compiled_step(cfg, cap, live, args.cache_dtype, device)
         temp_u, acc_u = measure(cu)
+        copies_u = store_copies(cu, ctree_u)
         accesses[(cap, live)] = store_accesses(cu)
       finally:
         transformer.layer_plan = cache.layer_plan = saved
       ideal = ideal_bytes(cfg, args.cache_dtype, live, pbytes)
       print(f"{cap:>9} {live:>9} {cbytes / MB:>9.1f} {temp / MB:>8.2f} {temp / cbytes:>9.2%} {acc / MB:>11.1f} "
-            f"{ideal / MB:>9.1f} {acc / ideal:>8.2f}x | unrolled: {temp_u / MB:>8.2f} {temp_u / cbytes:>9.2%} "
-            f"{acc_u / ideal:>8.2f}x")
+            f"{ideal / MB:>9.1f} {acc / ideal:>8.2f}x {copies:>12} | unrolled: {temp_u / MB:>8.2f} "
+            f"{temp_u / cbytes:>9.2%} {acc_u / ideal:>8.2f}x {copies_u:>12}", flush=True)
   print()
   print("how the unrolled step touches the compressed and indexer-key stores (op at the root of each fusion "
         "that takes a store: store shape -> what it produces; ops inside loops, e.g. the indexer's key-block loop at full live, are not listed):")
@@ -156,7 +208,8 @@ def main():
     for what, store, out in acc:
       seen[(what, store, out)] = seen.get((what, store, out), 0) + 1
     print(f"  capacity {cap}, live {live}: " + "; ".join(f"{n} x {w} {s} -> {o}" for (w, s, o), n in seen.items()))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

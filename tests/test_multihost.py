@@ -241,7 +241,7 @@ def test_two_processes_restore_their_shards_and_match_one(checkpoint):
 
 def test_decode_in_two_processes_prints_the_single_process_ids(checkpoint):
   # experts over both processes' devices, data across them: every output array spans both processes, so the
-  # host copies go through generation._to_host's all-gather
+  # host copies go through distributed.to_host's all-gather
   import numpy as np
   ckpt, ref = checkpoint
   flags = ["--config=tiny", f"--checkpoint={ckpt}", "--mesh=data:2,expert:2", "--prompt_ids=5,17,300",
