@@ -16,6 +16,7 @@ Tie-break, everywhere: among equal indexer scores the lower entry id wins (`lax.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -201,19 +202,76 @@ def implementation(cfg: ModelConfig, op: str) -> Callable:
   return impl[op]
 
 
+def _per_batch_shard(cfg: ModelConfig, fn: Callable, args: tuple, kinds: str):
+  """Runs a kernel (any attn_impl but "xla") once per batch shard of the active mesh.
+
+  XLA cannot partition a Pallas custom call, so on a mesh of several devices the kernel runs inside
+  `jax.shard_map` over every mesh axis not already manual (e.g. inside context-parallel attention
+  `sequence` is): the batch (dimension 0 of every "b" argument, dimension 1 of a stacked store) is split over
+  the axis the rules table gives "batch" when that axis divides it, everything else enters whole; the
+  devices along the other axes compute the same rows (attention is data-parallel: V4's one KV head would
+  otherwise be replicated anyway). kinds, one letter per argument: "b" batch-leading array (or None), "r"
+  replicated array, "w" `Rows` (or None), "s" static. The "xla" reference needs none of this: XLA
+  partitions its ops by the shardings of their inputs.
+  """
+  from dsv4_jax import sharding
+  mesh = jax.sharding.get_abstract_mesh()
+  if cfg.attn_impl == "xla" or mesh.empty or mesh.size == 1:
+    return fn(*args)
+  manual = jax.sharding.AxisType.Manual
+  free = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != manual)
+  if not free or all(mesh.shape[n] == 1 for n in free):
+    return fn(*args)
+  B = next(a.shape[0] for a, k in zip(args, kinds) if k == "b" and a is not None)
+  rule = dict(sharding.active_mesh()[1]).get("batch")
+  data = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if a in free)
+  bax = data if data and B % math.prod(mesh.shape[a] for a in data) == 0 else None
+  P = jax.sharding.PartitionSpec
+  flat, specs, rebuild = [], [], []
+  for a, k in zip(args, kinds):
+    if a is None or k == "s":
+      rebuild.append(("s", a))
+    elif k == "w":
+      stacked = a.rep is not None
+      flat += [a.data] + ([a.rep] if stacked else [])
+      specs += [P(None, bax) if stacked else P(bax)] + ([P()] if stacked else [])
+      rebuild.append(("w", (a.layout, a.n, stacked)))
+    else:
+      flat.append(a)
+      specs.append(P(bax) if k == "b" else P())
+      rebuild.append(("a", None))
+
+  def body(*xs):
+    it, out = iter(xs), []
+    for kind, meta in rebuild:
+      if kind == "s":
+        out.append(meta)
+      elif kind == "w":
+        layout, n, stacked = meta
+        data_ = next(it)
+        out.append(Rows(data_, layout, next(it) if stacked else None, n))
+      else:
+        out.append(next(it))
+    return fn(*out)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P(bax), axis_names=set(free),
+                       check_vma=False)(*flat)
+
+
 def indexer_topk(cfg: ModelConfig, qI, w, keys: Rows, n_visible, k: int):
-  return implementation(cfg, "indexer_topk")(qI, w, keys, n_visible, k)
+  return _per_batch_shard(cfg, implementation(cfg, "indexer_topk"), (qI, w, keys, n_visible, k), "bbwbs")
 
 
 def sparse_attention(cfg: ModelConfig, q, attn_sink, window: Rows, window_idx, comp: Rows | None = None,
                      comp_idx=None, comp_visible=None):
-  return implementation(cfg, "sparse_attention")(q, attn_sink, cfg.softmax_scale, window, window_idx, comp,
-                                                 comp_idx, comp_visible)
+  return _per_batch_shard(cfg, implementation(cfg, "sparse_attention"),
+                          (q, attn_sink, cfg.softmax_scale, window, window_idx, comp, comp_idx, comp_visible),
+                          "brswbwbb")
 
 
 def compress_pool(cfg: ModelConfig, C, Z, ratio: int, prev=None):
-  return implementation(cfg, "compress_pool")(C, Z, ratio, prev)
+  return _per_batch_shard(cfg, implementation(cfg, "compress_pool"), (C, Z, ratio, prev), "bbsb")
 
 
 def encode_rows(cfg: ModelConfig, values, layout: Layout):
-  return implementation(cfg, "encode_rows")(values, layout)
+  return _per_batch_shard(cfg, implementation(cfg, "encode_rows"), (values, layout), "bs")

@@ -1,7 +1,7 @@
 """launch.aot: deviceless TPU compile of the tiny model's decode step on a v5p:2x2x1 slice with an expert mesh
 (the EP MoE must compile to the real ragged-all-to-all) and the memory report; a mesh that does not match the
-slice fails with one error line before libtpu loads; with attn_impl=pallas_tpu the Pallas kernels compile (one
-chip). Needs libtpu under .aot/ (`make setup`). The GPU target (h200:8, gpu:N) needs nothing: both steps compile
+slice fails with one error line before libtpu loads; with attn_impl=pallas_tpu the Pallas kernels compile (4
+chips, each kernel in a shard_map). Needs libtpu under .aot/ (`make setup`). The GPU target (h200:8, gpu:N) needs nothing: both steps compile
 on 8 XLA:CPU devices standing in for the GPUs, and the weights per GPU must be the tiny model's per-device share."""
 from __future__ import annotations
 
@@ -60,15 +60,16 @@ def test_aot_report_compiles_the_real_ragged_all_to_all(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(LIBTPU, "libtpu")), reason="no libtpu under .aot/ (make setup)")
-def test_aot_compiles_the_pallas_kernels_on_one_chip():
-  """--config.attn_impl=pallas_tpu: the Mosaic kernels compile inside the decode step. On one chip: the kernels
-  are not inside a shard_map yet, so launch.aot refuses them on a multi-chip mesh with a clear error."""
-  r = _run("--topology=v5e:1x1", "--mesh=data:1", "--batch=2", "--max_seq_len=1024", "--steps=decode",
-           "--max_batch=off", "--config.attn_impl=pallas_tpu")
+def test_aot_compiles_the_pallas_kernels_on_a_multi_chip_mesh():
+  """--config.attn_impl=pallas_tpu on 4 chips (data:2,expert:2): the Mosaic kernels compile inside the prefill
+  step (each in a shard_map over the batch: XLA cannot partition a custom call) next to the expert exchange's
+  real ragged all-to-all."""
+  r = _run("--topology=v5p:2x2x1", "--mesh=data:2,expert:2", "--batch=2", "--max_seq_len=1024",
+           "--steps=prefill", "--max_batch=off", "--config.attn_impl=pallas_tpu")
   print(r.stdout)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-  n = int(re.search(r"decode collectives: .*Pallas kernels (\d+)\)", r.stdout).group(1))
-  assert n > 0, r.stdout
+  line = re.search(r"prefill collectives: ragged-all-to-all (\d+).*Pallas kernels (\d+)\)", r.stdout)
+  assert int(line.group(1)) > 0 and int(line.group(2)) > 0, r.stdout
 
 
 def _expected_weights_per_device(layers: int, expert: int) -> int:
