@@ -1,9 +1,7 @@
-"""Cached inference reproduces the uncached forward pass; generation; the launch script; bad input."""
+"""Cached inference reproduces the uncached forward pass; generation; bad input (launch.decode end to end:
+test_inference_launch.py)."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,6 @@ from dsv4_jax import (Sampling, cache_size, decode_step, forward, generate, init
                       prefill)
 from dsv4_jax.cache import decoded
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LENGTHS = [1, 3, 4, 5, 7, 8, 9, 127, 128, 129, 150]
 
 CONFIGS = {
@@ -68,12 +65,17 @@ def test_indexer_selects_fewer_than_visible_in_these_runs(model):
 
 
 def test_chunked_prefill_equals_one_prefill_and_rows_alone(model):
+  """Chunks of 5, 7 and 30 tokens (boundaries off the compression ratios) fill the same cache as one prefill
+  of 42; rows of different lengths in one batch equal each row alone. Every chunk is passed right-padded to
+  the 42 columns of the whole prompt with its real length in `lengths` (one compiled program for all the
+  batch-2 calls)."""
   cfg, params = model
   toks = np.asarray(jax.random.randint(jax.random.key(3), (2, 42), 0, cfg.vocab_size), np.int32)
   one, c1 = prefill(params, cfg, toks, np.array([42, 42]), init_cache(cfg, 2, 64))
   c2 = init_cache(cfg, 2, 64)
   for a, b in [(0, 5), (5, 12), (12, 42)]:
-    chunked, c2 = prefill(params, cfg, toks[:, a:b], np.array([b - a, b - a]), c2)
+    chunk = np.pad(toks[:, a:b], ((0, 0), (0, 42 - (b - a))), constant_values=7)   # padding: never read
+    chunked, c2 = prefill(params, cfg, chunk, np.array([b - a, b - a]), c2)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(one), rtol=1e-5, atol=1e-5)
   for x, y in zip(jax.tree.leaves(decoded(c1)), jax.tree.leaves(decoded(c2))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
@@ -85,14 +87,16 @@ def test_chunked_prefill_equals_one_prefill_and_rows_alone(model):
 
 
 def test_new_prefill_after_short_prompt_does_not_leak_state():
-  """The reference leaks compressor state into a fresh prompt shorter than 4 tokens; we reset per sequence."""
+  """The reference leaks compressor state into a fresh prompt shorter than 4 tokens; we reset per sequence.
+  (The 3-token prompt is passed right-padded to the 9 columns of the other call: one compiled program.)"""
   cfg = CONFIGS["tiny"]
   params = init_params(cfg, jax.random.key(4))
   toks = np.asarray(jax.random.randint(jax.random.key(5), (1, 12), 0, cfg.vocab_size), np.int32)
-  fresh, _ = prefill(params, cfg, toks[:, :3], np.array([3]), init_cache(cfg, 1, 32))
+  short = np.pad(toks[:, :3], ((0, 0), (0, 6)), constant_values=7)
+  fresh, _ = prefill(params, cfg, short, np.array([3]), init_cache(cfg, 1, 32))
   used, cache = prefill(params, cfg, toks[:, 3:], np.array([9]), init_cache(cfg, 1, 32))
   cache = dict(cache, length=jnp.zeros_like(cache["length"]))           # reuse the buffers for a new prompt
-  again, _ = prefill(params, cfg, toks[:, :3], np.array([3]), cache)
+  again, _ = prefill(params, cfg, short, np.array([3]), cache)
   np.testing.assert_allclose(np.asarray(again), np.asarray(fresh), rtol=1e-6, atol=1e-6)
 
 
@@ -121,20 +125,27 @@ def test_cache_size_matches_performance_doc():
 
 
 def test_generate_is_greedy_seeded_and_stops():
+  """Every call has the same prompts and cache capacity, so all of them share one compiled prefill (the
+  decode loops differ: sampling and stop ids are part of their programs)."""
   cfg = CONFIGS["tiny"]
   params = init_params(cfg, jax.random.key(8))
-  r = generate(params, cfg, [[5, 17, 300], [1, 2, 3, 4, 5, 6, 7]], 10)
-  for p, g in zip(r.prompts, r.tokens):
-    lg = np.asarray(_fwd(params, cfg, np.array([p + g])).logits)[0]
-    assert lg[len(p) - 1:-1].argmax(-1).tolist() == g                 # greedy = argmax of forward
+  prompts = [[5, 17, 300], [1, 2, 3, 4, 5, 6, 7]]
+  r = generate(params, cfg, prompts, 10)
+  # greedy = argmax of forward; both rows in one forward call, right-padded (causal: padding changes nothing)
+  seqs = [p + g for p, g in zip(r.prompts, r.tokens)]
+  lg = np.asarray(_fwd(params, cfg, np.array([q + [0] * (17 - len(q)) for q in seqs])).logits)
+  for b, (p, g) in enumerate(zip(r.prompts, r.tokens)):
+    assert lg[b, len(p) - 1:len(p) + len(g) - 1].argmax(-1).tolist() == g
   s = Sampling(temperature=0.9, top_k=20, top_p=0.9)
-  a = generate(params, cfg, [[5, 17, 300]], 12, sampling=s, rng=jax.random.key(3))
-  b = generate(params, cfg, [[5, 17, 300]], 12, sampling=s, rng=jax.random.key(3))
-  c = generate(params, cfg, [[5, 17, 300]], 12, sampling=s, rng=jax.random.key(4))
+  a = generate(params, cfg, prompts, 10, sampling=s, rng=jax.random.key(3))
+  b = generate(params, cfg, prompts, 10, sampling=s, rng=jax.random.key(3))
+  c = generate(params, cfg, prompts, 10, sampling=s, rng=jax.random.key(4))
   assert a.tokens == b.tokens and a.tokens != c.tokens
   stop = r.tokens[0][3]
-  st = generate(params, cfg, [[5, 17, 300]], 10, stop_ids=[stop])
-  assert st.tokens[0] == r.tokens[0][: r.tokens[0].index(stop) + 1] and st.stop_reasons == ["stop_id"]
+  st = generate(params, cfg, prompts, 10, stop_ids=[stop])
+  assert st.tokens[0] == r.tokens[0][: r.tokens[0].index(stop) + 1] and st.stop_reasons[0] == "stop_id"
+  assert st.tokens == [g[: g.index(stop) + 1] if stop in g else g for g in r.tokens]
+  assert st.stop_reasons == ["stop_id" if stop in g else "max_new_tokens" for g in r.tokens]
   assert r.stop_reasons == ["max_new_tokens"] * 2
   assert {"compile_prefill_s", "prefill_s", "compile_decode_s", "decode_s", "decode_tokens_per_s"} <= set(r.timings)
   assert r.timings["prefill_tokens"] == 10
@@ -183,24 +194,6 @@ def test_checkpoint_config_mismatch_is_named(tmp_path):
       "compress_ratios": [0, 0, 4, 8, 4, 8, 4, 0]}))
   with pytest.raises(ValueError, match="dim: config 128 vs checkpoint 256"):
     check_checkpoint_config(str(tmp_path), CONFIGS["tiny"])
-
-
-def test_launch_decode_end_to_end(tmp_path):
-  out = tmp_path / "o.json"
-  cmd = [sys.executable, "-m", "launch.decode", "--config=tiny", "--prompt_ids=5,17,300;7,8",
-         "--max_new_tokens=6", f"--output_json={out}", "--temperature=0.7", "--top_p=0.9", "--seed=1"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "RANDOM weights" in proc.stderr
-  data = json.loads(out.read_text())
-  assert data["prompt_ids"] == [[5, 17, 300], [7, 8]] and data["random_weights"] is True
-  assert [len(g) for g in data["generated_ids"]] == [6, 6] and data["stop_reasons"] == ["max_new_tokens"] * 2
-  assert all(0 <= t < 512 for g in data["generated_ids"] for t in g)
-  assert {"prefill_s", "decode_s", "decode_tokens_per_s"} <= set(data["timings"])
-  bad = subprocess.run([sys.executable, "-m", "launch.decode", "--config=tiny", "--prompt_ids=5,9999"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert bad.returncode == 2 and "token id 9999 is outside the vocabulary [0, 512)" in bad.stderr
 
 
 def test_paper_cache_format_is_lossless_under_quant_sim_and_smaller():
@@ -260,58 +253,3 @@ def test_config_too_big_fails_before_allocating():
   from dsv4_jax.runtime import check_fits
   with pytest.raises(MemoryError, match=r"config 'flash' in bfloat16 needs 5\d\d\.\d GB"):
     check_fits(load_config("flash"), batch=1, max_seq_len=4096)
-
-
-def test_launch_decode_text_prompt_and_chat_file(tmp_path):
-  """--prompt / --chat go through the V4 tokenizer and chat format (a tiny model with the real vocabulary)."""
-  from dsv4_jax.chat import chat_prompt
-  from dsv4_jax.tokenizer import load_tokenizer
-  chat = tmp_path / "chat.json"
-  chat.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
-                                           {"role": "user", "content": "Hi there"}]}))
-  tok = load_tokenizer()
-  expected = {
-      "--prompt=Hello world": tok.encode(chat_prompt("Hello world", thinking_mode="chat")),
-      f"--chat={chat}": tok.encode(chat_prompt([{"role": "system", "content": "Be brief."},
-                                               {"role": "user", "content": "Hi there"}], thinking_mode="chat")),
-  }
-  for flag, ids in expected.items():
-    out = tmp_path / "o.json"
-    proc = subprocess.run([sys.executable, "-m", "launch.decode", "--config=tiny", "--config.vocab_size=129280",
-                           flag, "--max_new_tokens=3", f"--output_json={out}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    data = json.loads(out.read_text())
-    assert data["prompt_ids"] == [ids] and ids[0] == tok.bos_id
-    assert "[0] ids:" in proc.stdout
-
-
-def test_launch_decode_interactive_chat():
-  proc = subprocess.run([sys.executable, "-m", "launch.decode", "--config=tiny", "--config.vocab_size=129280",
-                         "--chat=-", "--max_new_tokens=3", "--max_seq_len=256"], cwd=ROOT, input="Hi there\nAgain\n\n",
-                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.count("user> ") == 3            # two turns answered, then the empty line ends the chat
-
-
-def test_convert_then_decode_from_the_checkpoint(tmp_path):
-  """launch.convert, then launch.decode --checkpoint (the config comes from its config.json): the same tokens
-  as `generate` on the source safetensors in-process."""
-  import hf_oracle
-  from dsv4_jax import ModelConfig, load_params
-  spec = hf_oracle.SPEC_A
-  model, hf_cfg = hf_oracle.make_hf_model(spec, hf_oracle.MODEL_SEED)
-  src, out, js = tmp_path / "st", tmp_path / "orbax", tmp_path / "o.json"
-  hf_oracle.save_official(model, hf_cfg, str(src), spec)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  conv = subprocess.run([sys.executable, "-m", "launch.convert", f"--input={src}", f"--output={out}"], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
-  assert conv.returncode == 0, conv.stderr[-2000:]
-  dec = subprocess.run([sys.executable, "-m", "launch.decode", f"--checkpoint={out}", "--prompt_ids=5,17,30;7,8",
-                        "--max_new_tokens=8", "--dtype=float32", f"--output_json={js}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert dec.returncode == 0, dec.stderr[-2000:]
-  data = json.loads(js.read_text())
-  assert data["random_weights"] is False
-  cfg = dataclasses.replace(ModelConfig.from_hf_config(src), dtype="float32")
-  assert data["generated_ids"] == generate(load_params(src, cfg), cfg, [[5, 17, 30], [7, 8]], 8).tokens
