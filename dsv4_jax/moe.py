@@ -160,11 +160,12 @@ def dispatch(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tuple[jnp.
 
 
 def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The distinct experts the valid tokens chose. idx: [T,k], valid: [T] -> ids [T*k] int32 ascending, and
-  real [T*k] bool. The static size T*k is filled by repeating the largest chosen id (real False), so that
-  gathering `ids` reads no other expert."""
+  """The distinct experts the valid tokens chose. idx: [T,k], valid: [T] -> ids [U] int32 ascending, and
+  real [U] bool, U = min(T*k, n_experts) (no more can be distinct; the expert-parallel decode path all-gathers
+  n*T tokens, so T*k can exceed a shard's n_experts). The spare slots repeat the largest chosen id (real
+  False), so that gathering `ids` reads no other expert."""
   key = _expert_key(idx, valid, n_experts)
-  ids = jnp.unique(key, size=key.shape[0], fill_value=n_experts)
+  ids = jnp.unique(key, size=min(key.shape[0], n_experts), fill_value=n_experts)
   real = ids < n_experts
   return jnp.where(real, ids, jnp.max(jnp.where(real, ids, 0))).astype(jnp.int32), real
 
@@ -176,7 +177,7 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   idx is n_experts chooses none of them (its output is garbage: the caller masks it; the expert-parallel
   decode path marks the pairs of other shards' experts so).
 
-  The distinct chosen experts (U = T*k static slots, the spare ones repeating the largest id) are gathered and
+  The distinct chosen experts (U = min(T*k, n_experts) static slots, the spare ones repeating the largest id) are gathered and
   dequantised once ([U, out, in]) and applied to every token ([U, T] rows; pairs nobody chose have weight 0):
   U*T expert applications instead of T*k, in exchange for reading each chosen expert once instead of once
   per (token, slot); at decode sizes the weight reads dominate. A token that lists one expert twice (never
