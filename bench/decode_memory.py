@@ -145,13 +145,11 @@ def compiled_step(cfg, capacity: int, live: int, storage: str, device=None):
 def tpu_child(args) -> int:
   """Re-runs this script in a process that sees libtpu (deviceless TPU compiles; see launch/aot.py)."""
   import subprocess
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  libtpu = os.path.join(root, ".aot", "libtpu")
-  if not os.path.isdir(os.path.join(libtpu, "libtpu")):
-    sys.exit(f"error: no libtpu under {libtpu}: run `make setup`.")
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  env.update(PYTHONPATH=os.pathsep.join([libtpu, root]), TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
-             TPU_ACCELERATOR_TYPE="v6e-4", ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu")
+  from pallas_kernels.aot import libtpu_env
+  try:
+    env = dict(libtpu_env(), JAX_PLATFORMS="cpu")
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
   return subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--in_child"], env=env).returncode
 
 

@@ -190,7 +190,7 @@ def experts_to_read(cfg: ModelConfig, mesh: Mesh | None, process_of=lambda devic
   if mesh is None or not cfg.n_routed_experts:
     return None
   unit = stream.layer_unit(0)
-  path, spec = next((p, s) for p, s in stream.flatten(stream.unit_specs(cfg)[unit]) if stream.is_expert_leaf(p))
+  spec = next(s for p, s in stream.flatten(stream.unit_specs(cfg)[unit]) if stream.is_expert_leaf(p))
   shape = tuple(spec.shape)                                             # [E, ...]
   sh = param_sharding(spec.axes, shape, mesh)
   me = jax.process_index()

@@ -570,18 +570,15 @@ def main(argv):
     return plan(cfg, _TOPOLOGY.value, grid, _MESH.value, _BATCH.value, _MAX_SEQ.value, _WEIGHTS.value,
                 _CACHE_DTYPE.value, list(_STEPS.value), _MAX_BATCH.value, hbm, _HLO_DIR.value, fraction,
                 _JSON.value)
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   path = [ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
   if gpu:                              # N host CPU devices stand in for the N GPUs
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     env.update(PYTHONPATH=os.pathsep.join(path), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={chips}")
   else:
-    if not os.path.isdir(os.path.join(LIBTPU, "libtpu")):
-      raise FileNotFoundError(f"no libtpu under {LIBTPU}: run `make setup` (pip install --target {LIBTPU} "
-                              "'libtpu==0.0.42.*').")
-    env.update(PYTHONPATH=os.pathsep.join([LIBTPU] + path),
-               TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE="v6e-4",
-               ALLOW_MULTIPLE_LIBTPU_LOAD="1")   # compile-only: no chips to share, so no lockfile
+    from pallas_kernels.aot import libtpu_env
+    env = libtpu_env(path[1:], LIBTPU)
+    env.pop("XLA_FLAGS", None)
   try:
     rc = subprocess.run([sys.executable, "-m", "launch.aot", *sys.argv[1:], "--in_compile_process"], env=env,
                         cwd=ROOT, timeout=_TIMEOUT.value).returncode

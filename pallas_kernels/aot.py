@@ -57,14 +57,24 @@ def compile_here(topology: str, only: str = "") -> list[str]:
   return lines
 
 
-def check(topology: str, only: str = "", timeout: float = 900, libtpu: str = LIBTPU) -> list[str]:
-  """Runs `compile_here` in a subprocess that sees libtpu; returns its lines (a FAIL line if it died)."""
+def libtpu_env(extra_path=(), libtpu: str = LIBTPU) -> dict:
+  """This process's environment for a child that compiles for TPU with no chips: libtpu (`make setup`) first on
+  PYTHONPATH, then the repo root and `extra_path`; the TPU_* variables that let libtpu start compile-only;
+  JAX_PLATFORMS dropped. FileNotFoundError when libtpu is not installed. (Also launch/aot.py and
+  bench/decode_memory.py.)"""
   if not os.path.isdir(os.path.join(libtpu, "libtpu")):
     raise FileNotFoundError(f"no libtpu under {libtpu}: run `make setup` (pip install --target {libtpu} "
                             f"'libtpu==0.0.42.*')")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  env.update(PYTHONPATH=os.pathsep.join([libtpu, ROOT]), TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost",
-             TPU_ACCELERATOR_TYPE="v6e-4")
+  env.update(PYTHONPATH=os.pathsep.join([libtpu, ROOT, *extra_path]), TPU_SKIP_MDS_QUERY="1",
+             TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE="v6e-4",
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")   # compile-only: no chips to share, so no lockfile
+  return env
+
+
+def check(topology: str, only: str = "", timeout: float = 900, libtpu: str = LIBTPU) -> list[str]:
+  """Runs `compile_here` in a subprocess that sees libtpu; returns its lines (a FAIL line if it died)."""
+  env = libtpu_env(libtpu=libtpu)
   code = "import sys; from pallas_kernels.aot import compile_here; compile_here(sys.argv[1], sys.argv[2])"
   try:
     r = subprocess.run([sys.executable, "-c", code, topology, only], env=env, capture_output=True, text=True,

@@ -278,6 +278,7 @@ class CheckpointReader:
     expert tensors only the rows of those experts are read, through the memory map)."""
     scale_names = set(self.scale_of.values())
     prog = Progress(tensors_total=self.n_tensors, bytes_total=self.total_bytes)
+    skip = lambda e: experts is not None and e is not None and e not in experts
     for st in self.files:
       source = os.path.basename(st.path)
       for name in st.keys():
@@ -285,18 +286,16 @@ class CheckpointReader:
           continue
         nbytes = st.nbytes(name)
         scale_name = self.scale_of.get(name)
-        skip = lambda e: experts is not None and e is not None and e not in experts
         if names.HF_STACKED_EXPERTS.match(name):
           if experts is None:
             pieces = [(off, np.asarray(v)) for _, off, v in _hf_stacked_experts(name, st.read(name), self.cfg)]
           else:                             # views of the memory map: only the rows copied are read
             pieces = [(off, None if skip(e) else np.array(v))
                       for e, off, v in _hf_stacked_experts(name, st.get(name), self.cfg)]
-        elif skip(_expert_of(names.to_official(name))):
-          pieces = [(names.to_official(name), None)]
+        elif skip(_expert_of(official := names.to_official(name))):
+          pieces = [(official, None)]
         else:
           raw = st.read(name)
-          official = names.to_official(name)
           if scale_name is not None:
             sst = self.where[scale_name]
             value = _quantised(name, raw, sst.read(scale_name), source)
