@@ -8,8 +8,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_env(n_devices: int) -> dict:
-  """The environment of a process with `n_devices` CPU devices."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+  """The environment of a process with `n_devices` CPU devices (other XLA flags of this process kept)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={n_devices}"]))
 
 
 def run_script(script: str, n_devices: int = 8, timeout: float = 900, env: dict | None = None) -> str:

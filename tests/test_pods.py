@@ -1,7 +1,6 @@
 """Meshes for pods on 8 CPU devices (the device count is fixed when JAX starts, hence subprocesses):
 `make_mesh` specs, defaults and errors, `check_mesh`, random init under a mesh (promised shardings, the same
 values as on one device, `jax.eval_shape`), and `launch.decode --mesh` end to end."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -114,9 +113,7 @@ def test_meshes_and_sharded_init_on_8_devices():
 
 
 def test_decode_with_mesh_matches_one_device_and_bad_mesh_is_one_error_line():
-  one = dict(os.environ, JAX_PLATFORMS="cpu")
-  one.pop("XLA_FLAGS", None)
-  want = _ids(_run(DECODE, one))
+  want = _ids(_run(DECODE, cpu_env(1)))
   got = _run(DECODE + ["--mesh=data:2,expert:4"], ENV8)
   assert "mesh: data:2,expert:4 over 8 cpu devices" in got.stderr, got.stderr[-2000:]
   assert _ids(got) == want, (got.stdout, want)
