@@ -76,16 +76,18 @@ def test_rollback_leaves_no_trace():
   prompt = rng.integers(3, cfg.vocab_size, (2, 13))
   verify = np.concatenate([rng.integers(3, cfg.vocab_size, (2, 1)), rng.integers(3, cfg.vocab_size, (2, k))], 1)
   real = rng.integers(3, cfg.vocab_size, (2, 9))
-  verify = np.pad(verify, ((0, 0), (0, 9 - (k + 1))), constant_values=3)   # as wide as `real`: one program
+  # every call as wide as the prompt (padding: never read), all positions out: one compiled program
+  verify = np.pad(verify, ((0, 0), (0, 13 - (k + 1))), constant_values=3)
   fn = jax.jit(step_streams, static_argnums=(1, 5, 6))
 
   def append(cache, toks, n):
+    toks = np.pad(toks, ((0, 0), (0, 13 - toks.shape[1])), constant_values=3)
     X, cache = fn(params, cfg, jnp.asarray(toks, jnp.int32), jnp.asarray(n, jnp.int32), cache, 64, True)
-    return head.logits(X, params["hc_head"], params["norm"], params["head"], cfg), cache
+    return head.logits(X[:, :9], params["hc_head"], params["norm"], params["head"], cfg), cache
 
   def run(n_verify, roll_back):
     cache = fn(params, cfg, jnp.asarray(prompt, jnp.int32), jnp.asarray(L, jnp.int32),
-               init_cache(cfg, 2, 64, rollback=k), 64, False)[1]
+               init_cache(cfg, 2, 64, rollback=k), 64, True)[1]
     _, cache = append(cache, verify, np.full(2, n_verify))
     if roll_back:
       cache = dict(cache, length=jnp.asarray(L + 1, jnp.int32))
