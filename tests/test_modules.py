@@ -329,7 +329,8 @@ def test_every_parameter_has_logical_axes_and_init_matches_specs(tiny):
 def test_forward_under_a_mesh(tiny):
   cfg, params = tiny
   mesh = sharding.make_mesh()
-  tokens = jax.random.randint(jax.random.key(8), (2, 20), 0, cfg.vocab_size)
+  # the shape of test_logits_are_causal_and_mtp_shapes: `ref` is its compiled program
+  tokens = jax.random.randint(jax.random.key(8), (2, 30), 0, cfg.vocab_size)
   ref = jax.jit(forward, static_argnums=1)(params, cfg, tokens).logits
   with sharding.use_mesh(mesh):
     got = jax.jit(forward, static_argnums=1)(params, cfg, tokens).logits
@@ -339,16 +340,17 @@ def test_forward_under_a_mesh(tiny):
 
 
 def test_query_chunking_changes_nothing(tiny):
-  """Attention and the indexer run `query_chunk` queries at a time (bounded memory); results are the same."""
+  """Attention and the indexer run `query_chunk` queries at a time (bounded memory); results are the same.
+  (30 tokens, chunks of 7: the last one ragged; the unchunked forward is test_logits_are_causal's program.)"""
   from dsv4_jax import init_cache, prefill
   cfg, params = tiny
   small = dataclasses.replace(cfg, query_chunk=7)
-  tokens = np.asarray(jax.random.randint(jax.random.key(9), (2, 40), 0, cfg.vocab_size), np.int32)
+  tokens = np.asarray(jax.random.randint(jax.random.key(9), (2, 30), 0, cfg.vocab_size), np.int32)
   f = jax.jit(forward, static_argnums=1)
   a, b = f(params, cfg, tokens), f(params, small, tokens)
   np.testing.assert_allclose(np.asarray(b.logits), np.asarray(a.logits), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(b.mtp_logits), np.asarray(a.mtp_logits), rtol=1e-5, atol=1e-5)
-  lens = np.array([40, 23])
+  lens = np.array([30, 23])
   la, _ = prefill(params, cfg, tokens, lens, init_cache(cfg, 2, 48))
   lb, _ = prefill(params, small, tokens, lens, init_cache(small, 2, 48))
   np.testing.assert_allclose(np.asarray(lb), np.asarray(la), rtol=1e-5, atol=1e-5)
