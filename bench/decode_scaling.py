@@ -30,7 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dsv4_jax import attention, compressor, indexer, inference, ops, init_cache, init_params, load_config  # noqa: E402
+from dsv4_jax import (attention, compressor, indexer, inference, init_cache, init_params, kv_format, load_config,  # noqa: E402
+                      ops)
 from dsv4_jax.cache import live_bucket  # noqa: E402
 from dsv4_jax.kv_format import Store  # noqa: E402
 from dsv4_jax.rope import rope_angles  # noqa: E402
@@ -95,7 +96,8 @@ def filled_cache(cfg, L, key, dense, capacity=None):
 
   def fill(k, x):
     if isinstance(x, Store):
-      return Store(x.layout.encode(jax.random.normal(k, x.words.shape[:-1] + (x.layout.width,), F32)), x.layout)
+      values = jax.random.normal(k, x.words.shape[:-2] + (x.n_rows, x.layout.width), F32)
+      return Store(kv_format.pack_lines(x.layout.encode(values), x.pack), x.layout, x.pack)
     return jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 3 else x
   cache = jax.tree.unflatten(tree, [fill(k, x) for k, x in zip(keys, leaves)])
   cache["length"] = jnp.full((1,), L, jnp.int32)

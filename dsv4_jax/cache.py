@@ -7,7 +7,8 @@ Per layer, by type (stores are `kv_format.Store`s: rows of uint32 words, see dsv
     comp_state {C, Z: [B, R, coff*K] fp32}
                                    ring of the compressor's per-token projections, R = 2m+r (CSA) or
                                    m+r (HCA) (compressor.state_rows)
-    idx        [B, N/4, words]     the indexer's compressed keys                                 (CSA)
+    idx        [B, N/4/P, P*words] the indexer's compressed keys, P rows per lane-dense line      (CSA)
+                                   (kv_format.lane_pack: e.g. bf16 keys of 128 values, P = 2)
     idx_state  like comp_state, for the indexer's compressor                                     (CSA)
 and `length [B]`: tokens already in the cache for each row; `max_seq_len []`: its capacity N. Which slots
 and entries are valid follows from `length` alone: rows past it are never read, so setting `length` back
@@ -58,7 +59,7 @@ def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage
     out["comp"] = kv_format.empty(lead, rows, main)
     out["comp_state"] = compressor.empty_state(ratio, cfg.head_dim, lead, rollback)
   if ratio == indexer.CSA_RATIO:
-    out["idx"] = kv_format.empty(lead, rows, idx)
+    out["idx"] = kv_format.empty(lead, rows, idx, kv_format.lane_pack(idx))
     out["idx_state"] = compressor.empty_state(ratio, cfg.index_head_dim, lead, rollback)
   return out
 
@@ -125,7 +126,7 @@ def cache_axes(cache: dict) -> dict:
     for name, v in c.items():
       if isinstance(v, Store):
         seq = "cache_window" if name == "win" else "cache_seq"
-        out[name] = Store(lead + ("cache_batch", seq, None), v.layout)
+        out[name] = Store(lead + ("cache_batch", seq, None), v.layout, v.pack)
       else:
         out[name] = {k: lead + ("cache_batch", None, None) for k in v}
     return out
@@ -181,23 +182,28 @@ class LayerCache:
     """The first live // ratio rows of a store (the window ring: all W rows), read in place."""
     s: Store = self.tree[name]
     n = s.n_rows if name == "win" else max(1, min(s.n_rows, self.live // ratio))
-    return Rows(s.words, s.layout, self.rep, n)
+    return Rows(s.words, s.layout, self.rep, n, s.pack)
 
   def window(self, dtype) -> jnp.ndarray:
     """The ring decoded: [B, W, K]."""
     s: Store = self.tree["win"]
-    return s.layout.decode(self._get(s.words), dtype)
+    return s.layout.decode(kv_format.unpack(self._get(s.words), s.pack), dtype)
 
   def write(self, name: str, rows: jnp.ndarray, values: jnp.ndarray) -> "LayerCache":
-    """Writes values [B, M, K] at rows [B, M] (rows out of range are dropped): a scatter of M rows."""
+    """Writes values [B, M, K] at rows [B, M] (rows out of range are dropped): a scatter of M rows (of a
+    packed store: at line row // P, words from (row % P) * words)."""
     s: Store = self.tree[name]
     enc = s.layout.encode(values) if self.cfg is None else ops.encode_rows(self.cfg, values, s.layout)
     b = jnp.arange(rows.shape[0])[:, None]
-    if self.rep is None:
-      words = s.words.at[b, rows].set(enc, mode="drop")
-    else:
-      words = s.words.at[self.rep, b, rows].set(enc, mode="drop")
-    return dataclasses.replace(self, tree=dict(self.tree, **{name: Store(words, s.layout)}))
+    at = (b, rows) if self.rep is None else (self.rep, b, rows)
+    if s.pack > 1:
+      w = s.layout.words
+      rows = jnp.where((rows >= 0) & (rows < s.n_rows), rows, s.n_rows)         # out of range: dropped below
+      col = (rows % s.pack)[..., None] * w + jnp.arange(w)                        # [B, M, w]
+      at = (b[..., None], (rows // s.pack)[..., None], col)
+      at = at if self.rep is None else (self.rep,) + at
+    words = s.words.at[at].set(enc, mode="drop")
+    return dataclasses.replace(self, tree=dict(self.tree, **{name: Store(words, s.layout, s.pack)}))
 
 
 def decoded(cache: dict, dtype=F32) -> dict:

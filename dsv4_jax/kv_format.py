@@ -12,7 +12,15 @@ Formats (`Layout.fmt`):
                                                                                    (Flash: 17 words = 68 B)
 Under `quant_sim` the entries are already rounded onto exactly these grids, so the quantised formats are
 lossless there; without it they quantise. Entries are encoded on write and decoded on read; `Store` is a
-pytree (the words are its only leaf, the layout is static).
+pytree (the words are its only leaf, the layout and packing are static).
+
+Lane-dense packing (`lane_pack`): XLA:TPU lays out an array whose minor dimension is narrower than the 128
+lanes with the *rows* minor, while the layer loop and the kernels want rows contiguous, so such a store is
+relaid out whole, in and out of the scanned layer loop, on every decode step
+(bench/results/decode_memory_tpu_v5p.txt). A store of short rows therefore keeps P = 128 / words rows per
+line of 128 words: row r is words [(r % P) * words, (r % P + 1) * words) of line r // P. Only element-wise
+formats (bfloat16 / float32) pack: a line of P such rows is one row of P * width values in the same format,
+which is how the kernels read it (pallas_kernels/indexer.py).
 """
 from __future__ import annotations
 
@@ -143,21 +151,62 @@ def _block_scales(x: jnp.ndarray, block: int, qmax: float, floor: float) -> jnp.
   return quant.pow2_ceil(jnp.maximum(jnp.max(jnp.abs(xb), -1), floor) / qmax)            # [..., n/block]
 
 
+LANES = 128               # TPU vector lanes (32-bit words); a lane-dense line is a multiple of this
+
+
+def lane_pack(layout: Layout) -> int:
+  """Rows per line of a lane-dense store of this layout: 128 / words for element-wise formats whose rows
+  divide the 128 lanes (e.g. bf16 indexer keys of 128 values: 64 words, 2 per line), else 1."""
+  w = layout.words
+  return LANES // w if layout.fmt in ("bfloat16", "float32") and w < LANES and LANES % w == 0 else 1
+
+
+def line_layout(layout: Layout, pack: int) -> Layout:
+  """The layout of one line of `pack` packed rows: a row of pack * width values in the same format."""
+  if pack > 1 and layout.fmt not in ("bfloat16", "float32"):
+    raise ValueError(f"rows of format {layout.fmt!r} do not pack into lines (element-wise formats only)")
+  return layout if pack == 1 else dataclasses.replace(layout, width=layout.width * pack)
+
+
+def unpack(words: jnp.ndarray, pack: int) -> jnp.ndarray:
+  """Lines uint32 [..., L, pack * w] -> rows [..., L * pack, w] (a reshape: row r = line r // pack, slot
+  r % pack)."""
+  if pack == 1:
+    return words
+  *lead, L, pw = words.shape
+  return words.reshape(*lead, L * pack, pw // pack)
+
+
+def pack_lines(words: jnp.ndarray, pack: int) -> jnp.ndarray:
+  """Rows uint32 [..., N, w] (N a multiple of pack) -> lines [..., N / pack, pack * w]: `unpack` inverted."""
+  if pack == 1:
+    return words
+  *lead, N, w = words.shape
+  return words.reshape(*lead, N // pack, pack * w)
+
+
 @struct.dataclass
 class Store:
-  """Rows of KV entries as stored: `words` uint32 [..., N, layout.words] (leading axes: stacked layers,
-  batch), encoded with the static `layout`."""
+  """Rows of KV entries as stored: `words` uint32 [..., N / pack, pack * layout.words] (leading axes:
+  stacked layers, batch), encoded with the static `layout`; `pack` rows per line (`lane_pack`)."""
   words: jax.Array
   layout: Layout = struct.field(pytree_node=False)
+  pack: int = struct.field(pytree_node=False, default=1)
 
   @property
   def n_rows(self) -> int:
-    return self.words.shape[-2]
+    return self.words.shape[-2] * self.pack
+
+  def rows(self) -> jnp.ndarray:
+    """The stored words as rows: uint32 [..., N, layout.words]."""
+    return unpack(self.words, self.pack)
 
   def decode(self, dtype) -> jnp.ndarray:
-    return self.layout.decode(self.words, dtype)
+    return self.layout.decode(self.rows(), dtype)
 
 
-def empty(lead: tuple, n: int, layout: Layout) -> Store:
-  """A store of `n` zero rows per leading index (zero words decode to zeros in every format)."""
-  return Store(jnp.zeros((*lead, n, layout.words), jnp.uint32), layout)
+def empty(lead: tuple, n: int, layout: Layout, pack: int = 1) -> Store:
+  """A store of at least `n` zero rows per leading index, `pack` per line (n rounded up to a whole line;
+  zero words decode to zeros in every format)."""
+  lines = -(-n // pack)
+  return Store(jnp.zeros((*lead, lines, pack * layout.words), jnp.uint32), layout, pack)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.kv_format import Layout
+from dsv4_jax.kv_format import Layout, unpack
 
 F32 = jnp.float32
 KEY_BLOCK = 2048          # indexer keys scored per block: scores never exist as [queries, heads, all keys]
@@ -34,31 +34,47 @@ class Rows:
   """A view of n KV rows for the ops (lives inside a trace; not a pytree).
 
   data: values [B, N, K]                 (layout None), or
-        stored words [B, N, w]           (layout given; rep None), or
-        stored words [R, B, N, w]        (layout given; rep = the layer's index in a stacked group).
+        stored words [B, N/P, P*w]       (layout given; rep None), or
+        stored words [R, B, N/P, P*w]    (layout given; rep = the layer's index in a stacked group).
   n:    rows considered (the first n); static. Default: all N.
+  pack: P, stored rows per line (kv_format.lane_pack): row r is slot r % P of line r // P.
   """
   data: jax.Array
   layout: Layout | None = None
   rep: jax.Array | None = None
   n: int | None = None
+  pack: int = 1
 
   @property
   def rows(self) -> int:
-    return self.n if self.n is not None else self.data.shape[-2]
+    return self.n if self.n is not None else self.data.shape[-2] * self.pack
+
+  @property
+  def aligned_rows(self) -> int:
+    """`rows` rounded up to whole lines (still inside the store): what a block-wise reader covers."""
+    return -(-self.rows // self.pack) * self.pack
 
   def _decode(self, x, dtype):
-    return x.astype(dtype) if self.layout is None else self.layout.decode(x, dtype)
+    return x.astype(dtype) if self.layout is None else self.layout.decode(unpack(x, self.pack), dtype)
 
   def gather(self, idx: jnp.ndarray, dtype) -> jnp.ndarray:
-    """idx [B, S, T] (clamped into range) -> [B, S, T, K] in dtype: only the chosen rows are read."""
-    i = jnp.clip(idx, 0, self.data.shape[-2] - 1)
+    """idx [B, S, T] (clamped into range) -> [B, S, T, K] in dtype: only the chosen rows (lines) are read."""
+    i = jnp.clip(idx, 0, self.data.shape[-2] * self.pack - 1)
     b = jnp.arange(idx.shape[0])[:, None, None]
-    x = self.data[b, i] if self.rep is None else self.data[self.rep, b, i]
-    return self._decode(x, dtype)
+    line = i // self.pack
+    x = self.data[b, line] if self.rep is None else self.data[self.rep, b, line]          # [B,S,T,P*w]
+    if self.pack > 1:
+      x = jnp.take_along_axis(x.reshape(*x.shape[:-1], self.pack, -1), (i % self.pack)[..., None, None],
+                              axis=-2)[..., 0, :]
+    return self._decode(x, dtype) if self.pack == 1 else self.layout.decode(x, dtype)
 
   def block(self, start, size: int, dtype) -> jnp.ndarray:
-    """Rows [start, start + size) -> [B, size, K] (start must leave the block inside the array)."""
+    """Rows [start, start + size) -> [B, size, K] (start must leave the block inside the array; for a packed
+    store start and size are whole lines: multiples of `pack`)."""
+    P = self.pack
+    if P > 1 and size % P:
+      raise ValueError(f"a block of {size} rows of a store packed {P} per line: expected whole lines")
+    start, size = start // P, size // P
     if self.rep is None:
       x = jax.lax.dynamic_slice_in_dim(self.data, start, size, axis=1)
     else:
@@ -68,9 +84,9 @@ class Rows:
 
   def all(self, dtype) -> jnp.ndarray:
     """The first n rows: [B, n, K]."""
-    if self.rep is None and self.n in (None, self.data.shape[-2]):
+    if self.rep is None and self.n in (None, self.data.shape[-2] * self.pack):
       return self._decode(self.data, dtype)
-    return self.block(0, self.rows, dtype)
+    return self.block(0, self.aligned_rows, dtype)[:, : self.rows]
 
 
 # ---- references -------------------------------------------------------------------------------------
@@ -81,10 +97,11 @@ def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray
   qI: [B,S,nI,cI], w: [B,S,nI] (compute dtype) -> [B,S,n] in the compute dtype. The logits are rounded to
   the compute dtype before relu and weighting, the head sum is fp32 (as the reference). Keys are scored
   KEY_BLOCK at a time and reduced over heads per block; a last partial block is re-read from n - block
-  (recomputing identical values), so every key's score comes from the same computation.
+  (recomputing identical values), so every key's score comes from the same computation. A packed store is
+  read in whole lines: n is rounded up to them and the scores past n dropped.
   """
   B, S = qI.shape[:2]
-  n, dt = keys.rows, qI.dtype
+  n, dt = keys.aligned_rows, qI.dtype
   blk = min(KEY_BLOCK, n)
   n_blocks = -(-n // blk)
 
@@ -94,13 +111,13 @@ def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray
     return jnp.sum((jax.nn.relu(logits) * w[..., None]).astype(F32), axis=2).astype(dt)   # [B,S,blk]
 
   if n_blocks == 1:
-    return block_scores(0)
+    return block_scores(0)[..., : keys.rows]
 
   def body(i, scores):
     start = jnp.minimum(i * blk, n - blk)
     return jax.lax.dynamic_update_slice_in_dim(scores, block_scores(start), start, axis=2)
 
-  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, S, n), dt))
+  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, S, n), dt))[..., : keys.rows]
 
 
 def indexer_topk_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows, n_visible: jnp.ndarray, k: int) -> jnp.ndarray:
@@ -235,7 +252,7 @@ def _per_batch_shard(cfg: ModelConfig, fn: Callable, args: tuple, kinds: str):
       stacked = a.rep is not None
       flat += [a.data] + ([a.rep] if stacked else [])
       specs += [P(None, bax) if stacked else P(bax)] + ([P()] if stacked else [])
-      rebuild.append(("w", (a.layout, a.n, stacked)))
+      rebuild.append(("w", (a.layout, a.n, stacked, a.pack)))
     else:
       flat.append(a)
       specs.append(P(bax) if k == "b" else P())
@@ -247,9 +264,9 @@ def _per_batch_shard(cfg: ModelConfig, fn: Callable, args: tuple, kinds: str):
       if kind == "s":
         out.append(meta)
       elif kind == "w":
-        layout, n, stacked = meta
+        layout, n, stacked, pack = meta
         data_ = next(it)
-        out.append(Rows(data_, layout, next(it) if stacked else None, n))
+        out.append(Rows(data_, layout, next(it) if stacked else None, n, pack))
       else:
         out.append(next(it))
     return fn(*out)

@@ -17,6 +17,12 @@ none in Pallas). `lax.approx_max_k(recall_target=1.0)` is what tpu-inference use
 is not specified and it is an exact brute-force fallback on GPU, so the model keeps `lax.top_k`: every path
 (forward, cached step, xla, pallas) then selects the same entries.
 
+A lane-dense packed store (P keys per line of 128 words, dsv4_jax/kv_format.py: bf16 keys of 128 values
+pack 2) is read as its lines: a line is one row of P * cI values, scored against P *virtual heads* per real
+head, head h of slot p being qI[h] placed at values [p * cI, (p + 1) * cI) of the line (zeros elsewhere), so
+slot p's score sums only its own heads; the kernel writes one score row per (query, slot), and the
+[queries, slots, lines] scores are put back in key order outside (a transpose of scores, not of keys).
+
 Backends:
   tpu  Mosaic. Grid (B, query blocks, key blocks); keys come through an ordinary pipelined BlockSpec on the
        store viewed as [layers * B, N, words] (a free reshape), the block's first axis picked by a
@@ -38,24 +44,27 @@ from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow
 F32 = jnp.float32
 
 
-def _block_scores(qparts, w, parts, dt):
-  """qparts: per part [nI, lanes]; w [nI, 1] f32; parts: per part [BK, lanes] -> [1, BK] f32 (rounded as
-  the reference)."""
+def _block_scores(qparts, w, parts, dt, slots: int, heads: int):
+  """qparts: per part [slots * heads (+ padding), lanes]; w [same, 1] f32; parts: per part [BK, lanes] ->
+  per slot [1, BK] f32 (rounded as the reference): slot p sums heads [p * heads, (p + 1) * heads)."""
   logits = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-               for qp, kp in zip(qparts, parts))                                        # [nI, BK]
+               for qp, kp in zip(qparts, parts))                                        # [slots*nI, BK]
   logits = logits.astype(dt).astype(F32)
   term = (jnp.maximum(logits, 0.0) * w).astype(dt).astype(F32)
-  return jnp.sum(term, axis=0, keepdims=True).astype(dt).astype(F32)
+  return [jnp.sum(term[p * heads:(p + 1) * heads], axis=0, keepdims=True).astype(dt).astype(F32)
+          for p in range(slots)]
 
 
-def _tpu_kernel(lead_ref, *refs, codec, n_parts: int, queries: int, dt):
+def _tpu_kernel(lead_ref, *refs, codec, n_parts: int, queries: int, slots: int, heads: int, dt):
   qp_refs, w_ref, k_ref, o_ref = refs[:n_parts], refs[n_parts], refs[n_parts + 1], refs[n_parts + 2]
   parts = rowcodec.decode_parts(k_ref[...], codec, dt)                                    # [BK, lanes] each
   for i in range(queries):
-    o_ref[pl.ds(i, 1), :] = _block_scores([r[i] for r in qp_refs], w_ref[i], parts, dt).astype(o_ref.dtype)
+    for p, sc in enumerate(_block_scores([r[i] for r in qp_refs], w_ref[i], parts, dt, slots, heads)):
+      o_ref[pl.ds(i * slots + p, 1), :] = sc.astype(o_ref.dtype)
 
 
-def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, dt, interpret):
+def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slots, dt, interpret):
+  """-> [B, S * slots, n] (query s, slot p at row s * slots + p; n lines)."""
   from jax.experimental.pallas import tpu as pltpu
   B, S, nI, lanes = qparts[0].shape
   _, N, words = pool3.shape
@@ -64,7 +73,8 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, dt,
   sb = min(block_queries, S)
   n_kb, n_sb = -(-n // bk), -(-S // sb)
   q_spec = pl.BlockSpec((None, sb, nI, lanes), lambda b, s, k, lead: (b, s, 0, 0))
-  kernel = functools.partial(_tpu_kernel, codec=codec, n_parts=len(qparts), queries=sb, dt=dt)
+  kernel = functools.partial(_tpu_kernel, codec=codec, n_parts=len(qparts), queries=sb, slots=slots,
+                             heads=nI // slots, dt=dt)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -72,27 +82,30 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, dt,
           in_specs=[q_spec] * len(qparts) + [
               pl.BlockSpec((None, sb, nI, 1), lambda b, s, k, lead: (b, s, 0, 0)),
               pl.BlockSpec((None, bk, words), lambda b, s, k, lead: (lead[b], k, 0))],
-          out_specs=pl.BlockSpec((None, sb, bk), lambda b, s, k, lead: (b, s, k))),
-      out_shape=jax.ShapeDtypeStruct((B, n_sb * sb, n_kb * bk), dt),
+          out_specs=pl.BlockSpec((None, sb * slots, bk), lambda b, s, k, lead: (b, s, k))),
+      out_shape=jax.ShapeDtypeStruct((B, n_sb * sb * slots, n_kb * bk), dt),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret,
-  )(lead, *qparts, w[..., None].astype(F32), pool3)[:, :S, :n]
+  )(lead, *qparts, w[..., None].astype(F32), pool3)[:, :S * slots, :n]
 
 
-def _gpu_kernel(base_ref, *refs, codec, n_parts: int, seq: int, rows: int, words: int, dt):
+def _gpu_kernel(base_ref, *refs, codec, n_parts: int, seq: int, rows: int, words: int, slots: int, heads: int,
+                dt):
   from jax.experimental.pallas import triton as pltriton
   qp_refs, w_ref, pool, o_ref = refs[:n_parts], refs[n_parts], refs[n_parts + 1], refs[n_parts + 2]
   i, k = pl.program_id(0), pl.program_id(1)
-  bk, lanes = o_ref.shape[0], qp_refs[0].shape[-1]
+  bk, lanes = o_ref.shape[-1], qp_refs[0].shape[-1]
   e = k * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
   r = base_ref[i // seq] + jnp.minimum(e, rows - 1)
   cols = jax.lax.broadcasted_iota(jnp.int32, (bk, lanes), 1)
   words_blk = pltriton.load(pool.at[r[:, None], cols], mask=cols < words, other=0)
   parts = rowcodec.decode_parts(words_blk, codec, dt)
-  o_ref[...] = _block_scores([q[...] for q in qp_refs], w_ref[...], parts, dt)[0].astype(o_ref.dtype)
+  for p, sc in enumerate(_block_scores([q[...] for q in qp_refs], w_ref[...], parts, dt, slots, heads)):
+    o_ref[p, :] = sc[0].astype(o_ref.dtype)
 
 
-def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, dt, interpret):
+def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, slots, dt, interpret):
+  """-> [B, S * slots, n] (query s, slot p at row s * slots + p; n lines)."""
   from jax.experimental.pallas import triton as pltriton
   B, S, nI, lanes = qparts[0].shape
   hp = max(16, next_pow2(nI))                                 # Triton's dot wants >= 16 rows, 2^k elements
@@ -100,17 +113,18 @@ def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, dt, inter
   w = jnp.pad(w.astype(F32), ((0, 0), (0, 0), (0, hp - nI))).reshape(B * S, hp, 1)
   bk = block_keys
   n_kb = -(-n // bk)
-  kernel = functools.partial(_gpu_kernel, codec=codec, n_parts=len(qparts), seq=S, rows=N, words=words, dt=dt)
+  kernel = functools.partial(_gpu_kernel, codec=codec, n_parts=len(qparts), seq=S, rows=N, words=words,
+                             slots=slots, heads=nI // slots, dt=dt)
   out = pl.pallas_call(
       kernel, grid=(B * S, n_kb),
       in_specs=[pl.BlockSpec((B,), lambda i, k: (0,))]
       + [pl.BlockSpec((None, hp, lanes), lambda i, k: (i, 0, 0))] * len(qparts)
       + [pl.BlockSpec((None, hp, 1), lambda i, k: (i, 0, 0)), pl.BlockSpec(pool.shape, lambda i, k: (0, 0))],
-      out_specs=pl.BlockSpec((None, bk), lambda i, k: (i, k)),
-      out_shape=jax.ShapeDtypeStruct((B * S, n_kb * bk), dt),
+      out_specs=pl.BlockSpec((None, slots, bk), lambda i, k: (i, 0, k)),
+      out_shape=jax.ShapeDtypeStruct((B * S, slots, n_kb * bk), dt),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
   )(base, *qparts, w, pool)
-  return out.reshape(B, S, -1)[..., :n]
+  return out.reshape(B, S * slots, -1)[..., :n]
 
 
 def index_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bool | None = None,
@@ -118,28 +132,37 @@ def index_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bo
   """Same arguments and result as `dsv4_jax.ops.index_scores_ref`: qI [B,S,nI,cI], w [B,S,nI] -> [B,S,n]
   scores of the first n = keys.rows keys, in qI.dtype.
 
-  block_keys: keys per program (default 512 on TPU, 128 on GPU; a power of two >= 16 on GPU).
-  block_queries: queries per TPU program (GPU: one).
+  block_keys: stored rows (lines of a packed store) per program (default 512 on TPU, 128 on GPU; a power of
+  two >= 16 on GPU). block_queries: queries per TPU program (GPU: one).
   """
   backend = backend_for(backend)
   interpret = interpret_mode(backend, interpret)
   dt = qI.dtype
-  pool, base, layout, N = rowcodec.stored(keys)
-  n = keys.rows
+  B, S, nI, cI = qI.shape
+  pool, base, layout, N = rowcodec.stored(keys, lines=True)
+  slots = keys.pack
+  n = -(-keys.rows // slots)                                                              # lines scored
+  check(layout.width == cI * slots, f"indexer: keys of width {layout.width // slots} for queries of {cI}")
+  if slots > 1:                       # virtual heads: [B,S,slots*nI,slots*cI], head (p, h) at values of slot p
+    qI = (qI[:, :, None, :, None, :] * jnp.eye(slots, dtype=qI.dtype)[:, None, :, None]).reshape(
+        B, S, slots * nI, slots * cI)
+    w = jnp.tile(w, (1, 1, slots))
   codec = rowcodec.codec(layout)
-  check(layout.width == qI.shape[-1], f"indexer: keys of width {layout.width} for queries of {qI.shape[-1]}")
   if backend == "tpu":
     lanes = layout.words
     qparts = rowcodec.split_query(qI, codec, lanes)                                     # [B,S,nI,P,lanes]
     lead = base // N
-    return _scores_tpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool.reshape(-1, N, layout.words),
-                       lead, n, codec, block_keys or 512, block_queries, dt, interpret)
-  bk = block_keys or 128
-  check(next_pow2(bk) == bk and bk >= 16, f"indexer (GPU): block_keys={bk} must be a power of two >= 16")
-  lanes = next_pow2(layout.words)
-  qparts = rowcodec.split_query(qI, codec, lanes)
-  return _scores_gpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool, base, n, N, layout.words,
-                     codec, bk, dt, interpret)
+    out = _scores_tpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool.reshape(-1, N, layout.words),
+                      lead, n, codec, block_keys or 512, block_queries, slots, dt, interpret)
+  else:
+    bk = block_keys or 128
+    check(next_pow2(bk) == bk and bk >= 16, f"indexer (GPU): block_keys={bk} must be a power of two >= 16")
+    lanes = next_pow2(layout.words)
+    qparts = rowcodec.split_query(qI, codec, lanes)
+    out = _scores_gpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool, base, n, N, layout.words,
+                      codec, bk, slots, dt, interpret)
+  # [B, S*slots, lines] -> key order: key j = line j // slots, slot j % slots
+  return out.reshape(B, S, slots, n).transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows]
 
 
 def indexer_topk(qI, w, keys: Rows, n_visible, k: int, **kernel_options) -> jnp.ndarray:

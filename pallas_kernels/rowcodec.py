@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax.kv_format import Layout
+from dsv4_jax.kv_format import Layout, line_layout
 from dsv4_jax.ops import Rows
 
 F32 = jnp.float32
@@ -104,10 +104,14 @@ def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
   return jnp.take(flat, jnp.asarray(part * lanes + lane), axis=-1)
 
 
-def stored(rows: Rows):
+def stored(rows: Rows, lines: bool = False):
   """Rows -> (pool uint32 [rows_total, w], base int32 [B] (each sequence's first row in the pool), layout,
   N rows per sequence). A store is reshaped, never copied (a stacked group's layer `rep` is an offset);
-  plain values (the window's new rows, `forward`'s entries: small or transient) are encoded once."""
+  plain values (the window's new rows, `forward`'s entries: small or transient) are encoded once.
+  A lane-dense packed store (`rows.pack` > 1, dsv4_jax/kv_format.py) comes as its lines, with the line
+  layout, when the caller reads lines (`lines=True`); otherwise it is an error."""
+  if rows.pack > 1 and not lines:
+    raise ValueError(f"this kernel reads single rows, but the store packs {rows.pack} rows per line")
   if rows.layout is None:
     name = jnp.dtype(rows.data.dtype).name
     if name not in ("float32", "bfloat16"):
@@ -115,7 +119,7 @@ def stored(rows: Rows):
     layout = Layout(name, rows.data.shape[-1])
     words = layout.encode(rows.data)
   else:
-    layout, words = rows.layout, rows.data
+    layout, words = line_layout(rows.layout, rows.pack), rows.data
   B, N, w = words.shape[-3:]
   base = jnp.arange(B, dtype=jnp.int32) * N
   if rows.rep is not None:

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax import (Sampling, decode_step, forward, generate, init_cache, init_params, load_config, ops,
-                      prefill)
+from dsv4_jax import (Sampling, decode_step, forward, generate, init_cache, init_params, kv_format, load_config,
+                      ops, prefill)
 from dsv4_jax.kv_format import Layout
 from pallas_kernels import indexer as ix
 from pallas_kernels import rowcodec
@@ -109,19 +109,31 @@ def test_sparse_attention_all_masked_is_zero_not_nan():
 
 @pytest.mark.parametrize("dtype,nI,cI,formats", [
     (jnp.float32, 16, 64, ("float32", "bfloat16", "fp4", "values")),     # tiny's indexer
-    (jnp.bfloat16, 64, 128, ("fp4", "float32")),                         # Flash's and Pro's
+    (jnp.bfloat16, 64, 128, ("fp4", "bfloat16")),                        # Flash's and Pro's
 ])
 def test_indexer_equals_reference(dtype, nI, cI, formats):
+  """Each format, and the element-wise ones also packed lane-dense (`kv_format.lane_pack`: 2 or 4 keys per
+  line here) with 61 of 72 rows scored (a partial last line): kernels == reference; the reference reads a
+  packed store exactly as the unpacked one."""
   B, S, n_keys = 2, 3, 61
   qI, w = _rand(1, (B, S, nI, cI), dtype), _rand(2, (B, S, nI), dtype)
-  keys = _rand(3, (B, 70, cI))
+  keys = _rand(3, (B, 72, cI))
   vis = jnp.array([[0, 5, 61], [33, 1, 60]], jnp.int32)
+  cases = []
   for fmt in formats:
     if fmt == "values":
-      rows = ops.Rows(keys[:, :n_keys].astype(dtype))
-    else:
-      lay = Layout(fmt, cI)
-      rows = ops.Rows(jnp.stack([lay.encode(keys * 3), lay.encode(keys)]), lay, jnp.int32(1), n_keys)
+      cases.append(ops.Rows(keys[:, :n_keys].astype(dtype)))
+      continue
+    lay = Layout(fmt, cI)
+    words = jnp.stack([lay.encode(keys * 3), lay.encode(keys)])
+    cases.append(ops.Rows(words, lay, jnp.int32(1), n_keys))
+    P = kv_format.lane_pack(lay)
+    if P > 1:
+      packed = ops.Rows(kv_format.pack_lines(words, P), lay, jnp.int32(1), n_keys, P)
+      np.testing.assert_array_equal(ops.index_scores_ref(qI, w, packed), ops.index_scores_ref(qI, w, cases[-1]))
+      cases.append(packed)
+  assert any(r.pack > 1 for r in cases) == any(f in ("float32", "bfloat16") for f in formats)
+  for rows in cases:
     ref_scores = ops.index_scores_ref(qI, w, rows)
     ref = ops.indexer_topk_ref(qI, w, rows, vis, 8)
     for backend in BACKENDS:
