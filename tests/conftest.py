@@ -42,15 +42,17 @@ def _release_compiled_programs():
 
 # `make test` runs two xdist workers, one file at a time each (--dist loadfile --no-loadscope-reorder): the
 # slowest files go first, so that no long file starts when the other worker is nearly done (longest first;
-# seconds per file with two workers, from the CI log). The other files follow in the usual order.
+# seconds for the file alone in one process on 2 busy cores, Dec 2026, except where marked CI: seconds per
+# file in a CI log with two workers). The other files follow in the usual order.
 SLOW_FILES_FIRST = (
-    "test_inference.py",            # ~600 s
-    "test_sharded_model.py",        # ~500 s, one subprocess on 8 fake devices
-    "test_speculative.py",          # ~400 s
-    "test_multihost.py",            # ~290 s
-    "test_inference_launch.py",     # ~280 s, launch.decode subprocesses
-    "test_train_launch.py",         # ~220 s
-    "test_modules.py",
+    "test_sharded_model.py",        # ~630 s, one subprocess on 8 fake devices (tests/pod_meshes.py)
+    "test_sharded_context.py",      # ~500 s, the same on the sequence mesh, with a training step
+    "test_inference.py",            # ~450 s
+    "test_speculative.py",          # ~370 s
+    "test_multihost.py",            # CI ~290 s
+    "test_inference_launch.py",     # CI ~280 s, launch.decode subprocesses
+    "test_train_launch.py",         # CI ~220 s
+    "test_modules.py",              # ~165 s
     "test_pods.py",
     "test_expert_parallel.py",
     "test_checkpoint_convert.py",
