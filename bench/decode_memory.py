@@ -1,10 +1,10 @@
 """Memory and traffic of one compiled decode step (nothing runs: `jit(...).lower(...).compile()`).
 
     python bench/decode_memory.py [--capacities=131072,1048576] [--cache_dtype=bfloat16]
-    python bench/decode_memory.py --topology=v5p:2x2x1 [--cache_dtype=paper] [--attn_impl=pallas_tpu]
+    python bench/decode_memory.py --topology=v5p:2x2x1 [--cache_dtype=paper] [--attn_impl=pallas_tpu] [--dtype=bfloat16]
 
 A Flash-shaped attention stack at toy width (head_dim 512, window 128, 16 indexer heads x 128, top-k 512,
-layers SWA/CSA/HCA/CSA/HCA/SWA, dim 256; fp32 compute, bf16 cache). For each capacity, the step compiled
+layers SWA/CSA/HCA/CSA/HCA/SWA, dim 256; fp32 compute (`--dtype`), bf16 cache). For each capacity, the step compiled
 for a live context of the whole capacity (the worst case) and of 1K tokens:
 - temp: `memory_analysis().temp_size_in_bytes` (what XLA allocates besides arguments and outputs; the
   cache is donated and updated in place, so it is not counted again);
@@ -51,12 +51,12 @@ from dsv4_jax.inference import step  # noqa: E402
 MB = 1e6
 
 
-def stack_config(max_seq_len: int):
+def stack_config(max_seq_len: int, dtype: str = "float32"):
   return dataclasses.replace(
       load_config("tiny"), name="flash_attention_stack", dim=256, n_heads=8, head_dim=512, rope_head_dim=64,
       q_lora_rank=128, o_groups=2, o_lora_rank=128, window_size=128, index_n_heads=16, index_head_dim=128,
       index_topk=512, compress_ratios=(0, 4, 128, 4, 128, 0, 0), n_layers=6, n_hash_layers=1,
-      moe_inter_dim=128, dtype="float32", original_seq_len=65536, max_seq_len=max_seq_len)
+      moe_inter_dim=128, dtype=dtype, original_seq_len=65536, max_seq_len=max_seq_len)
 
 
 def nbytes(tree) -> int:
@@ -157,6 +157,8 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--capacities", default="131072,1048576")
   ap.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32", "paper"))
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="compute dtype (the released models compute in bfloat16)")
   ap.add_argument("--topology", default=None, help="compile for one chip of this TPU slice (e.g. v5p:2x2x1)")
   ap.add_argument("--attn_impl", default="xla", choices=("xla", "pallas_tpu"), help="with --topology")
   ap.add_argument("--in_child", action="store_true", help=argparse.SUPPRESS)
@@ -171,14 +173,14 @@ def main():
   elif args.attn_impl != "xla":
     ap.error("--attn_impl=pallas_tpu needs --topology")
   print(f"one decode step, batch 1, Flash-shaped attention stack (D=256, 8 heads x 512, window 128, top-k 512, "
-        f"layers SWA/CSA/HCA/CSA/HCA/SWA), fp32 compute, {args.cache_dtype} cache; {target}, jax {jax.__version__}")
+        f"layers SWA/CSA/HCA/CSA/HCA/SWA), {args.dtype} compute, {args.cache_dtype} cache; {target}, jax {jax.__version__}")
   print(f"{'capacity':>9} {'live':>9} {'cache MB':>9} {'temp MB':>8} {'temp/cache':>10} {'accessed MB':>11} "
         f"{'ideal MB':>9} {'acc/ideal':>9} {'store copies':>12} | unrolled: {'temp MB':>8} {'temp/cache':>10} "
         f"{'acc/ideal':>9} {'store copies':>12}")
   from dsv4_jax import cache, transformer
   accesses = {}
   for cap in map(int, args.capacities.split(",")):
-    cfg = stack_config(cap)
+    cfg = stack_config(cap, args.dtype)
     if args.attn_impl == "pallas_tpu":
       from launch.aot import _compile_pallas_for_tpu
       cfg = _compile_pallas_for_tpu(dataclasses.replace(cfg, attn_impl="pallas"))

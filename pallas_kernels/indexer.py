@@ -174,15 +174,16 @@ def indexer_topk(qI, w, keys: Rows, n_visible, k: int, **kernel_options) -> jnp.
 # ---- deviceless compile cases (pallas_kernels/aot.py) ------------------------------------------------------
 
 def _aot_case(B: int, S: int, fmt: str, context: int, nI: int = 64, cI: int = 128):
-  from dsv4_jax.kv_format import Layout
+  """Keys stored as the cache stores them: lane-dense packed where `kv_format.lane_pack` packs (bf16)."""
+  from dsv4_jax.kv_format import Layout, lane_pack
   lay = Layout(fmt, cI)
-  N = context // 4
+  N, P = context // 4, lane_pack(lay)
   sds = jax.ShapeDtypeStruct
-  args = (sds((B, S, nI, cI), jnp.bfloat16), sds((B, S, nI), jnp.bfloat16), sds((2, B, N, lay.words), jnp.uint32),
-          sds((), jnp.int32))
+  args = (sds((B, S, nI, cI), jnp.bfloat16), sds((B, S, nI), jnp.bfloat16),
+          sds((2, B, N // P, P * lay.words), jnp.uint32), sds((), jnp.int32))
 
   def fn(qI, w, words, rep):
-    return index_scores(qI, w, Rows(words, lay, rep, N), backend="tpu", interpret=False)
+    return index_scores(qI, w, Rows(words, lay, rep, N, P), backend="tpu", interpret=False)
   return fn, args
 
 
@@ -193,4 +194,5 @@ AOT_CASES = [
     ("decode_b1_fp4_1m", *_aot_case(1, 1, "fp4", 1 << 20)),
     ("prefill_s512_fp4_8k", *_aot_case(1, 512, "fp4", 8192)),
     ("decode_b8_bf16_128k", *_aot_case(8, 1, "bfloat16", 131072)),
+    ("prefill_s512_bf16_8k", *_aot_case(1, 512, "bfloat16", 8192)),
 ]
