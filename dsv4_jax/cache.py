@@ -194,16 +194,30 @@ class LayerCache:
     packed store: at line row // P, words from (row % P) * words)."""
     s: Store = self.tree[name]
     enc = s.layout.encode(values) if self.cfg is None else ops.encode_rows(self.cfg, values, s.layout)
-    b = jnp.arange(rows.shape[0])[:, None]
-    at = (b, rows) if self.rep is None else (self.rep, b, rows)
+    rows = jnp.where((rows >= 0) & (rows < s.n_rows), rows, s.n_rows)             # out of range (-1 too): dropped
     if s.pack > 1:
-      w = s.layout.words
-      rows = jnp.where((rows >= 0) & (rows < s.n_rows), rows, s.n_rows)         # out of range: dropped below
-      col = (rows % s.pack)[..., None] * w + jnp.arange(w)                        # [B, M, w]
-      at = (b[..., None], (rows // s.pack)[..., None], col)
-      at = at if self.rep is None else (self.rep,) + at
-    words = s.words.at[at].set(enc, mode="drop")
+      words = _write_packed(s, self.rep, rows, enc)
+    else:
+      b = jnp.arange(rows.shape[0])[:, None]
+      at = (b, rows) if self.rep is None else (self.rep, b, rows)
+      words = s.words.at[at].set(enc, mode="drop")
     return dataclasses.replace(self, tree=dict(self.tree, **{name: Store(words, s.layout, s.pack)}))
+
+
+def _write_packed(s: Store, rep, rows: jnp.ndarray, enc: jnp.ndarray) -> jnp.ndarray:
+  """Row words enc [B, M, w] into a packed store at rows [B, M] (row N: dropped): one scatter whose
+  window is a row's w contiguous words of its line, (line, word) = (row // P, (row % P) * w)."""
+  B, M, w = enc.shape
+  idx = [jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, M)), rows // s.pack,
+         (rows % s.pack) * w]
+  if rep is not None:
+    idx = [jnp.broadcast_to(jnp.asarray(rep, jnp.int32), (B, M))] + idx
+  idx = jnp.stack([i.astype(jnp.int32) for i in idx], -1).reshape(B * M, len(idx))
+  lead = tuple(range(len(idx[0]) - 1))                                           # (rep,) batch, line
+  dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=lead,
+                                       scatter_dims_to_operand_dims=lead + (len(lead),))
+  return jax.lax.scatter(s.words, idx, enc.reshape(B * M, w), dn, indices_are_sorted=False,
+                         unique_indices=False, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def decoded(cache: dict, dtype=F32) -> dict:

@@ -156,3 +156,29 @@ def test_cache_leaves_have_logical_axes_and_follow_a_mesh():
   placed = init_cache(cfg, 2, 64, mesh=mesh)
   assert all(isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
              for x in jax.tree.leaves(placed))
+
+
+def test_packed_store_writes_and_reads_rows_like_an_unpacked_one():
+  """A lane-dense store (8 rows of 16 words per 128-word line): rows written anywhere (line starts and ends,
+  the last row, out of range dropped), in a stacked group's layer or not, decode, gather and block-read
+  exactly as in an unpacked store, and the other layers stay untouched."""
+  from dsv4_jax import kv_format
+  from dsv4_jax.cache import LayerCache
+  from dsv4_jax.kv_format import Layout
+  lay = Layout("float32", 16)
+  P = kv_format.lane_pack(lay)
+  assert P == 8 and kv_format.lane_pack(Layout("bfloat16", 128)) == 2 and kv_format.lane_pack(Layout("fp4", 128)) == 1
+  vals = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  rows = jnp.array([[0, 7, 8, 23, -1], [3, 15, 2**31 - 1, 9, 10]])
+  for rep in (None, jnp.int32(1)):
+    lead = (2,) if rep is None else (3, 2)
+    packed = LayerCache({"s": kv_format.empty(lead, 20, lay, P)}, rep, 24).write("s", rows, vals).tree["s"]
+    plain = LayerCache({"s": kv_format.empty(lead, 24, lay)}, rep, 24).write("s", rows, vals).tree["s"]
+    assert packed.words.shape[-2:] == (3, 128) and packed.n_rows == 24
+    np.testing.assert_array_equal(packed.decode(jnp.float32), plain.decode(jnp.float32))
+    assert np.asarray(plain.decode(jnp.float32)).any()
+    a, b = (ops.Rows(s.words, lay, rep, 19, s.pack) for s in (packed, plain))
+    idx = jnp.array([[[0, 7, 8, 23, -1]], [[15, 9, 3, 3, 100]]])
+    np.testing.assert_array_equal(a.gather(idx, jnp.float32), b.gather(idx, jnp.float32))
+    np.testing.assert_array_equal(a.all(jnp.float32), b.all(jnp.float32))
+    np.testing.assert_array_equal(a.block(8, 16, jnp.float32), b.block(8, 16, jnp.float32))
