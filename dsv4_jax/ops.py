@@ -55,7 +55,8 @@ class Rows:
     return -(-self.rows // self.pack) * self.pack
 
   def _decode(self, x, dtype):
-    return x.astype(dtype) if self.layout is None else self.layout.decode(unpack(x, self.pack), dtype)
+    """Values or stored rows [..., w] (never lines) -> [..., K] in dtype."""
+    return x.astype(dtype) if self.layout is None else self.layout.decode(x, dtype)
 
   def gather(self, idx: jnp.ndarray, dtype) -> jnp.ndarray:
     """idx [B, S, T] (clamped into range) -> [B, S, T, K] in dtype: only the chosen rows (lines) are read."""
@@ -66,7 +67,7 @@ class Rows:
     if self.pack > 1:
       x = jnp.take_along_axis(x.reshape(*x.shape[:-1], self.pack, -1), (i % self.pack)[..., None, None],
                               axis=-2)[..., 0, :]
-    return self._decode(x, dtype) if self.pack == 1 else self.layout.decode(x, dtype)
+    return self._decode(x, dtype)
 
   def block(self, start, size: int, dtype) -> jnp.ndarray:
     """Rows [start, start + size) -> [B, size, K] (start must leave the block inside the array; for a packed
@@ -80,12 +81,12 @@ class Rows:
     else:
       R, B, N, w = self.data.shape
       x = jax.lax.dynamic_slice(self.data, (self.rep, 0, start, 0), (1, B, size, w))[0]
-    return self._decode(x, dtype)
+    return self._decode(unpack(x, P), dtype)
 
   def all(self, dtype) -> jnp.ndarray:
     """The first n rows: [B, n, K]."""
     if self.rep is None and self.n in (None, self.data.shape[-2] * self.pack):
-      return self._decode(self.data, dtype)
+      return self._decode(unpack(self.data, self.pack), dtype)
     return self.block(0, self.aligned_rows, dtype)[:, : self.rows]
 
 
