@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from dsv4_jax import compressor, context_parallel, indexer, ops, quant
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.linear import fp8_linear
+from dsv4_jax.linear import fp8_linear, pad_seq_rows
 from dsv4_jax.norm import head_rms_rescale, rms_norm
 from dsv4_jax.params import ParamSpec
 from dsv4_jax.qarray import dense
@@ -73,8 +73,9 @@ def output_projection(p: dict, cfg: ModelConfig, o: jnp.ndarray, cos, sin) -> jn
   o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
   o = o.reshape(B, S, g, -1)                                       # a group = H/g contiguous heads
   wo_a = dense(p["wo_a"], o.dtype).reshape(g, cfg.o_lora_rank, -1)
+  o, S_in = pad_seq_rows(o)
   o = jnp.einsum("bsgi,gri->bsgr", o, wo_a, preferred_element_type=F32).astype(o.dtype)
-  return fp8_linear(o.reshape(B, S, g * cfg.o_lora_rank), p["wo_b"], cfg.quant_sim)
+  return fp8_linear(o.reshape(B, o.shape[1], g * cfg.o_lora_rank), p["wo_b"], cfg.quant_sim)[:, :S_in]
 
 
 def map_query_chunks(fn, chunk: int, per_query: tuple):

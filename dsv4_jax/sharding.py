@@ -116,6 +116,17 @@ def active_mesh() -> tuple[Mesh | None, tuple]:
   return (mesh, tuple(nn.get_logical_axis_rules()) or AXIS_RULES) if mesh is not None else (None, AXIS_RULES)
 
 
+def axis_shards(name: str) -> int:
+  """How many shards the active mesh splits logical axis `name` into (1 without a mesh, or where the axes it
+  maps to are manual, e.g. inside a `shard_map` over them)."""
+  mesh, rules = active_mesh()
+  if mesh is None:
+    return 1
+  phys = dict(mesh_rules(mesh, rules)).get(name)
+  phys = (phys,) if isinstance(phys, str) else tuple(phys or ())
+  return math.prod(int(mesh.shape[p]) for p in phys)
+
+
 def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules=AXIS_RULES) -> PartitionSpec:
   """PartitionSpec for logical `axes` on `mesh` (Flax's `nn.logical_to_mesh_axes` over `mesh_rules`); each
   mesh axis is used at most once."""

@@ -31,6 +31,15 @@ SCRIPT = textwrap.dedent("""
       got = np.asarray(jax.jit(forward, static_argnums=1)(placed, cfg, toks).logits)
     print("load_params on mesh: sharded leaves", n_sharded, "max abs diff", float(np.abs(got - ref).max()))
     assert float(np.abs(got - ref).max()) < 2e-5
+    # a decode step's rows per device: the batch is split over `data`, so one token per sequence at batch 2 is
+    # one row per device, and the output projection pads S to 8 rows (linear.pad_seq_rows)
+    from dsv4_jax import linear
+    with sharding.use_mesh(mesh):
+      assert sharding.axis_shards("batch") == 2 and sharding.axis_shards("heads") == 2
+      assert sharding.axis_shards("experts") == 1                         # the mesh has no expert axis
+      assert linear.pad_seq_rows(np.ones((2, 1, 3)))[0].shape == (2, 8, 3)
+      assert linear.pad_seq_rows(np.ones((16, 1, 3)))[0].shape == (16, 1, 3)
+    assert linear.pad_seq_rows(np.ones((2, 1, 3)))[0].shape == (2, 4, 3)   # no mesh: 2 rows on one device
     print("ok")
 """)
 
