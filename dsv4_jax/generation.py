@@ -59,7 +59,7 @@ def _record(i, tok, state, eos_id, stop_ids):
   running = stopped == 0
   out = out.at[:, i].set(jnp.where(running, tok, 0))
   n = n + running.astype(jnp.int32)
-  is_stop = jnp.isin(tok, stop_ids) if stop_ids.size else jnp.zeros_like(running)
+  is_stop = jnp.isin(tok, stop_ids)
   stopped = jnp.where(running & (tok == eos_id), 1, jnp.where(running & is_stop, 2, stopped))
   return out, n, stopped
 
@@ -100,7 +100,7 @@ def _record_many(emitted, count, state, eos_id, stop_ids, max_new: int):
   out, n, stopped = state
   j = jnp.arange(emitted.shape[1])[None]
   is_eos = emitted == eos_id
-  hit = (is_eos | (jnp.isin(emitted, stop_ids) if stop_ids.size else False)) & (j < count[:, None])
+  hit = (is_eos | jnp.isin(emitted, stop_ids)) & (j < count[:, None])
   first = jnp.argmax(hit, axis=1)
   count = jnp.minimum(jnp.where(jnp.any(hit, axis=1), first + 1, count), max_new - n)
   b = jnp.arange(emitted.shape[0])[:, None]
@@ -245,6 +245,17 @@ def _speculative(params, cfg, tokens, lengths, max_new_tokens, sampling, rng, st
   return out, n, stopped
 
 
+STOP_IDS_PAD = 8
+
+
+def _stop_array(stop_ids: Sequence[int]) -> jax.Array:
+  """The stop ids as int32 [n], padded with -1 (no token's id) to a multiple of STOP_IDS_PAD: the number of
+  stop ids is part of the compiled programs, so calls with up to 8 stop ids (none included) share them."""
+  ids = [int(t) for t in stop_ids]
+  n = max(1, -(-len(ids) // STOP_IDS_PAD)) * STOP_IDS_PAD
+  return jnp.asarray(ids + [-1] * (n - len(ids)), jnp.int32)
+
+
 def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampling: Sampling | None = None,
              rng: jax.Array | None = None, stop_ids: Sequence[int] = (), stop_on_eos: bool = True,
              max_seq_len: int | None = None, cache_dtype=None, speculative: str | None = None,
@@ -281,7 +292,7 @@ def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, sampl
                      + (f" plus num_draft={extra}" if extra else "") + f" needs {need} positions but the cache "
                      f"holds {limit} (max_seq_len={max_seq_len}, config max_seq_len={cfg.max_seq_len}); shorten "
                      "the prompt or lower max_new_tokens.")
-  stops = jnp.asarray(list(stop_ids), jnp.int32)
+  stops = _stop_array(stop_ids)
   eos_id = cfg.eos_token_id if stop_on_eos else -1
   timings = {}
   if speculative:

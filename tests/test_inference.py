@@ -126,12 +126,12 @@ def test_cache_size_matches_performance_doc():
 
 def test_generate_is_greedy_seeded_and_stops():
   """Every call has the same prompts and cache capacity, so all of them share one compiled prefill (the
-  decode loops differ: sampling and the number of stop ids are part of their programs; the greedy run passes
-  one stop id that no token equals, so that the stop-id run below reuses its program)."""
+  decode loops differ by sampling only: generate pads the stop ids to a fixed count, so the stop-id run below
+  reuses the greedy run's programs)."""
   cfg = CONFIGS["tiny"]
   params = init_params(cfg, jax.random.key(8))
   prompts = [[5, 17, 300], [1, 2, 3, 4, 5, 6, 7]]
-  r = generate(params, cfg, prompts, 10, stop_ids=[-1])
+  r = generate(params, cfg, prompts, 10)
   # greedy = argmax of forward; both rows in one forward call, right-padded (causal: padding changes nothing)
   seqs = [p + g for p, g in zip(r.prompts, r.tokens)]
   lg = np.asarray(_fwd(params, cfg, np.array([q + [0] * (17 - len(q)) for q in seqs])).logits)
