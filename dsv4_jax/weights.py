@@ -10,10 +10,13 @@ calls `load_params` alike and ends up with global arrays of which it holds only 
 A converted (Orbax) checkpoint is restored with those target shardings, so each process reads from storage
 only the byte ranges of its shards (per-host restore). From safetensors, each process reads only the routed
 experts whose shards its devices hold (`experts_to_read`; the routed experts are ~95% of the released
-weights' bytes; the experts of other processes stay zero in its host buffers and never reach a device) and
-every other tensor whole (`device_put` keeps the process's shards). So with experts over the processes each
-host reads about 1/processes of the expert bytes; converting once to Orbax (`launch.convert`) makes every
-tensor a per-shard read.
+weights' bytes; the experts of other processes stay zero in its host buffers and never reach a device: each
+process puts only its own devices' shards, `_put`), each of them whole, and of every other tensor only the
+slices its devices hold under the target sharding (`stream_units(by_slice=True)` yields them unread;
+`_from_slices` reads each distinct slice once per process, so a replicated tensor once, not once per device,
+and puts it on the devices that hold it). A QArray's values
+and scales are two arrays with their own shardings, each read by its own slices; a weight the loader
+dequantises (`wo_a`, non-power-of-two float scales) reads the scale blocks covering its slice and trims.
 
 Quantised weights (fp8 e4m3 with 128x128 e8m0 scales, fp4 e2m1 experts with 1x32 scales) stay `QArray`s
 unless `quantized=False`; the model dequantises them blockwise inside its matmuls (qarray.dense), with
@@ -59,6 +62,52 @@ def leaf_sharding(spec: ParamSpec, value, mesh: Mesh | None):
   return _sharding(spec.axes, tuple(value.shape), mesh)
 
 
+def process_of(device) -> int:
+  """A device's process (tests pretend that one process's devices belong to several by replacing this)."""
+  return device.process_index
+
+
+def _spans_processes(mesh: Mesh | None) -> bool:
+  """Whether `mesh` has devices of another process than this one: then each process reads by slice."""
+  me = jax.process_index()
+  return mesh is not None and any(process_of(d) != me for d in mesh.devices.flat)
+
+
+def _from_slices(x: stream.Slices, sharding) -> jax.Array:
+  """The global array `x` laid out by `sharding`, reading only the slices of this process's devices, each
+  distinct slice once (a replicated tensor is read once per process, not once per device). A device of another
+  process (only when tests pretend, `process_of`) gets zeros: nothing is read for it."""
+  me = jax.process_index()
+  index_of = sharding.devices_indices_map(x.shape)
+  read: dict[tuple, np.ndarray] = {}
+  arrays = []
+  for d in sharding.addressable_devices:
+    index = index_of[d]
+    key = tuple(s.indices(n)[:2] for s, n in zip(index, x.shape))
+    if process_of(d) != me:
+      host = np.zeros(tuple(b - a for a, b in key), x.dtype)
+    else:
+      if key not in read:
+        read[key] = x.read(index)
+      host = read[key]
+    arrays.append(jax.device_put(host, d))
+  return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays)
+
+
+def _put(x, sharding) -> jax.Array:
+  """A leaf on the devices of `sharding`: `stream.Slices` by `_from_slices`; a numpy array by `device_put`,
+  or, where `sharding` has devices of other processes, by `_from_slices` too: each process puts
+  only its own devices' shards (a host buffer of routed experts differs between processes, its unread
+  experts zero, which `device_put` rejects: it checks with a collective that every process passes the same
+  value)."""
+  if isinstance(x, stream.Slices):
+    return _from_slices(x, sharding)
+  me = jax.process_index()
+  if isinstance(x, np.ndarray) and any(process_of(d) != me for d in sharding.device_set):
+    return _from_slices(stream.Slices.of_array(x), sharding)
+  return jax.device_put(x, sharding)          # a jax.Array (restored from Orbax) already lies there
+
+
 @functools.lru_cache(maxsize=None)
 def _zeros(shape: tuple, dtype, sharding):
   """A jitted allocator of zeros laid out by `sharding` (never whole on one device)."""
@@ -101,8 +150,8 @@ class _TreeBuilder:
       if not isinstance(v, QArray) and tuple(v.shape) != spec.shape:
         raise ValueError(f"{unit}: {'/'.join(path)} has shape {tuple(v.shape)}, expected {spec.shape}.")
       sh = leaf_sharding(spec, v, self.mesh)
-      v = (QArray(jax.device_put(v.values, sh["values"]), jax.device_put(v.scales, sh["scales"]), v.block, v.fmt)
-           if isinstance(v, QArray) else jax.device_put(v, sh))
+      v = (QArray(_put(v.values, sh["values"]), _put(v.scales, sh["scales"]), v.block, v.fmt)
+           if isinstance(v, QArray) else _put(v, sh))
       out[path] = self._cast(spec, v)
     return out
 
@@ -182,11 +231,11 @@ def _check_manifest(manifest: dict, cfg: ModelConfig, root: str) -> None:
                          f"{tuple(rec['shape'])}, expected {want[name].shape} for config {cfg.name!r}.")
 
 
-def experts_to_read(cfg: ModelConfig, mesh: Mesh | None, process_of=lambda device: device.process_index
-                    ) -> set[int] | None:
+def experts_to_read(cfg: ModelConfig, mesh: Mesh | None, process_of=None) -> set[int] | None:
   """The routed experts whose shards this process's devices hold under `mesh` (the expert axis of a routed
   expert weight, by the rules table); None when this process holds them all (no mesh, or one process).
-  `process_of`: a device's process (tests pretend several processes with it)."""
+  `process_of`: a device's process (default: the module's `process_of`; tests pretend several processes)."""
+  process_of = process_of or globals()["process_of"]
   if mesh is None or not cfg.n_routed_experts:
     return None
   unit = stream.layer_unit(0)
@@ -225,7 +274,8 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mes
   .safetensors file, placed on `mesh` by the logical axis rules (None: the default device).
 
   With a mesh spanning several processes each process holds only its devices' shards; it restores only those
-  from a converted checkpoint, and from safetensors reads only its own routed experts (module docstring).
+  from a converted checkpoint, and from safetensors reads only its own routed experts and only its devices'
+  slices of every other tensor (module docstring).
 
   Tensor names may be official (`layers.3.attn.wq_a.weight`) or HF (`model.layers.3.self_attn.q_a_proj.weight`).
   fp8 / fp4 weights stay QArrays (`quantized=False`: dequantised exactly to `dtype`). Dense weights are cast
@@ -238,7 +288,8 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mes
   elif os.path.isdir(os.path.join(path, "units")) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
     raise ValueError(f"{path!r} is an unfinished conversion (no {orbax_io.MANIFEST}); convert it again.")
   else:
-    units = stream.stream_units(path, cfg, experts=experts_to_read(cfg, mesh))
+    units = stream.stream_units(path, cfg, experts=experts_to_read(cfg, mesh),
+                                by_slice=_spans_processes(mesh))
   seen = []
   for unit, tree in units:
     builder.add(unit, tree)

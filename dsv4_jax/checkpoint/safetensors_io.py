@@ -1,11 +1,14 @@
 """A small, memory-mapped safetensors reader that understands every dtype the released checkpoints use
-(F8_E4M3 weights, F8_E8M0 scales, I8-packed FP4), reading one tensor at a time.
+(F8_E4M3 weights, F8_E8M0 scales, I8-packed FP4), reading one tensor at a time, or one slice of a tensor
+(`read_slice`: only the bytes of the slice, so a multi-host load reads only its devices' shards).
 
 Format: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}}, data.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import struct
 
@@ -80,12 +83,60 @@ class SafetensorsFile:
     b, end = e["data_offsets"]
     buf = np.empty(end - b, np.uint8)
     with open(self.path, "rb", buffering=0) as f:
-      f.seek(self._data_start + b)
-      n = f.readinto(memoryview(buf))
+      n = self._pread(f, self._data_start + b, memoryview(buf))
     if n != end - b:
       raise ValueError(f"{self.path}: tensor {name!r} needs {end - b} bytes but only {n} could be read: the "
                        "shard is truncated.")
     return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+  def read_slice(self, name: str, index: tuple) -> np.ndarray:
+    """`tensor[index]` copied into a fresh array, reading only its bytes: `index` is one slice (step 1, ends
+    may be None) per dimension, as `jax.sharding.Sharding.devices_indices_map` gives them. One positional read
+    per contiguous run: the dimensions after the last one the slice cuts are whole, so e.g. a block of rows is
+    one read and a block of columns one read per row. An index that cuts nothing is `read`."""
+    e = self._entries[name]
+    shape, dtype = tuple(e["shape"]), np.dtype(DTYPES[e["dtype"]])
+    if len(index) != len(shape):
+      raise ValueError(f"{self.path}: tensor {name!r} has {len(shape)} dimensions, the slice {index} "
+                       f"{len(index)}.")
+    bounds = []
+    for s, n in zip(index, shape):
+      start, stop, step = s.indices(n)
+      if step != 1:
+        raise ValueError(f"{self.path}: tensor {name!r}: only slices of step 1 are read, not {s}.")
+      bounds.append((start, max(start, stop)))
+    out_shape = tuple(b - a for a, b in bounds)
+    cut = [d for d, (a, b) in enumerate(bounds) if (a, b) != (0, shape[d])]
+    if not cut:
+      return self.read(name)
+    buf = np.empty(math.prod(out_shape) * dtype.itemsize, np.uint8)
+    if buf.size:
+      k = cut[-1]
+      strides = [math.prod(shape[d + 1:]) * dtype.itemsize for d in range(len(shape))]
+      run = out_shape[k] * strides[k]
+      first = self._data_start + e["data_offsets"][0] + bounds[k][0] * strides[k]
+      view, pos = memoryview(buf), 0
+      with open(self.path, "rb", buffering=0) as f:
+        for outer in itertools.product(*(range(a, b) for a, b in bounds[:k])):
+          offset = first + sum(i * st for i, st in zip(outer, strides))
+          n = self._pread(f, offset, view[pos: pos + run])
+          if n != run:
+            raise ValueError(f"{self.path}: tensor {name!r} needs {run} bytes at offset {offset} but only "
+                             f"{n} could be read: the shard is truncated.")
+          pos += run
+    return buf.view(dtype).reshape(out_shape)
+
+  def _pread(self, f, offset: int, view: memoryview) -> int:
+    """Reads into `view` from byte `offset` of the open file `f`; the bytes read (fewer at the end of the
+    file). Every read of tensor data goes through here (tests count the byte ranges)."""
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+      n = f.readinto(view[done:])
+      if not n:
+        break
+      done += n
+    return done
 
   def close(self):
     self._mm = None

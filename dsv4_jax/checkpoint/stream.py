@@ -9,11 +9,16 @@ against the config's parameter specs and raises naming the tensor, what was expe
 Weights stored with a block scale stay quantised as host `QArray`s (numpy values + e8m0 bytes,
 docs/architecture.md §5.2) except `wo_a`, which the reference runs dequantised (§2.0); `tid2eid`
 becomes int32; norms, mHC, sinks, biases and ape become fp32; other weights keep their stored dtype.
+
+`stream_units(..., by_slice=True)` (a multi-host load, weights.py) reads nothing but the routed experts: every
+other tensor comes as `Slices`, its shape and dtype and a reader of any slice of it (only that slice's bytes;
+a QArray's values and scales each), so each process reads only the slices its devices hold.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Container, Iterator
@@ -97,6 +102,78 @@ def official_name(unit: str, path: tuple, expert: int | None = None) -> str:
   return prefix + ".".join(path) + ".weight"
 
 
+class Slices:
+  """A tensor not read yet: `shape`, `dtype` and `read(index)`, the numpy array `tensor[index]` for one
+  slice (step 1) per dimension, reading only what that slice needs. What `CheckpointReader.tensors(
+  by_slice=True)` gives for a dense tensor; `astype` / `view` map each slice as they would the whole tensor
+  (elementwise: a slice of the result is the result of the slice, bit for bit)."""
+
+  def __init__(self, shape: tuple, dtype, read: Callable[[tuple], np.ndarray]):
+    self.shape, self.dtype, self._read = tuple(int(n) for n in shape), np.dtype(dtype), read
+
+  @classmethod
+  def of_file(cls, st: safetensors_io.SafetensorsFile, name: str) -> "Slices":
+    dtype, shape = st.info(name)
+    return cls(shape, safetensors_io.DTYPES[dtype], lambda index: st.read_slice(name, index))
+
+  @classmethod
+  def of_array(cls, a: np.ndarray) -> "Slices":
+    """Slices of an array already in memory (a float scale tensor, read whole to check it)."""
+    return cls(a.shape, a.dtype, lambda index: np.array(a[tuple(index)]))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+  def read(self, index: tuple | None = None) -> np.ndarray:
+    """`tensor[index]` (None: the whole tensor)."""
+    return self._read(tuple(slice(None) for _ in self.shape) if index is None else tuple(index))
+
+  def map(self, fn: Callable[[np.ndarray], np.ndarray], dtype) -> "Slices":
+    """Slices of `fn(tensor)` for an elementwise `fn` giving `dtype`."""
+    return Slices(self.shape, dtype, lambda index: fn(self._read(index)))
+
+  def astype(self, dtype) -> "Slices":
+    return self if np.dtype(dtype) == self.dtype else self.map(lambda a: a.astype(dtype), dtype)
+
+  def view(self, dtype) -> "Slices":
+    """Same-size reinterpretation (e8m0 scales as uint8 bytes, int8-packed fp4 as uint8)."""
+    assert np.dtype(dtype).itemsize == self.dtype.itemsize, (dtype, self.dtype)
+    return self.map(lambda a: a.view(dtype), dtype)
+
+
+def _bounds(index: tuple, shape: tuple) -> list[tuple[int, int]]:
+  return [s.indices(n)[:2] for s, n in zip(index, shape)]
+
+
+def _dequantized_slices(w: Slices, scale: Slices, fmt: str, block: tuple[int, int], logical: tuple) -> Slices:
+  """The exact fp32 dequantisation of a quantised weight (values `w` as stored, `scale` as e8m0 bytes or
+  float scales), by slice: a slice of the logical weight reads the values and the scale blocks that cover it
+  (a slice boundary inside a quant block, or between the two fp4 values of a byte, reads the covering block
+  or byte) and trims to the slice. Bit for bit `_dense_f32` / `formats.dequantize` of the whole tensor,
+  sliced (each element is its value times its block's scale)."""
+  pack = 2 if fmt == "fp4" else 1
+  b0, b1 = block
+
+  def read(index):
+    *lead, (r0, r1), (c0, c1) = _bounds(index, logical)
+    lead = tuple(slice(a, b) for a, b in lead)
+    p0 = c0 // pack
+    v = w.read(lead + (slice(r0, r1), slice(p0, -(-c1 // pack))))
+    v = formats.unpack_fp4(v) if fmt == "fp4" else v.astype(np.float32)
+    v = v[..., c0 - pack * p0: c0 - pack * p0 + (c1 - c0)]
+    s = scale.read(lead + (slice(r0 // b0, -(-r1 // b0)), slice(c0 // b1, -(-c1 // b1))))
+    s = np.repeat(np.repeat(formats.scale_to_f32(s), b0, -2), b1, -1)
+    dr, dc = r0 % b0, c0 % b1                  # where the slice starts inside its first block
+    return v * s[..., dr: dr + (r1 - r0), dc: dc + (c1 - c0)]
+
+  return Slices(logical, np.float32, read)
+
+
 # ---- one tensor: decode, validate ------------------------------------------------------------------
 
 _DEQUANTISED = ("attn.wo_a.weight",)      # quantised in the hub files, run dense by the reference
@@ -116,9 +193,9 @@ def dequantize_host(q: QArray) -> np.ndarray:
   return b if np.array_equal(b.astype(np.float32), f) else f
 
 
-def _quantised(name: str, w: np.ndarray, scale: np.ndarray, source: str) -> QArray | np.ndarray:
-  """A weight with a block-scale tensor -> QArray (or exact dense array for non-power-of-two scales)."""
-  sbytes = qarray.np_e8m0_bytes(scale)
+def _quant_form(name: str, w, scale, source: str) -> tuple[str, tuple[int, int], tuple[int, ...]]:
+  """(fmt, block, logical shape) of a weight with a block-scale tensor (arrays or `Slices`: only shapes and
+  dtypes are looked at); raises naming the tensor when the pair is not a released format."""
   if w.dtype == ml_dtypes.float8_e4m3fn:
     fmt, block, logical = "fp8", qarray.FP8_BLOCK, tuple(w.shape)
   elif w.dtype in (np.int8, np.uint8):
@@ -132,9 +209,36 @@ def _quantised(name: str, w: np.ndarray, scale: np.ndarray, source: str) -> QArr
                      f"{tuple(scale.shape)}, expected {want}.")
   if scale.dtype not in (ml_dtypes.float8_e8m0fnu, np.uint8, np.float32, ml_dtypes.bfloat16, np.float16):
     raise ValueError(f"{source}: the scale of tensor {name!r} has dtype {scale.dtype}, expected float8_e8m0fnu.")
+  return fmt, block, logical
+
+
+def _quantised(name: str, w: np.ndarray, scale: np.ndarray, source: str) -> QArray | np.ndarray:
+  """A weight with a block-scale tensor -> QArray (or exact dense array for non-power-of-two scales)."""
+  fmt, block, _ = _quant_form(name, w, scale, source)
+  sbytes = qarray.np_e8m0_bytes(scale)
   if sbytes is None:                           # float scales that are not powers of two: keep exact, dense
     return formats.dequantize(w, scale)
   return QArray(w.view(np.uint8) if fmt == "fp4" else w, np.ascontiguousarray(sbytes), block, fmt)
+
+
+def _quantised_slices(name: str, w: Slices, scale: Slices, source: str, dequantize: bool) -> QArray | Slices:
+  """`_quantised` (and `dequantize_host` when `dequantize`) by slice: a QArray of the values' and the scales'
+  `Slices` (each array of a QArray has its own sharding, so each is read by its own slices), or the exact fp32
+  dequantisation by slice. e8m0 / uint8 scales are read by slice too; float scales (HF's weight_scale_inv,
+  1/16384 of an fp8 weight's bytes) are read whole, since whether all of them are powers of two decides the
+  form of the whole tensor."""
+  fmt, block, logical = _quant_form(name, w, scale, source)
+  if scale.dtype in (ml_dtypes.float8_e8m0fnu, np.uint8):
+    sbytes = scale.view(np.uint8)
+  else:
+    whole = scale.read()
+    sbytes = qarray.np_e8m0_bytes(whole)
+    if sbytes is None:                         # not powers of two: exact, dense, with the float scales
+      return _dequantized_slices(w, Slices.of_array(whole), fmt, block, logical)
+    sbytes = Slices.of_array(sbytes)
+  if dequantize:
+    return _dequantized_slices(w, sbytes, fmt, block, logical)
+  return QArray(w.view(np.uint8) if fmt == "fp4" else w, sbytes, block, fmt)
 
 
 def _check(official: str, value, spec: ParamSpec, index: tuple, source: str, cfg: ModelConfig):
@@ -271,11 +375,14 @@ class CheckpointReader:
     self.total_bytes = sum(st.nbytes(n) for n, st in self.where.items())
     self.n_tensors = len(self.where)
 
-  def tensors(self, progress: Callable[[Progress], None] | None = None, experts: Container[int] | None = None):
+  def tensors(self, progress: Callable[[Progress], None] | None = None, experts: Container[int] | None = None,
+              by_slice: bool = False):
     """(official name, host value, source file, name as stored) in file order; scales ride with their
     weight. Values are numpy arrays or host QArrays. `experts`: the routed experts to read (None: all); a
     routed-expert tensor of any other expert is not read and comes with the value None (of HF's stacked
-    expert tensors only the rows of those experts are read, through the memory map)."""
+    expert tensors only the rows of those experts are read, through the memory map). `by_slice`: every tensor
+    but the routed experts comes unread, as `Slices` (a QArray of two `Slices` if it stays quantised); the
+    progress then counts the bytes of those tensors as done though the caller reads only its slices."""
     scale_names = set(self.scale_of.values())
     prog = Progress(tensors_total=self.n_tensors, bytes_total=self.total_bytes)
     skip = lambda e: experts is not None and e is not None and e not in experts
@@ -292,8 +399,15 @@ class CheckpointReader:
           else:                             # views of the memory map: only the rows copied are read
             pieces = [(off, None if skip(e) else np.array(v))
                       for e, off, v in _hf_stacked_experts(name, st.get(name), self.cfg)]
-        elif skip(_expert_of(official := names.to_official(name))):
+        elif skip(expert := _expert_of(official := names.to_official(name))):
           pieces = [(official, None)]
+        elif by_slice and expert is None:
+          value = Slices.of_file(st, name)
+          if scale_name is not None:
+            value = _quantised_slices(name, value, Slices.of_file(self.where[scale_name], scale_name), source,
+                                      dequantize=official.endswith(_DEQUANTISED))
+            nbytes += self.where[scale_name].nbytes(scale_name)
+          pieces = [(official, value)]
         else:
           raw = st.read(name)
           if scale_name is not None:
@@ -358,8 +472,8 @@ def _locate(official: str, specs: dict[str, dict], cfg: ModelConfig):
 
 
 def stream_units(path: str | os.PathLike, cfg: ModelConfig, progress: Callable[[Progress], None] | None = None,
-                 reader: CheckpointReader | None = None, experts: Container[int] | None = None
-                 ) -> Iterator[tuple[str, dict]]:
+                 reader: CheckpointReader | None = None, experts: Container[int] | None = None,
+                 by_slice: bool = False) -> Iterator[tuple[str, dict]]:
   """Yields (unit name, host tree) for every unit as soon as all its tensors are read.
 
   Raises ValueError naming the tensor on an unexpected or duplicated tensor, a wrong shape or dtype
@@ -367,13 +481,15 @@ def stream_units(path: str | os.PathLike, cfg: ModelConfig, progress: Callable[[
   A checkpoint without any mtp.* tensor (HF-saved) yields no mtp units; a warning says so.
   `experts`: the routed experts to read (a multi-host job passes those whose shards this process's devices
   hold; weights.py); the others are not read and stay zero in the yielded arrays (never checked). None: all.
+  `by_slice`: every leaf but the routed experts is yielded unread, as `Slices` (or a QArray of them), checked
+  by its shape and dtype; the caller reads the slices it needs (weights.py: those of its process's devices).
   """
   reader = reader or CheckpointReader(path, cfg)
   specs = unit_specs(cfg)
   open_units: dict[str, _UnitBuffer] = {}
   emitted: set[str] = set()
   saw_mtp = False
-  for official, value, source, stored in reader.tensors(progress, experts):
+  for official, value, source, stored in reader.tensors(progress, experts, by_slice):
     if official.startswith("mtp.") and cfg.n_mtp_layers == 0:
       continue
     try:
