@@ -108,6 +108,24 @@ def test_fp4_hand_values():
   np.testing.assert_array_equal(got, nearest)          # no exact ties in random draws
 
 
+def test_bf16_dequantisation_equals_fp32_rounded_for_every_byte_and_scale():
+  """QArray.dequantize in bf16 computes in bf16 (no fp32 copy of the weight); it must equal the fp32
+  dequantisation (bit-exact against the released checkpoint's, test_checkpoint_convert) rounded to bf16, for
+  every fp8 byte and every fp4 byte against every e8m0 scale byte, underflow included (a NaN may differ in its
+  sign bit)."""
+  from dsv4_jax.qarray import QArray
+  scales = jnp.asarray(np.arange(256, dtype=np.uint8)[:, None])
+  every_byte = np.tile(np.arange(256, dtype=np.uint8)[None, :], (256, 1))
+  for w in (QArray(jnp.asarray(every_byte.view(ml_dtypes.float8_e4m3fn)), scales, (1, 256), "fp8"),
+            QArray(jnp.asarray(every_byte), scales, (1, 512), "fp4")):
+    got = np.asarray(w.dequantize(jnp.bfloat16))
+    want = np.asarray(w.dequantize(jnp.float32)).astype(ml_dtypes.bfloat16)
+    assert got.dtype == want.dtype and got.shape == want.shape == (256, 256 if w.fmt == "fp8" else 512)
+    nan = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan, err_msg=w.fmt)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan], err_msg=w.fmt)  # -0 too
+
+
 def test_hadamard_is_orthonormal_and_sylvester():
   h = quant.hadamard_matrix(128)
   np.testing.assert_allclose(h @ h.T, np.eye(128), atol=1e-6)
