@@ -43,11 +43,14 @@ def _release_compiled_programs():
 # `make test` runs two xdist workers, one file at a time each (--dist loadfile --no-loadscope-reorder): the
 # slowest files go first, so that no long file starts when the other worker is nearly done (longest first;
 # seconds for the file alone in one process on 2 busy cores, Dec 2026, except where marked CI: seconds per
-# file in a CI log with two workers). The other files follow in the usual order.
+# file in a CI log with two workers). The other files follow in the usual order. xdist starts each worker on
+# two files (the 1st and 3rd to one, the 2nd and 4th to the other): test_sharded_context.py runs after
+# test_sharded_model.py on the same worker and finds their common one-device reference programs (the same
+# script, tests/pod_meshes.py) in the run's persistent compilation cache instead of compiling them again.
 SLOW_FILES_FIRST = (
     "test_sharded_model.py",        # ~630 s, one subprocess on 8 fake devices (tests/pod_meshes.py)
-    "test_sharded_context.py",      # ~500 s, the same on the sequence mesh, with a training step
     "test_inference.py",            # ~450 s
+    "test_sharded_context.py",      # ~500 s, the same on the sequence mesh, with a training step
     "test_speculative.py",          # ~370 s
     "test_multihost.py",            # CI ~290 s
     "test_inference_launch.py",     # CI ~280 s, launch.decode subprocesses
