@@ -39,6 +39,7 @@ from dsv4_jax.qarray import QArray, dense
 
 F32 = jnp.float32
 EXPERT_GROUP = 16      # experts dequantised together in the grouped path (G)
+DECODE_GROUP = 8       # chosen experts dequantised together in the decode path
 
 
 def moe_specs(cfg: ModelConfig, hash_routed: bool) -> dict:
@@ -178,19 +179,32 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   decode path marks the pairs of other shards' experts so).
 
   The distinct chosen experts (U = min(T*k, n_experts) static slots, the spare ones repeating the largest id) are gathered and
-  dequantised once ([U, out, in]) and applied to every token ([U, T] rows; pairs nobody chose have weight 0):
+  dequantised once each and applied to every token ([U, T] rows; pairs nobody chose have weight 0):
   U*T expert applications instead of T*k, in exchange for reading each chosen expert once instead of once
   per (token, slot); at decode sizes the weight reads dominate. A token that lists one expert twice (never
   in top-k or the released tid2eid tables) gets it once, with the summed weight.
+  The U experts are applied DECODE_GROUP at a time (a `lax.map` over ceil(U / DECODE_GROUP) groups, the last
+  padded with weight-0 repeats), so at most DECODE_GROUP experts are dequantised at once: Flash at batch 4 on
+  a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in bf16 when all are dequantised together.
   """
   T, k = idx.shape
   ids, real = chosen_experts(idx, valid, n_experts or cfg.n_routed_experts)     # [U]
-  pw = jax.tree.map(lambda a: a[ids], p)                                        # [U, out, in] per matrix
-  hit = (idx[None] == ids[:, None, None]) & (real[:, None, None] & valid[None, :, None])   # [U,T,k]
-  wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U,T]
-  xs = jnp.broadcast_to(x, (ids.shape[0],) + x.shape)                           # [U,T,D]
-  y = _expert_mlp(pw, cfg, xs, wts, lambda a, wt: jnp.einsum(
-      "uti,uoi->uto", a, dense(wt, a.dtype), preferred_element_type=F32))        # [U,T,D]
+  U = ids.shape[0]
+  G = min(U, DECODE_GROUP)
+  pad = -U % G
+  ids_p = jnp.concatenate([ids, jnp.broadcast_to(ids[-1:], (pad,))])            # [U + pad]
+  real_p = jnp.concatenate([real, jnp.zeros((pad,), bool)])
+  hit = (idx[None] == ids_p[:, None, None]) & (real_p[:, None, None] & valid[None, :, None])   # [U+pad,T,k]
+  wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U+pad,T]
+
+  def group(args):                                                              # G experts -> [G,T,D]
+    g_ids, g_wts = args
+    pw = jax.tree.map(lambda a: a[g_ids], p)                                    # [G, out, in] per matrix
+    return _expert_mlp(pw, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, lambda a, wt: jnp.einsum(
+        "uti,uoi->uto", a, dense(wt, a.dtype), preferred_element_type=F32))
+  n = (U + pad) // G
+  y = group((ids_p, wts)) if n == 1 else jax.lax.map(
+      group, (ids_p.reshape(n, G), wts.reshape(n, G, T))).reshape(n * G, T, -1)  # [U+pad,T,D]
   out = y[jnp.searchsorted(ids, idx), jnp.arange(T)[:, None]]                   # [T,k,D]
   first = jnp.concatenate([jnp.ones((T, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
   return jnp.where(first[..., None], out, 0)

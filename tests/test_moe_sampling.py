@@ -147,10 +147,16 @@ def test_grouped_path_temp_memory_is_bounded():
   assert small < E * F * D * 4 // 2 < whole
 
 
-def test_decode_path_reads_shared_experts_once(tiny):
+@pytest.mark.parametrize("decode_group", [None, 2, 4])
+def test_decode_path_reads_shared_experts_once(tiny, decode_group, monkeypatch):
   """Tokens that share experts: the decode path (each distinct expert gathered once, applied to every token)
-  gives what the grouped path gives, on fp4 experts and with a padded token."""
+  gives what the grouped path gives, on fp4 experts and with a padded token; also when its U = 6 expert slots
+  are applied DECODE_GROUP at a time (2: three groups; 4: two, the last padded)."""
   cfg, params = tiny
+  if decode_group:
+    monkeypatch.setattr(moe, "DECODE_GROUP", decode_group)
+  _routed = jax.jit(lambda *a, **kw: moe.routed_experts(*a, **kw), static_argnums=1,
+                    static_argnames="group")            # a new function: jit's cache is per function, not wrapper
   p = _ffn(params, False)
   q = {name: _fp4(np.random.default_rng(1), p["experts"][name].shape) for name in ("w1", "w2", "w3")}
   x = jax.random.normal(jax.random.key(23), (3, cfg.dim))
