@@ -51,9 +51,9 @@ def pad_seq_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, int]:
   broadcast input at the weight's shape in fp32: for V4-Flash's grouped output projection (wo_a [8,1024,4096]
   then wo_b [4096,8192]) at batch 1 that is 134.4 MB of temporaries and 403.8 MB accessed for 134.2 MB of
   weights, against 0.3 MB and 135.5 MB with the rows padded (one v5p chip, deviceless compile;
-  bench/output_projection.py). S is padded,
-  not the batch: the batch may be split over the mesh (`batch` shards, counted here), S never is at decode.
-  The extra rows read no extra weights; callers slice them off. Long inputs are returned as they are."""
+  bench/output_projection.py). S is padded, not the batch: the batch may be split over the mesh (`batch`
+  shards, counted here), S never is at decode. The extra rows read no extra weights; callers slice them off.
+  Long inputs are returned as they are."""
   B, S = x.shape[:2]
   local_b = -(-B // sharding.axis_shards("batch"))
   if local_b * S >= MXU_ROWS:
