@@ -39,7 +39,6 @@ def f32_acc_linear(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   return jnp.einsum("...i,oi->...o", x, dense(w, x.dtype), preferred_element_type=F32)
 
 
-
 MXU_ROWS = 8   # a TPU matmul unit takes 8 rows at a time (one sublane tile)
 
 

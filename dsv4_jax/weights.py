@@ -67,10 +67,11 @@ def process_of(device) -> int:
   return device.process_index
 
 
-def _spans_processes(mesh: Mesh | None) -> bool:
-  """Whether `mesh` has devices of another process than this one: then each process reads by slice."""
+def _spans_processes(devices) -> bool:
+  """Whether `devices` include one of another process than this one (a mesh's: then each process reads by
+  slice; a sharding's: then each process puts only its own devices' shards)."""
   me = jax.process_index()
-  return mesh is not None and any(process_of(d) != me for d in mesh.devices.flat)
+  return any(process_of(d) != me for d in devices)
 
 
 def _from_slices(x: stream.Slices, sharding) -> jax.Array:
@@ -102,8 +103,7 @@ def _put(x, sharding) -> jax.Array:
   value)."""
   if isinstance(x, stream.Slices):
     return _from_slices(x, sharding)
-  me = jax.process_index()
-  if isinstance(x, np.ndarray) and any(process_of(d) != me for d in sharding.device_set):
+  if isinstance(x, np.ndarray) and _spans_processes(sharding.device_set):
     return _from_slices(stream.Slices.of_array(x), sharding)
   return jax.device_put(x, sharding)          # a jax.Array (restored from Orbax) already lies there
 
@@ -289,7 +289,7 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, mesh: Mes
     raise ValueError(f"{path!r} is an unfinished conversion (no {orbax_io.MANIFEST}); convert it again.")
   else:
     units = stream.stream_units(path, cfg, experts=experts_to_read(cfg, mesh),
-                                by_slice=_spans_processes(mesh))
+                                by_slice=mesh is not None and _spans_processes(mesh.devices.flat))
   seen = []
   for unit, tree in units:
     builder.add(unit, tree)
