@@ -8,13 +8,12 @@ stacked arrays in place, so host memory stays about one unit and device memory t
 Multi-host (a mesh over the devices of several processes, after `distributed.initialize`): every process
 calls `load_params` alike and ends up with global arrays of which it holds only the shards of its own devices.
 A converted (Orbax) checkpoint is restored with those target shardings, so each process reads from storage
-only the byte ranges of its shards (per-host restore). From safetensors, each process reads only the routed
-experts whose shards its devices hold (`experts_to_read`; the routed experts are ~95% of the released
-weights' bytes; the experts of other processes stay zero in its host buffers and never reach a device: each
-process puts only its own devices' shards, `_put`), each of them whole, and of every other tensor only the
-slices its devices hold under the target sharding (`stream_units(by_slice=True)` yields them unread;
+only the byte ranges of its shards (per-host restore). From safetensors, each process reads of every tensor
+only the slices its devices hold under the target sharding (`stream_units(by_slice=True)` yields them unread;
 `_from_slices` reads each distinct slice once per process, so a replicated tensor once, not once per device,
-and puts it on the devices that hold it). A QArray's values
+and puts it on the devices that hold it). The routed experts (~95% of the released weights' bytes) too: of
+the experts its devices hold (`experts_to_read`), only their slices, e.g. half of each expert's rows when the
+`tensor` axis splits them; the experts of other processes are never read. A QArray's values
 and scales are two arrays with their own shardings, each read by its own slices; a weight the loader
 dequantises (`wo_a`, non-power-of-two float scales) reads the scale blocks covering its slice and trims.
 

@@ -80,6 +80,32 @@ def test_only_the_given_experts_are_read(released, which, monkeypatch):
     assert not stacked(read_some) and len(stacked(read_all)) == 2 * cfg.n_layers, (read_some, read_all)
 
 
+@pytest.mark.parametrize("which", ["released", "hf"])
+def test_units_by_slice_read_as_the_whole(released, which):
+  """`stream_units(by_slice=True)` reads nothing, and every leaf, routed experts included (one fp4 tensor and
+  scale per expert, or rows of HF's stacked [E, 2F, D] tensors), reads as the whole-read unit: all of it, a
+  slice across experts and inside each (rows of w1/w3 past HF's gate/up boundary), and with the experts this
+  process does not read (`experts`) zero."""
+  path = released[0] if which == "released" else released[1]
+  cfg = _cfg(path)
+  whole = {u: dict(stream.flatten(t)) for u, t in stream.stream_units(path, cfg)}
+  n_experts = 0
+  for keep, rows in ((None, slice(None)), (KEEP, slice(3, 7))):
+    for unit, tree in stream.stream_units(path, cfg, experts=keep, by_slice=True):
+      for p, v in stream.flatten(tree):
+        for a, b in zip(_parts(whole[unit][p]), _parts(v)):
+          assert isinstance(b, stream.Slices) and b.shape == a.shape, (unit, p)   # wo_a: fp32 here, bf16 whole
+          np.testing.assert_array_equal(b.read(), a if keep is None or not stream.is_expert_leaf(p) else
+                                        np.where(np.isin(np.arange(len(a)), list(keep))[:, None, None], a, 0))
+          if stream.is_expert_leaf(p):
+            n_experts += 1
+            index = (rows, slice(1, None), slice(0, 1))
+            want = a[index] if keep is None else np.where(np.isin(np.arange(3, 7), list(keep))[:, None, None],
+                                                          a[index], 0)
+            np.testing.assert_array_equal(b.read(index), want, err_msg=f"{unit} {p}")
+  assert n_experts >= 2 * 3 * cfg.n_layers
+
+
 def test_slices_read_only_their_bytes_and_dequantise_as_the_whole(tmp_path, monkeypatch):
   """`read_slice` equals numpy slicing of the whole tensor and reads only the slice's bytes; the dequantised
   slices of fp8 (boundaries inside 128x128 blocks), fp4 (odd columns: half a byte, inside a 1x32 block) and
@@ -171,15 +197,16 @@ print("ok")
   assert "expert shards checked" in out
 
 
-def test_each_pretend_process_reads_only_its_slices_of_dense_tensors(released):
+def test_each_pretend_process_reads_only_its_slices(released):
   """Mesh tensor:2,expert:2; devices 0-1 play one process and 2-3 the other, the pytest process (process 0)
-  playing each side in turn. Every tensor but the routed experts is read by slice: (a) each shard of the
+  playing each side in turn. Every tensor is read by slice, the routed experts too (each side holds all
+  experts, half of each one's rows or columns: `tensor` splits them): (a) each shard of the
   playing side equals today's whole-read load onto the same mesh bit for bit; (b) the byte ranges read are
   exactly those of its slices (a tensor split over `tensor` by rows: one range of its half; by columns: one
   per row; a replicated tensor, fp8 scale included: once, not once per device; `wo_a`, dequantised with a
-  shard boundary inside its 128-row quant block: its rows and the covering scale block); (c) nothing of the
-  other side's slices is read and its devices' shards stay zero (the routed experts' too: each side puts only
-  its own devices' shards)."""
+  shard boundary inside its 128-row quant block: its rows and the covering scale block; an fp4 expert: its
+  half of the rows or columns of the packed values and scales); (c) nothing of the other side's slices is read
+  and its devices' shards stay zero."""
   out = run_script(f"""
 import collections, os, dataclasses, numpy as np, jax
 from dsv4_jax import ModelConfig, load_params, weights
@@ -210,7 +237,7 @@ for side in (0, 1):
   weights.process_of = lambda d, side=side: abs(side - d.id // 2)  # the devices of `side` are process 0's
   reads.clear()
   part = jax.tree.leaves(load_params(path, cfg, mesh=mesh))
-  for (kp, a), b in zip(ref, part):                                  # routed experts too (read whole, each)
+  for (kp, a), b in zip(ref, part):
     assert a.sharding == b.sharding and a.dtype == b.dtype
     want = {{s.device: np.asarray(s.data) for s in a.addressable_shards}}
     for s in b.addressable_shards:
@@ -233,14 +260,20 @@ for side in (0, 1):
       "layers.0.attn.wo_a.weight": half(32, 256), "layers.0.attn.wo_a.scale": [(0, 2)],    # covering block
       "layers.0.attn.attn_sink": half(2, 4), "layers.0.ffn.gate.tid2eid": half(128, 16),
       "layers.0.attn_norm.weight": [(0, 128)], "layers.0.hc_attn_fn": [(0, 24 * 256 * 4)],   # replicated
+      # fp4 experts, 2 values a byte, 1x32 scales: w1 [32, 64] by rows, w2 [64, 32] by columns (its [64, 1]
+      # scales are not split: replicated over `tensor`, read once)
+      "layers.0.ffn.experts.0.w1.weight": half(16, 32), "layers.0.ffn.experts.0.w1.scale": half(16, 2),
+      "layers.0.ffn.experts.5.w2.weight": [(r * 16 + t * 8, 8) for r in range(64)],
+      "layers.0.ffn.experts.5.w2.scale": [(0, 64)],
   }}
   for n, want in expect.items():
     assert ranges(n) == sorted(want), (side, n, ranges(n), want)       # (b) only the owned slices
-  dense = [n for n in extent if ".experts." not in n]
-  read = sum(k for n in dense for _, k in ranges(n))
-  total = sum(files[extent[n][0]].nbytes(n) for n in dense)
-  print(f"side {{side}}: read {{read}} of {{total}} bytes of the dense tensors")
-  assert read < total            # most of this tiny model's dense bytes are replicated (hc_*_fn)
+  for kind in ("dense", "experts"):
+    group = [n for n in extent if (".experts." in n) == (kind == "experts")]
+    read = sum(k for n in group for _, k in ranges(n))
+    total = sum(files[extent[n][0]].nbytes(n) for n in group)
+    print(f"side {{side}}: read {{read}} of {{total}} bytes of the {{kind}} tensors")
+    assert read < total if kind == "dense" else 0.5 * total < read < 0.6 * total   # dense: mostly replicated
 print("shards", dict(checked))
 assert checked["own"] == checked["other"] + checked["other nonzero"], checked
 assert checked["other nonzero"] > 20, checked

@@ -10,9 +10,10 @@ Weights stored with a block scale stay quantised as host `QArray`s (numpy values
 docs/architecture.md §5.2) except `wo_a`, which the reference runs dequantised (§2.0); `tid2eid`
 becomes int32; norms, mHC, sinks, biases and ape become fp32; other weights keep their stored dtype.
 
-`stream_units(..., by_slice=True)` (a multi-host load, weights.py) reads nothing but the routed experts: every
-other tensor comes as `Slices`, its shape and dtype and a reader of any slice of it (only that slice's bytes;
-a QArray's values and scales each), so each process reads only the slices its devices hold.
+`stream_units(..., by_slice=True)` (a multi-host load, weights.py) reads nothing: every tensor comes as
+`Slices`, its shape and dtype and a reader of any slice of it (only that slice's bytes; a QArray's values and
+scales each), so each process reads only the slices its devices hold. A routed-expert leaf is the stack of its
+experts' `Slices` (`stack_slices`): a slice of it reads that slice of each expert in its range.
 """
 from __future__ import annotations
 
@@ -144,6 +145,39 @@ class Slices:
     """Same-size reinterpretation (e8m0 scales as uint8 bytes, int8-packed fp4 as uint8)."""
     assert np.dtype(dtype).itemsize == self.dtype.itemsize, (dtype, self.dtype)
     return self.map(lambda a: a.view(dtype), dtype)
+
+  def part(self, index: tuple) -> "Slices":
+    """Slices of `tensor[index]` (integers, which drop their dimension, and step-1 slices), not read: one
+    expert's rows of HF's stacked expert tensors."""
+    index = tuple(index) + (slice(None),) * (self.ndim - len(index))
+    kept = [(i, s.indices(n)[:2]) for i, (s, n) in enumerate(zip(index, self.shape)) if isinstance(s, slice)]
+
+    def read(sub):
+      full = [slice(i, i + 1) if isinstance(i, int) else i for i in index]
+      for (i, (a, b)), s in zip(kept, sub):
+        s0, s1 = s.indices(b - a)[:2]
+        full[i] = slice(a + s0, a + s1)
+      out = self._read(tuple(full))
+      return out.reshape([d for i, d in enumerate(out.shape) if not isinstance(index[i], int)])
+
+    return Slices(tuple(b - a for _, (a, b) in kept), self.dtype, read)
+
+
+def stack_slices(parts: dict[int, Slices], n: int) -> Slices:
+  """[n, *shape] whose row e is `parts[e]` (all of one shape and dtype), not read: a slice reads that slice of
+  each expert in its range, and gives zeros for an expert not in `parts` (one this process does not read)."""
+  first = next(iter(parts.values()))
+  shape, dtype = first.shape, first.dtype
+
+  def read(index):
+    (e0, e1), rest = index[0].indices(n)[:2], tuple(index[1:])
+    out = np.zeros((e1 - e0,) + tuple(b - a for a, b in _bounds(rest, shape)), dtype)
+    for e in range(e0, e1):
+      if e in parts:
+        out[e - e0] = parts[e].read(rest)
+    return out
+
+  return Slices((n,) + shape, dtype, read)
 
 
 def _bounds(index: tuple, shape: tuple) -> list[tuple[int, int]]:
@@ -285,6 +319,7 @@ class _UnitBuffer:
     self.need = {p: (n_experts if is_expert_leaf(p) else 1) for p in self.specs}
     self.done: dict[tuple, np.ndarray] = {p: np.zeros(n, bool) for p, n in self.need.items()}
     self.values: dict[tuple, Any] = {}
+    self.expert_slices: dict[tuple, dict[int, Any]] = {}  # by_slice: leaf -> {expert: Slices or QArray of them}
     self.nbytes = 0
 
   def put(self, path: tuple, expert: int | None, value, official: str, source: str):
@@ -293,6 +328,11 @@ class _UnitBuffer:
       raise ValueError(f"{source}: tensor {official!r} is given twice.")
     if expert is None:
       self.values[path] = value
+    elif _unread(value):
+      parts = self.expert_slices.setdefault(path, {})
+      if parts:
+        _check_same_form(self.unit, path, parts, value, official, source)
+      parts[expert] = value
     else:
       buf = self.values.get(path)
       if buf is None:
@@ -303,13 +343,7 @@ class _UnitBuffer:
         else:
           buf = np.zeros((E,) + value.shape, value.dtype)
         self.values[path] = buf
-      first = official_name(self.unit, path, int(np.argmax(self.done[path])))
-      if isinstance(buf, QArray) != isinstance(value, QArray) or (
-          isinstance(buf, QArray) and (buf.fmt, buf.values.shape[1:]) != (value.fmt, value.values.shape)) or (
-          not isinstance(buf, QArray) and buf.dtype != value.dtype):
-        kind = lambda v: v.fmt if isinstance(v, QArray) else str(v.dtype)
-        raise ValueError(f"{source}: routed expert tensor {official!r} is stored as {kind(value)}, but "
-                         f"{first!r} as {kind(buf)}; all experts of a layer must share one format.")
+      _check_same_form(self.unit, path, {int(np.argmax(self.done[path])): _row(buf)}, value, official, source)
       if isinstance(buf, QArray):
         buf.values[expert], buf.scales[expert] = value.values, value.scales
       else:
@@ -336,11 +370,36 @@ class _UnitBuffer:
     return out
 
   def tree(self) -> dict:
+    for p, parts in self.expert_slices.items():
+      n = self.need[p]
+      q = next(iter(parts.values()))
+      self.values[p] = (QArray(stack_slices({e: v.values for e, v in parts.items()}, n),
+                               stack_slices({e: v.scales for e, v in parts.items()}, n), q.block, q.fmt)
+                        if isinstance(q, QArray) else stack_slices(parts, n))
     unread = [official_name(self.unit, p, 0) for p in self.specs if p not in self.values]
     if unread:
       raise ValueError(f"{self.unit}: no expert of {unread[0]!r} (and its kind) was read: this process was "
                        "given no routed expert to read.")
     return unflatten({p: self.values[p] for p in self.specs})
+
+
+def _unread(value) -> bool:
+  return isinstance(value.values if isinstance(value, QArray) else value, Slices)
+
+
+def _row(buf):
+  """Expert 0's row of a stacked host buffer (only its form is looked at)."""
+  return QArray(buf.values[0], buf.scales[0], buf.block, buf.fmt) if isinstance(buf, QArray) else buf[0]
+
+
+def _check_same_form(unit: str, path: tuple, parts: dict, value, official: str, source: str):
+  """Every routed expert of a leaf stored alike (one format, one shape): else a ValueError naming both."""
+  e, first = next(iter(parts.items()))
+  form = lambda v: ((v.fmt, tuple(v.values.shape)) if isinstance(v, QArray) else (str(v.dtype), tuple(v.shape)))
+  if form(first) != form(value):
+    raise ValueError(f"{source}: routed expert tensor {official!r} is stored as {form(value)[0]}, but "
+                     f"{official_name(unit, path, e)!r} as {form(first)[0]}; all experts of a layer must share "
+                     "one format.")
 
 
 # ---- the stream ------------------------------------------------------------------------------------
@@ -381,8 +440,9 @@ class CheckpointReader:
     weight. Values are numpy arrays or host QArrays. `experts`: the routed experts to read (None: all); a
     routed-expert tensor of any other expert is not read and comes with the value None (of HF's stacked
     expert tensors only the rows of those experts are read, through the memory map). `by_slice`: every tensor
-    but the routed experts comes unread, as `Slices` (a QArray of two `Slices` if it stays quantised); the
-    progress then counts the bytes of those tensors as done though the caller reads only its slices."""
+    comes unread, as `Slices` (a QArray of two `Slices` if it stays quantised; one expert of HF's stacked
+    tensors, its part of them); the progress then counts the bytes of those tensors as done though the
+    caller reads only its slices."""
     scale_names = set(self.scale_of.values())
     prog = Progress(tensors_total=self.n_tensors, bytes_total=self.total_bytes)
     skip = lambda e: experts is not None and e is not None and e not in experts
@@ -394,14 +454,20 @@ class CheckpointReader:
         nbytes = st.nbytes(name)
         scale_name = self.scale_of.get(name)
         if names.HF_STACKED_EXPERTS.match(name):
-          if experts is None:
-            pieces = [(off, np.asarray(v)) for _, off, v in _hf_stacked_experts(name, st.read(name), self.cfg)]
+          if by_slice:
+            whole = Slices.of_file(st, name)
+            pieces = [(off, None if skip(e) else whole.part(i))
+                      for e, off, i in _hf_stacked_experts(name, whole.shape[0], self.cfg)]
+          elif experts is None:
+            whole = st.read(name)
+            pieces = [(off, np.asarray(whole[i])) for _, off, i in _hf_stacked_experts(name, len(whole), self.cfg)]
           else:                             # views of the memory map: only the rows copied are read
-            pieces = [(off, None if skip(e) else np.array(v))
-                      for e, off, v in _hf_stacked_experts(name, st.get(name), self.cfg)]
-        elif skip(expert := _expert_of(official := names.to_official(name))):
+            whole = st.get(name)
+            pieces = [(off, None if skip(e) else np.array(whole[i]))
+                      for e, off, i in _hf_stacked_experts(name, len(whole), self.cfg)]
+        elif skip(_expert_of(official := names.to_official(name))):
           pieces = [(official, None)]
-        elif by_slice and expert is None:
+        elif by_slice:
           value = Slices.of_file(st, name)
           if scale_name is not None:
             value = _quantised_slices(name, value, Slices.of_file(self.where[scale_name], scale_name), source,
@@ -435,18 +501,18 @@ def _expert_of(official: str) -> int | None:
     return None
 
 
-def _hf_stacked_experts(name: str, value: np.ndarray, cfg: ModelConfig):
+def _hf_stacked_experts(name: str, n_experts: int, cfg: ModelConfig):
   """HF's stacked routed experts gate_up_proj [E, 2F, D] / down_proj [E, D, F] -> (expert, official
-  per-expert name, view) (views of `value`: nothing is read until a view is)."""
+  per-expert name, its index into the stacked tensor)."""
   m = names.HF_STACKED_EXPERTS.match(name)
   layer, kind = m.group(1), m.group(2)
   F = cfg.moe_inter_dim
-  for e in range(value.shape[0]):
+  for e in range(n_experts):
     if kind == "gate_up_proj":
-      yield e, f"layers.{layer}.ffn.experts.{e}.w1.weight", value[e, :F]
-      yield e, f"layers.{layer}.ffn.experts.{e}.w3.weight", value[e, F:]
+      yield e, f"layers.{layer}.ffn.experts.{e}.w1.weight", (e, slice(0, F))
+      yield e, f"layers.{layer}.ffn.experts.{e}.w3.weight", (e, slice(F, 2 * F))
     else:
-      yield e, f"layers.{layer}.ffn.experts.{e}.w2.weight", value[e]
+      yield e, f"layers.{layer}.ffn.experts.{e}.w2.weight", (e,)
 
 
 def _locate(official: str, specs: dict[str, dict], cfg: ModelConfig):
@@ -481,8 +547,9 @@ def stream_units(path: str | os.PathLike, cfg: ModelConfig, progress: Callable[[
   A checkpoint without any mtp.* tensor (HF-saved) yields no mtp units; a warning says so.
   `experts`: the routed experts to read (a multi-host job passes those whose shards this process's devices
   hold; weights.py); the others are not read and stay zero in the yielded arrays (never checked). None: all.
-  `by_slice`: every leaf but the routed experts is yielded unread, as `Slices` (or a QArray of them), checked
-  by its shape and dtype; the caller reads the slices it needs (weights.py: those of its process's devices).
+  `by_slice`: every leaf is yielded unread, as `Slices` (or a QArray of them; a routed-expert leaf the stack of
+  its experts', `stack_slices`), checked by its shape and dtype; the caller reads the slices it needs
+  (weights.py: those of its process's devices).
   """
   reader = reader or CheckpointReader(path, cfg)
   specs = unit_specs(cfg)
