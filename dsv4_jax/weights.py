@@ -230,11 +230,11 @@ def _check_manifest(manifest: dict, cfg: ModelConfig, root: str) -> None:
                          f"{tuple(rec['shape'])}, expected {want[name].shape} for config {cfg.name!r}.")
 
 
-def experts_to_read(cfg: ModelConfig, mesh: Mesh | None, process_of=None) -> set[int] | None:
+def experts_to_read(cfg: ModelConfig, mesh: Mesh | None, owner=None) -> set[int] | None:
   """The routed experts whose shards this process's devices hold under `mesh` (the expert axis of a routed
   expert weight, by the rules table); None when this process holds them all (no mesh, or one process).
-  `process_of`: a device's process (default: the module's `process_of`; tests pretend several processes)."""
-  process_of = process_of or globals()["process_of"]
+  `owner`: a device's process (default: the module's `process_of`; tests pretend several processes)."""
+  owner = owner or process_of
   if mesh is None or not cfg.n_routed_experts:
     return None
   unit = stream.layer_unit(0)
@@ -244,7 +244,7 @@ def experts_to_read(cfg: ModelConfig, mesh: Mesh | None, process_of=None) -> set
   me = jax.process_index()
   experts = set()
   for device, index in sh.devices_indices_map(shape).items():
-    if process_of(device) == me:
+    if owner(device) == me:
       experts.update(range(cfg.n_routed_experts)[index[0]])
   return None if len(experts) == cfg.n_routed_experts else experts
 

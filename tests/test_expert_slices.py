@@ -171,10 +171,10 @@ mesh = make_mesh("expert:4", cfg)
 E = cfg.n_routed_experts
 assert weights.experts_to_read(cfg, mesh) is None                      # one real process holds them all
 pretend = lambda d: d.id // 2
-mine = weights.experts_to_read(cfg, mesh, process_of=pretend)
+mine = weights.experts_to_read(cfg, mesh, owner=pretend)
 assert mine == set(range(E // 2)), mine
 whole = load_params(path, cfg)
-weights.experts_to_read = functools.partial(weights.experts_to_read, process_of=pretend)
+weights.experts_to_read = functools.partial(weights.experts_to_read, owner=pretend)
 part = load_params(path, cfg, mesh=mesh)
 checked = 0
 for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(whole)[0], jax.tree.leaves(part)):
