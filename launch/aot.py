@@ -1,5 +1,5 @@
-r"""AOT memory plan: compile prefill and decode for a TPU slice or a GPU node with no accelerator present, and say
-whether they fit.
+r"""AOT memory plan: compile prefill and decode (and a training step, --steps=train) for a TPU slice or a GPU node
+with no accelerator present, and say whether they fit.
 
   python -m launch.aot --config=flash --topology=v5p-64 --mesh=data:2,expert:16 --batch=8 --max_seq_len=131072
   python -m launch.aot --config=pro --topology=v6e:8x8 --mesh=data:1,expert:64 --batch=1 --max_seq_len=1048576
@@ -91,7 +91,7 @@ ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v7x": "tpu7x"}
 GPU_GB = {"h100": 80, "h200": 141, "b200": 180}     # datasheet GB (10^9 bytes) per GPU; "gpu" needs --hbm_gib
 GPU_NAMES = {"h100": "NVIDIA H100", "h200": "NVIDIA H200", "b200": "NVIDIA B200", "gpu": "GPU"}
 GPU_MEM_FRACTION = 0.95                               # XLA_PYTHON_CLIENT_MEM_FRACTION the verdict assumes
-STEPS = ("prefill", "decode", "prompt")
+STEPS = ("prefill", "decode", "prompt", "train")
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(common.CONFIG_DIR, "flash.py"),
                                           "configs/ name or .py config file.", lock_config=False)
@@ -108,7 +108,9 @@ _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "paper", ["paper", "bfloat16", "
                                  "KV cache storage: paper = fp8 entries / fp4 indexer keys + scales.")
 _STEPS = flags.DEFINE_list("steps", ["prefill", "decode"], "Steps to compile: prefill (one query_chunk appended to "
                            "the cache), decode (one token), prompt (a whole --max_seq_len prompt into an empty "
-                           "cache: context-parallel over the mesh's sequence axis, else chunk by chunk).")
+                           "cache: context-parallel over the mesh's sequence axis, else chunk by chunk), train "
+                           "(one optimizer step of launch.train's defaults on --batch sequences of --max_seq_len "
+                           "tokens: fp32 master weights and optimizer state, bf16 compute, full remat).")
 _MAX_BATCH = flags.DEFINE_enum("max_batch", "scale", ["scale", "off"], "scale: a second compile per step at "
                                "another batch gives temporaries per sequence, and so the largest batch that fits.")
 _HBM = flags.DEFINE_float("hbm_gib", None, "HBM per chip (or GPU) in GiB (default: by generation, see --help).")
@@ -248,7 +250,7 @@ def compile_step(cfg, mesh, params, step: str, batch: int, max_seq_len: int, cac
   import jax
   import jax.numpy as jnp
   from dsv4_jax import inference
-  from dsv4_jax.sharding import param_sharding, use_mesh
+  from dsv4_jax.sharding import param_sharding
 
   cache = abstract_cache(cfg, mesh, batch, max_seq_len, cache_dtype)
   S = {"prefill": min(cfg.query_chunk, max_seq_len), "decode": 1, "prompt": max_seq_len}[step]
@@ -262,11 +264,66 @@ def compile_step(cfg, mesh, params, step: str, batch: int, max_seq_len: int, cac
   f = jax.jit(lambda p, t, n, c: inference.step(p, cfg, t, n, c, live, split), donate_argnums=3,
               out_shardings=(logits, cache_sh))
   out = {"weights": per_chip_bytes(params), "cache": per_chip_bytes(cache), "batch": batch, "tokens": S}
+  return _compiled(out, f, (params, tokens, lengths, cache), mesh, args_counted=out["weights"] + out["cache"])
+
+
+def _state_shardings(state, params_sh, mesh):
+  """Shardings of an abstract TrainState: the parameters' own; an optimizer leaf (a moment, a momentum) that
+  of the parameter whose path ends its own path, with the same shape (optax keeps moments in trees shaped
+  like the parameters); anything else (step counts, scalars) replicated."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in zip(
+      jax.tree_util.tree_flatten_with_path(state.params)[0], jax.tree.leaves(params_sh))}
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def of(path, leaf):
+    for k in range(len(path)):
+      hit = by_path.get(tuple(path[k:]))
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(of, state)
+
+
+def compile_train(cfg, mesh, batch: int, seq_len: int):
+  """One training step (dsv4_jax.train, launch.train's defaults) on abstract arguments -> the dict of
+  `compile_step`, with weights = fp32 master weights + optimizer state per chip (also apart: params, optimizer)
+  and no cache."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+  from dsv4_jax import train
+  from dsv4_jax.sharding import param_sharding
+
+  tc = train.TrainConfig(batch_size=batch, seq_len=seq_len)
+  params = abstract_params(cfg, mesh, "bf16")
+  tx = train.make_optimizer(tc, params)
+  shapes = jax.eval_shape(lambda p: train.init_train_state(p, tx, cfg, tc), params)
+  params_sh = jax.tree.map(lambda a: a.sharding, params)
+  state_sh = _state_shardings(shapes, params_sh, mesh)
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, state_sh)
+  split = mesh.shape.get("sequence", 1) > 1
+  tok = param_sharding(("batch", "seq" if split else None), (batch, seq_len), mesh)
+  data = {"tokens": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=tok),
+          "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32, sharding=tok)}
+  f = jax.jit(train._train_step, donate_argnums=0, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())))
+  p_bytes, o_bytes = per_chip_bytes(state.params), per_chip_bytes(state.opt_state)
+  out = {"weights": p_bytes + o_bytes, "params": p_bytes, "optimizer": o_bytes, "cache": 0, "batch": batch,
+         "tokens": seq_len}
+  return _compiled(out, f, (state, data), mesh, args_counted=p_bytes + o_bytes)
+
+
+def _compiled(out: dict, f, args: tuple, mesh, args_counted: int) -> dict:
+  """Compiles jitted `f` on abstract `args` under `mesh`; fills `out` with seconds, temp, other, total and hlo,
+  or `oom` (XLA reports an HBM overflow as a compile error: that is the answer)."""
+  from dsv4_jax.sharding import use_mesh
   t0 = time.time()
   try:
     with use_mesh(mesh):
-      compiled = f.trace(params, tokens, lengths, cache).lower().compile()
-  except Exception as e:  # noqa: BLE001  (XLA reports an HBM overflow as a compile error: that is the answer)
+      compiled = f.trace(*args).lower().compile()
+  except Exception as e:  # noqa: BLE001
     msg = " ".join(str(e).split())
     if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
       raise
@@ -274,10 +331,9 @@ def compile_step(cfg, mesh, params, step: str, batch: int, max_seq_len: int, cac
     return out
   out["seconds"] = time.time() - t0
   ma = compiled.memory_analysis()
-  args = int(ma.argument_size_in_bytes)
   out["temp"] = int(ma.temp_size_in_bytes)
-  out["other"] = max(0, args - out["weights"] - out["cache"]) + max(0, int(ma.output_size_in_bytes)
-                                                                      - int(ma.alias_size_in_bytes))
+  out["other"] = max(0, int(ma.argument_size_in_bytes) - args_counted) + max(
+      0, int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes))
   out["total"] = out["weights"] + out["cache"] + out["temp"] + out["other"]
   out["hlo"] = compiled.as_text()
   return out
@@ -389,7 +445,8 @@ def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int,
   results = {}
   for step in steps:
     print(f"compiling {step} for {topo_name} (batch {batch}) ...", flush=True)
-    r = compile_step(cfg, mesh, params, step, batch, max_seq_len, cache_dtype)
+    r = (compile_train(cfg, mesh, batch, max_seq_len) if step == "train" else
+         compile_step(cfg, mesh, params, step, batch, max_seq_len, cache_dtype))
     results[step] = r
     print(f"  {step}: compiled in {r['seconds']:.1f} s", flush=True)
     if hlo_dir and "hlo" in r:
@@ -420,14 +477,19 @@ def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int,
   for step, r in results.items():
     if "hlo" in r:
       print(f"  {step} collectives: {_collectives(r['hlo'], gpu)}")
+  if "train" in results:
+    r = results["train"]
+    print(f"  train: weights = fp32 master weights {_gib(r['params'])} + optimizer state {_gib(r['optimizer'])} "
+          f"(Muon momentum, AdamW moments); {batch} sequences of {max_seq_len} tokens, no cache")
 
-  if max_batch == "scale" and results:
-    _largest_batch(cfg, mesh, params, results, batch, data, max_seq_len, cache_dtype, usable, topo_name, unit)
+  serving = {k: r for k, r in results.items() if k != "train"}
+  if max_batch == "scale" and serving:
+    _largest_batch(cfg, mesh, params, serving, batch, data, max_seq_len, cache_dtype, usable, topo_name, unit)
   ok = all("oom" not in r and r["total"] <= usable for r in results.values())
   no = any("oom" in r or r["total"] - r["temp"] > usable for r in results.values())
   if json_path:
     import json
-    keys = ("weights", "cache", "temp", "other", "total", "batch", "seconds", "oom")
+    keys = ("weights", "params", "optimizer", "cache", "temp", "other", "total", "batch", "seconds", "oom")
     with open(json_path, "w") as f:
       json.dump({"config": cfg.name, "topology": topo_name, "devices": len(devices), "device_kind": kind,
                  "mesh": {k: int(v) for k, v in mesh.shape.items()}, "batch": batch, "max_seq_len": max_seq_len,
@@ -436,8 +498,9 @@ def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int,
                  "steps": {st: {k: r[k] for k in keys if k in r} for st, r in results.items()}}, f, indent=1)
   where = f"{topo_name} (XLA:CPU stand-in, {mem_fraction:.0%} of memory usable)" if gpu else topo_name
   word = "FITS" if ok else "DOES NOT FIT" if no or not gpu else "MAY FIT"
-  print(f"\nverdict: {cfg.name} {word} on {where} at batch {batch} x {max_seq_len} tokens ({weights} weights, "
-        f"{cache_dtype} cache)" + (": weights + cache fit, the temporaries' XLA:CPU upper bound does not; only an "
+  what = (f"{weights} weights, {cache_dtype} cache" if serving else
+          "training: fp32 master weights and optimizer state")
+  print(f"\nverdict: {cfg.name} {word} on {where} at batch {batch} x {max_seq_len} tokens ({what})" + (": weights + cache fit, the temporaries' XLA:CPU upper bound does not; only an "
                                    "XLA:GPU compile decides." if word == "MAY FIT" else "."), flush=True)
   return 0
 

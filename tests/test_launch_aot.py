@@ -122,6 +122,29 @@ def test_gpu_plan_on_cpu_devices(tmp_path):
     assert got["temp"] > 0 and got["total"] == got["weights"] + got["cache"] + got["temp"] + got["other"]
 
 
+@pytest.mark.skipif(not os.path.isdir(os.path.join(LIBTPU, "libtpu")), reason="no libtpu under .aot/ (make setup)")
+def test_aot_plans_a_training_step(tmp_path):
+  """--steps=train: one optimizer step of launch.train's defaults (fp32 master weights, Muon / AdamW state, full
+  remat) compiles for 4 v5p chips on expert:4 with the real expert exchange. Its weights are the master weights
+  plus the optimizer state: the master weights per chip exactly the fp32 parameters' share (experts split 4
+  ways), the optimizer state between one and two moments of them, no cache."""
+  out_json = tmp_path / "plan.json"
+  r = _run("--topology=v5p:2x2x1", "--mesh=expert:4", "--batch=4", "--max_seq_len=32", "--layers=3",
+           "--steps=train", "--max_batch=off", f"--json={out_json}")
+  out = r.stdout
+  print(out)
+  assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+  row = next(line for line in out.splitlines() if line.strip().startswith("train ") and "GiB" in line)
+  assert row.count("GiB") == 5 and "yes" in row, row
+  assert int(re.search(r"train collectives: ragged-all-to-all (\d+)", out).group(1)) > 0, out
+  assert "train: weights = fp32 master weights" in out and "(training: fp32 master weights" in out
+  got = json.loads(out_json.read_text())["steps"]["train"]
+  want = _expected_weights_per_device(layers=3, expert=4)           # tiny computes in fp32: its fp32 share
+  assert got["params"] == want, (got, want)
+  assert want <= got["optimizer"] <= 2 * want and got["weights"] == got["params"] + got["optimizer"], got
+  assert got["cache"] == 0 and got["temp"] > 0
+
+
 def test_gpu_plan_flag_errors():
   """Bad GPU flags: one error line each, before any compile."""
   cases = [(("--topology=h200:8", "--mesh=data:2,expert:2"), "error: mesh data:2,expert:2 has 4 devices but "
