@@ -26,6 +26,15 @@ def _run(*args, timeout=240):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _plan(tmp_path, *args) -> tuple[str, dict]:
+  """Runs launch.aot with --json; asserts it succeeded; (its report, the JSON plan)."""
+  out_json = tmp_path / "plan.json"
+  r = _run(*args, f"--json={out_json}")
+  print(r.stdout)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  return r.stdout, json.loads(out_json.read_text())
+
+
 def test_bad_mesh_is_one_error_line():
   r = _run("--topology=v5p-8", "--mesh=data:2,expert:4", "--batch=4", "--max_seq_len=2048")
   lines = r.stderr.strip().splitlines()
@@ -97,12 +106,8 @@ def _expected_weights_per_device(layers: int, expert: int) -> int:
 def test_gpu_plan_on_cpu_devices(tmp_path):
   """--topology=h200:8: prefill and decode compile on 8 CPU devices (mesh data:2,expert:4) and the report's
   table has both rows against the H200's usable memory; weights per GPU are the expected share."""
-  out_json = tmp_path / "plan.json"
-  r = _run("--topology=h200:8", "--mesh=data:2,expert:4", "--batch=4", "--max_seq_len=1024", "--layers=4",
-           "--weights=bf16", "--max_batch=off", f"--json={out_json}")
-  out = r.stdout
-  print(out)
-  assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+  out, plan = _plan(tmp_path, "--topology=h200:8", "--mesh=data:2,expert:4", "--batch=4", "--max_seq_len=1024",
+                    "--layers=4", "--weights=bf16", "--max_batch=off")
   assert "8 x NVIDIA H200 (141 GB = 131.3 GiB each, usable 95% = 124.8 GiB)" in out, out[:600]
   assert "XLA:CPU stand-in" in out and "mesh: data:2,expert:4 over 8 cpu devices" in out
   header = next(line for line in out.splitlines() if line.split()[:2] == ["step", "weights"])
@@ -113,7 +118,6 @@ def test_gpu_plan_on_cpu_devices(tmp_path):
     assert row.count("GiB") == 5 and "yes" in row and "of usable" in row, row
   assert "prefill collectives:" in out and "ragged-all-to-all 0" in out        # emulated on XLA:CPU
   assert "verdict: tiny FITS on h200:8" in out
-  plan = json.loads(out_json.read_text())
   want = _expected_weights_per_device(layers=4, expert=4)
   assert plan["xla_cpu_stand_in"] and plan["devices"] == 8 and plan["usable_bytes"] == 0.95 * 141e9
   for step in ("prefill", "decode"):
@@ -128,17 +132,13 @@ def test_aot_plans_a_training_step(tmp_path):
   remat) compiles for 4 v5p chips on expert:4 with the real expert exchange. Its weights are the master weights
   plus the optimizer state: the master weights per chip exactly the fp32 parameters' share (experts split 4
   ways), the optimizer state between one and two moments of them, no cache."""
-  out_json = tmp_path / "plan.json"
-  r = _run("--topology=v5p:2x2x1", "--mesh=expert:4", "--batch=4", "--max_seq_len=32", "--layers=3",
-           "--steps=train", "--max_batch=off", f"--json={out_json}")
-  out = r.stdout
-  print(out)
-  assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+  out, plan = _plan(tmp_path, "--topology=v5p:2x2x1", "--mesh=expert:4", "--batch=4", "--max_seq_len=32",
+                    "--layers=3", "--steps=train", "--max_batch=off")
   row = next(line for line in out.splitlines() if line.strip().startswith("train ") and "GiB" in line)
   assert row.count("GiB") == 5 and "yes" in row, row
   assert int(re.search(r"train collectives: ragged-all-to-all (\d+)", out).group(1)) > 0, out
   assert "train: weights = fp32 master weights" in out and "(training: fp32 master weights" in out
-  got = json.loads(out_json.read_text())["steps"]["train"]
+  got = plan["steps"]["train"]
   want = _expected_weights_per_device(layers=3, expert=4)           # tiny computes in fp32: its fp32 share
   assert got["params"] == want, (got, want)
   assert want <= got["optimizer"] <= 2 * want and got["weights"] == got["params"] + got["optimizer"], got
