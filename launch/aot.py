@@ -267,14 +267,14 @@ def compile_step(cfg, mesh, params, step: str, batch: int, max_seq_len: int, cac
   return _compiled(out, f, (params, tokens, lengths, cache), mesh, args_counted=out["weights"] + out["cache"])
 
 
-def _state_shardings(state, params_sh, mesh):
-  """Shardings of an abstract TrainState: the parameters' own; an optimizer leaf (a moment, a momentum) that
-  of the parameter whose path ends its own path, with the same shape (optax keeps moments in trees shaped
-  like the parameters); anything else (step counts, scalars) replicated."""
+def _state_shardings(state, params, mesh):
+  """Shardings of an abstract TrainState built from the sharded abstract `params`: a parameter's own; an
+  optimizer leaf (a moment, a momentum) that of the parameter whose path ends its own path, with the same shape
+  (optax keeps moments in trees shaped like the parameters); anything else (step counts, scalars) replicated."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
-  by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in zip(
-      jax.tree_util.tree_flatten_with_path(state.params)[0], jax.tree.leaves(params_sh))}
+  by_path = {tuple(path): (leaf.shape, leaf.sharding) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(params)[0]}
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def of(path, leaf):
@@ -301,8 +301,7 @@ def compile_train(cfg, mesh, batch: int, seq_len: int):
   params = abstract_params(cfg, mesh, "bf16")
   tx = train.make_optimizer(tc, params)
   shapes = jax.eval_shape(lambda p: train.init_train_state(p, tx, cfg, tc), params)
-  params_sh = jax.tree.map(lambda a: a.sharding, params)
-  state_sh = _state_shardings(shapes, params_sh, mesh)
+  state_sh = _state_shardings(shapes, params, mesh)
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, state_sh)
   split = mesh.shape.get("sequence", 1) > 1
   tok = param_sharding(("batch", "seq" if split else None), (batch, seq_len), mesh)
@@ -439,8 +438,10 @@ def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int,
   else:
     print(f"aot plan: config {cfg.name} ({cfg.n_layers} layers), {topo_name} = {topo_grid}, {len(devices)} chips "
           f"({kind}, HBM {hbm / GiB:.0f} GiB each); {describe_mesh(mesh)}", flush=True)
-  print(f"  batch {batch} x max_seq_len {max_seq_len} (live bucket {max_seq_len}), weights {wdesc}, "
-        f"cache {cache_dtype}, compute {cfg.dtype}, attn_impl {cfg.attn_impl}, jax {jax.__version__}", flush=True)
+  kinds = ([f"weights {wdesc}, cache {cache_dtype}, compute {cfg.dtype}"] if set(steps) - {"train"} else []) + (
+      ["train: fp32 master weights and optimizer state, bfloat16 compute"] if "train" in steps else [])
+  print(f"  batch {batch} x max_seq_len {max_seq_len} (live bucket {max_seq_len}), {'; '.join(kinds)}, "
+        f"attn_impl {cfg.attn_impl}, jax {jax.__version__}", flush=True)
   params = abstract_params(cfg, mesh, weights)
   results = {}
   for step in steps:
@@ -500,8 +501,9 @@ def plan(cfg, topo_name: str, topo_grid: str, mesh_spec: str | None, batch: int,
   word = "FITS" if ok else "DOES NOT FIT" if no or not gpu else "MAY FIT"
   what = (f"{weights} weights, {cache_dtype} cache" if serving else
           "training: fp32 master weights and optimizer state")
-  print(f"\nverdict: {cfg.name} {word} on {where} at batch {batch} x {max_seq_len} tokens ({what})" + (": weights + cache fit, the temporaries' XLA:CPU upper bound does not; only an "
-                                   "XLA:GPU compile decides." if word == "MAY FIT" else "."), flush=True)
+  maybe = ": weights + cache fit, the temporaries' XLA:CPU upper bound does not; only an XLA:GPU compile decides."
+  print(f"\nverdict: {cfg.name} {word} on {where} at batch {batch} x {max_seq_len} tokens ({what})"
+        + (maybe if word == "MAY FIT" else "."), flush=True)
   return 0
 
 
