@@ -135,7 +135,8 @@ def store_copies(compiled, cache) -> int:
   """Instructions of the compiled step that copy a compressed or indexer-key store whole (a relayout: `copy`
   or a TPU SparseCore data-format call whose result has a store's full shape, in any layout)."""
   import re
-  stores = [c[k].words for part in cache["layers"].values() for c in part for k in ("comp", "idx") if k in c]
+  stores = [a for part in cache["layers"].values() for c in part for k in ("comp", "idx") if k in c
+            for a in c[k].arrays]
   shapes = {",".join(map(str, w.shape)) for w in stores}
   found = re.findall(r"= \(?u32\[([\d,]+)\]\{[^}]*\}\)?[^\n]*? (?:copy|call-start)\(", compiled.as_text())
   return sum(shape in shapes for shape in found)

@@ -97,7 +97,7 @@ def filled_cache(cfg, L, key, dense, capacity=None):
   def fill(k, x):
     if isinstance(x, Store):
       values = jax.random.normal(k, x.words.shape[:-2] + (x.n_rows, x.layout.width), F32)
-      return Store(kv_format.pack_lines(x.layout.encode(values), x.pack), x.layout, x.pack)
+      return kv_format.from_rows(x.layout.encode(values), x.layout, x.planes)
     return jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 3 else x
   cache = jax.tree.unflatten(tree, [fill(k, x) for k, x in zip(keys, leaves)])
   cache["length"] = jnp.full((1,), L, jnp.int32)

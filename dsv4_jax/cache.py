@@ -1,15 +1,19 @@
 """The inference cache (docs/architecture.md §3): separate stores per layer kind, in the layout the kernels
 read, updated in place.
 
-Per layer, by type (stores are `kv_format.Store`s: rows of uint32 words, see dsv4_jax/kv_format.py):
+Per layer, by type (stores are `kv_format.Store`s: rows of uint32 words in lines of one geometry, see
+dsv4_jax/kv_format.py; shapes below for whole rows, one a line):
     win        [B, W+r, words]     ring of the last W+r raw KV entries, slot = position mod (W+r) (every layer)
     comp       [B, N/m, words]     compressed KV entries, entry i at row i                      (CSA, HCA)
     comp_state {C, Z: [B, R, coff*K] fp32}
                                    ring of the compressor's per-token projections, R = 2m+r (CSA) or
                                    m+r (HCA) (compressor.state_rows)
-    idx        [B, N/4/P, P*words] the indexer's compressed keys, P rows per lane-dense line      (CSA)
-                                   (kv_format.lane_pack: e.g. bf16 keys of 128 values, P = 2)
+    idx        [B, N/4, words]     the indexer's compressed keys                                (CSA)
     idx_state  like comp_state, for the indexer's compressor                                     (CSA)
+A lane-dense cache (the default for the XLA ops, `lane_dense_default`) keeps every store 128 words wide:
+the paper's fp8 entries as [values | scales] lines plus RoPE lines 4 to a line (the Store's `tail`), fp4
+keys 7 to a line, bf16 keys of 128 values 2 to a line. A whole-row cache (the Pallas kernels) keeps rows
+as they are, except bf16/fp32 indexer keys narrower than 128 words, packed the same way.
 and `length [B]`: tokens already in the cache for each row; `max_seq_len []`: its capacity N. Which slots
 and entries are valid follows from `length` alone: rows past it are never read, so setting `length` back
 by up to r = `rollback` tokens (speculative verification) undoes those tokens exactly. The layer caches
@@ -48,18 +52,35 @@ def layouts(cfg: ModelConfig, storage: str) -> tuple[Layout, Layout]:
   return Layout(storage, cfg.head_dim), Layout(storage, cfg.index_head_dim)
 
 
+def lane_dense_default(cfg: ModelConfig) -> bool:
+  """The geometry a cache gets unless asked: lane-dense for the XLA ops (on TPU nothing else avoids a
+  whole-store relayout every step), whole rows for the Pallas kernels, which DMA or pointer-load a row whole
+  (kv_format.py)."""
+  return cfg.attn_impl == "xla"
+
+
+def geometries(cfg: ModelConfig, storage: str, lane_dense: bool) -> tuple[tuple, tuple]:
+  """(main entries, indexer keys) store geometries (kv_format.Plane tuples; () = whole rows, one a line)."""
+  main, idx = layouts(cfg, storage)
+  if lane_dense:
+    return kv_format.lane_dense(main), kv_format.lane_dense(idx)
+  P = kv_format.lane_pack(idx)
+  return (), (kv_format.rows_geometry(idx, P) if P > 1 else ())
+
+
 def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None,
-                 rollback: int) -> dict:
+                 rollback: int, lane_dense: bool) -> dict:
   """One layer's empty cache (with a leading [reps] axis for scanned layers)."""
   lead = (B,) if reps is None else (reps, B)
   main, idx = layouts(cfg, storage)
-  out = {"win": kv_format.empty(lead, cfg.window_size + rollback, main)}
+  gmain, gidx = geometries(cfg, storage, lane_dense)
+  out = {"win": kv_format.empty(lead, cfg.window_size + rollback, main, gmain)}
   rows = max(1, max_seq_len // ratio) if ratio else 0   # >= 1 row, so a cache shorter than m still reads
   if ratio:
-    out["comp"] = kv_format.empty(lead, rows, main)
+    out["comp"] = kv_format.empty(lead, rows, main, gmain)
     out["comp_state"] = compressor.empty_state(ratio, cfg.head_dim, lead, rollback)
   if ratio == indexer.CSA_RATIO:
-    out["idx"] = kv_format.empty(lead, rows, idx, kv_format.lane_pack(idx))
+    out["idx"] = kv_format.empty(lead, rows, idx, gidx)
     out["idx_state"] = compressor.empty_state(ratio, cfg.index_head_dim, lead, rollback)
   return out
 
@@ -72,7 +93,7 @@ def storage_name(cfg: ModelConfig, dtype=None) -> str:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None, rollback: int = 0,
-               mtp: bool = False) -> dict:
+               mtp: bool = False, lane_dense: bool | None = None) -> dict:
   """An empty cache for `batch_size` sequences of up to `max_seq_len` tokens.
 
   `rollback`: how many of the latest tokens a caller may later discard by setting `length` back (the draft
@@ -83,7 +104,12 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, 
   non-RoPE dims with per-64 power-of-two scales + RoPE dims in the compute dtype; fp4 indexer keys with
   per-32 scales; see dsv4_jax/kv_format.py). Compressor states are fp32 in every case. With `mesh` (or
   under `sharding.use_mesh`), every leaf is placed by its logical axes (`cache_axes`).
+
+  `lane_dense`: the stores' geometry (kv_format.py): every array 128 words wide (the XLA ops; on TPU the
+  only way a decode step does not relayout the paper format's stores whole) or whole rows (the Pallas
+  kernels). Default: `lane_dense_default(cfg)`, from cfg.attn_impl.
   """
+  lane_dense = lane_dense_default(cfg) if lane_dense is None else lane_dense
   storage = storage_name(cfg, dtype)
   if batch_size < 1 or max_seq_len < 1 or rollback < 0:
     raise ValueError(f"init_cache: batch_size={batch_size} and max_seq_len={max_seq_len} must be >= 1 and "
@@ -96,7 +122,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, 
   plan = layer_plan(cfg)
 
   def layer(i, reps=None):
-    return _layer_cache(cfg, cfg.layer_ratio(i), batch_size, max_seq_len, storage, reps, rollback)
+    return _layer_cache(cfg, cfg.layer_ratio(i), batch_size, max_seq_len, storage, reps, rollback, lane_dense)
 
   cache = {
       "length": jnp.zeros((batch_size,), jnp.int32),
@@ -126,7 +152,8 @@ def cache_axes(cache: dict) -> dict:
     for name, v in c.items():
       if isinstance(v, Store):
         seq = "cache_window" if name == "win" else "cache_seq"
-        out[name] = Store(lead + ("cache_batch", seq, None), v.layout, v.pack)
+        axes = lead + ("cache_batch", seq, None)
+        out[name] = Store(axes, v.layout, v.planes, None if v.tail is None else axes)
       else:
         out[name] = {k: lead + ("cache_batch", None, None) for k in v}
     return out
@@ -182,41 +209,40 @@ class LayerCache:
     """The first live // ratio rows of a store (the window ring: all W rows), read in place."""
     s: Store = self.tree[name]
     n = s.n_rows if name == "win" else max(1, min(s.n_rows, self.live // ratio))
-    return Rows(s.words, s.layout, self.rep, n, s.pack)
+    return Rows.of(s, self.rep, n)
 
   def window(self, dtype) -> jnp.ndarray:
     """The ring decoded: [B, W, K]."""
-    s: Store = self.tree["win"]
-    return s.layout.decode(kv_format.unpack(self._get(s.words), s.pack), dtype)
+    return self.tree["win"].map(self._get).decode(dtype)
 
   def write(self, name: str, rows: jnp.ndarray, values: jnp.ndarray) -> "LayerCache":
-    """Writes values [B, M, K] at rows [B, M] (rows out of range are dropped): a scatter of M rows (of a
-    packed store: at line row // P, words from (row % P) * words)."""
+    """Writes values [B, M, K] at rows [B, M] (rows out of range are dropped): per plane, a scatter of M
+    rows' words (at line row // P, from word (row % P) * w)."""
     s: Store = self.tree[name]
     enc = s.layout.encode(values) if self.cfg is None else ops.encode_rows(self.cfg, values, s.layout)
     rows = jnp.where((rows >= 0) & (rows < s.n_rows), rows, s.n_rows)             # out of range (-1 too): dropped
-    if s.pack > 1:
-      words = _write_packed(s, self.rep, rows, enc)
-    else:
-      b = jnp.arange(rows.shape[0])[:, None]
-      at = (b, rows) if self.rep is None else (self.rep, b, rows)
-      words = s.words.at[at].set(enc, mode="drop")
-    return dataclasses.replace(self, tree=dict(self.tree, **{name: Store(words, s.layout, s.pack)}))
+    new = [_write_plane(a, p, self.rep, rows, enc[..., p.lo: p.hi]) for a, p in zip(s.arrays, s.geometry)]
+    out = dataclasses.replace(s, words=new[0], tail=new[1] if len(new) > 1 else None)
+    return dataclasses.replace(self, tree=dict(self.tree, **{name: out}))
 
 
-def _write_packed(s: Store, rep, rows: jnp.ndarray, enc: jnp.ndarray) -> jnp.ndarray:
-  """Row words enc [B, M, w] into a packed store at rows [B, M] (row N: dropped): one scatter whose
-  window is a row's w contiguous words of its line, (line, word) = (row // P, (row % P) * w)."""
+def _write_plane(lines: jnp.ndarray, plane: kv_format.Plane, rep, rows: jnp.ndarray, enc: jnp.ndarray):
+  """A plane's words enc [B, M, w] of rows [B, M] (a row past the store: dropped) into its lines [(R,) B, L,
+  line]: whole lines by an indexed set, else one scatter whose window is a row's w contiguous words of its
+  line, (line, word) = (row // P, (row % P) * w)."""
   B, M, w = enc.shape
-  idx = [jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, M)), rows // s.pack,
-         (rows % s.pack) * w]
+  if plane.pack == 1 and plane.line == w:
+    b = jnp.arange(B)[:, None]
+    return lines.at[(b, rows) if rep is None else (rep, b, rows)].set(enc, mode="drop")
+  line = jnp.where(rows < lines.shape[-2] * plane.pack, rows // plane.pack, lines.shape[-2])
+  idx = [jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, M)), line, (rows % plane.pack) * w]
   if rep is not None:
     idx = [jnp.broadcast_to(jnp.asarray(rep, jnp.int32), (B, M))] + idx
   idx = jnp.stack([i.astype(jnp.int32) for i in idx], -1).reshape(B * M, len(idx))
   lead = tuple(range(len(idx[0]) - 1))                                           # (rep,) batch, line
   dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=lead,
                                        scatter_dims_to_operand_dims=lead + (len(lead),))
-  return jax.lax.scatter(s.words, idx, enc.reshape(B * M, w), dn, indices_are_sorted=False,
+  return jax.lax.scatter(lines, idx, enc.reshape(B * M, w), dn, indices_are_sorted=False,
                          unique_indices=False, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
@@ -230,30 +256,33 @@ def decoded(cache: dict, dtype=F32) -> dict:
 class CacheSize:
   bytes_per_token: float      # grows with context: compressed entries and indexer keys, whole model
   bytes_per_sequence: float   # constant: windows of every layer (and MTP) and compressor states
-  scale_bytes_per_token: float = 0.0    # quantisation scales and their padding to 32-bit words
+  scale_bytes_per_token: float = 0.0    # quantisation scales and padding (to 32-bit words, to lane-dense lines)
 
 
-def cache_size(cfg: ModelConfig, storage: str = "bfloat16") -> CacheSize:
+def cache_size(cfg: ModelConfig, storage: str = "bfloat16", lane_dense: bool = False) -> CacheSize:
   """KV-cache bytes of a config (docs/architecture.md §3.3, docs/performance.md).
 
   storage "bfloat16" / "float32": every KV entry in that dtype. "paper": the format of the report:
   448 fp8 e4m3 + 64 bf16 dims per main entry (scales: one e8m0 byte per 64 fp8 values, padded to a word),
-  indexer keys in fp4 e2m1 (one e8m0 byte per 32 values).
+  indexer keys in fp4 e2m1 (one e8m0 byte per 32 values). `lane_dense`: in that geometry (kv_format.py),
+  whose line padding counts with the scales (per entry: a line's bytes over the rows it holds).
   """
   if storage not in STORAGE_DTYPES:
     raise ValueError(f"storage {storage!r}: expected 'bfloat16', 'float32' or 'paper'.")
-  main_l, idx_l = layouts(dataclasses.replace(cfg, dtype="bfloat16") if storage == "paper" else cfg, storage)
+  cfg = dataclasses.replace(cfg, dtype="bfloat16") if storage == "paper" else cfg
+  (main_l, idx_l), (main_g, idx_g) = layouts(cfg, storage), geometries(cfg, storage, lane_dense)
   main, idx = main_l.nbytes - main_l.scale_bytes, idx_l.nbytes - idx_l.scale_bytes
+  main_row, idx_row = kv_format.row_bytes(main_l, main_g), kv_format.row_bytes(idx_l, idx_g)
   per_tok = scale = per_seq = 0.0
   for i in range(cfg.n_total_layers):
     ratio = cfg.layer_ratio(i)
-    per_seq += cfg.window_size * main_l.nbytes
+    per_seq += cfg.window_size * main_row
     if ratio:
       per_tok += main / ratio
-      scale += main_l.scale_bytes / ratio
+      scale += (main_row - main) / ratio
       per_seq += sum(4 * np.prod(s) for s in compressor.state_shapes(ratio, cfg.head_dim).values())
     if ratio == indexer.CSA_RATIO:
       per_tok += idx / ratio
-      scale += idx_l.scale_bytes / ratio
+      scale += (idx_row - idx) / ratio
       per_seq += sum(4 * np.prod(s) for s in compressor.state_shapes(ratio, cfg.index_head_dim).values())
   return CacheSize(per_tok, per_seq, scale)

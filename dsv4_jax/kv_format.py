@@ -14,17 +14,29 @@ Under `quant_sim` the entries are already rounded onto exactly these grids, so t
 lossless there; without it they quantise. Entries are encoded on write and decoded on read; `Store` is a
 pytree (the words are its only leaf, the layout and packing are static).
 
-Lane-dense packing (`lane_pack`): XLA:TPU lays out an array whose minor dimension is narrower than the 128
-lanes with the *rows* minor, while the layer loop and the kernels want rows contiguous, so such a store is
-relaid out whole, in and out of the scanned layer loop, on every decode step
-(bench/results/decode_memory_tpu_v5p.txt). A store of short rows therefore keeps P = 128 / words rows per
-line of 128 words: row r is words [(r % P) * words, (r % P + 1) * words) of line r // P. Only element-wise
-formats (bfloat16 / float32) pack: a line of P such rows is one row of P * width values in the same format,
-which is how the kernels read it (pallas_kernels/indexer.py).
+Where rows sit (a store's *geometry*, a tuple of `Plane`s): XLA:TPU lays out an array whose minor dimension
+is not a multiple of the 128 lanes with the *rows* minor, while the layer loop and the ops want rows
+contiguous, so such a store is relaid out whole, in and out of the scanned layer loop, on every decode step
+(bench/results/decode_memory_tpu_v5p.txt). Two geometries:
+
+  rows        (`rows_geometry`) every row whole and contiguous, `pack` rows per line (`lane_pack`: only
+              element-wise formats whose rows divide 128 words, e.g. bf16 indexer keys of 128 values, 2 a
+              line; a line of P such rows is one row of P * width values, which is how the Pallas indexer
+              reads it). What the Pallas kernels read: a gathered row is one DMA or one pointer range.
+  lane-dense  (`lane_dense`) every array 128 words wide, so XLA:TPU never relays it out: a row is cut into
+              planes at its fields' boundaries, and a plane of w < 128 words keeps 128 // w rows per
+              128-word line (the rest padding), a wider one its rows padded to whole lines. The paper's
+              fp8 entry (Flash: 146 words) becomes [448 fp8 | 7 scales | pad] = one 128-word line and its
+              64 bf16 RoPE dims (32 words) 4 to a line, 640 B an entry against 584 (tpu-inference keeps
+              the same 512 + 128 B, compress_and_store/config.py); fp4 indexer keys (17 words) 7 to a
+              line, 73.1 B a key against 68. What the XLA ops read (`ops.Rows`).
+
+The byte format of a row (`Layout.encode` / `decode`) is the same in both; planes only move its words.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +79,12 @@ class Layout:
   @property
   def words(self) -> int:
     return self.nbytes // 4
+
+  @property
+  def rope_word(self) -> int:
+    """fp8: the first word of the RoPE dims (after the fp8 values and their padded scales)."""
+    K, r = self.width, self.rope_dim
+    return ((K - r) + _pad4((K - r) // 64)) // 4
 
   @property
   def scale_bytes(self) -> int:
@@ -155,8 +173,8 @@ LANES = 128               # TPU vector lanes (32-bit words); a lane-dense line i
 
 
 def lane_pack(layout: Layout) -> int:
-  """Rows per line of a lane-dense store of this layout: 128 / words for element-wise formats whose rows
-  divide the 128 lanes (e.g. bf16 indexer keys of 128 values: 64 words, 2 per line), else 1."""
+  """Rows per line of a `rows_geometry` store: 128 / words for element-wise formats whose rows divide the
+  128 lanes (e.g. bf16 indexer keys of 128 values: 64 words, 2 per line), else 1."""
   w = layout.words
   return LANES // w if layout.fmt in ("bfloat16", "float32") and w < LANES and LANES % w == 0 else 1
 
@@ -185,28 +203,123 @@ def pack_lines(words: jnp.ndarray, pack: int) -> jnp.ndarray:
   return words.reshape(*lead, N // pack, pack * w)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plane:
+  """Words [lo, hi) of every row, `pack` rows to a line of `line` words: row r's words are
+  [(r % pack) * w, (r % pack + 1) * w) of line r // pack (w = hi - lo); words past pack * w pad the line."""
+  lo: int
+  hi: int
+  pack: int
+  line: int
+
+  @property
+  def words(self) -> int:
+    return self.hi - self.lo
+
+  def lines(self, n: int) -> int:
+    """Lines that hold n rows."""
+    return -(-n // self.pack)
+
+  def unpack(self, lines: jnp.ndarray) -> jnp.ndarray:
+    """Lines uint32 [..., L, line] -> this plane's words of rows [..., L * pack, w]."""
+    *lead, L, _ = lines.shape
+    return lines[..., : self.pack * self.words].reshape(*lead, L * self.pack, self.words)
+
+  def pack_rows(self, rows: jnp.ndarray) -> jnp.ndarray:
+    """Rows' words uint32 [..., N, words of the whole row] -> this plane's lines [..., lines(N), line]."""
+    x = rows[..., self.lo: self.hi]
+    *lead, N, w = x.shape
+    L = self.lines(N)
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, L * self.pack - N), (0, 0)]).reshape(*lead, L, self.pack * w)
+    return jnp.pad(x, [(0, 0)] * (len(lead) + 1) + [(0, self.line - self.pack * w)])
+
+
+def rows_geometry(layout: Layout, pack: int = 1) -> tuple[Plane, ...]:
+  """Whole rows, `pack` to a line (pack > 1: element-wise formats, `lane_pack`)."""
+  line_layout(layout, pack)                                      # raises for a format that does not pack
+  return (Plane(0, layout.words, pack, pack * layout.words),)
+
+
+def lane_dense(layout: Layout) -> tuple[Plane, ...]:
+  """Every plane 128 words wide (or a multiple): element-wise rows as `rows_geometry` where they divide 128
+  words; fp8 cut into [values | scales] and [RoPE dims]; each plane of w < 128 words packed 128 // w to a
+  line, a wider one padded to whole lines."""
+  w = layout.words
+  if layout.fmt in ("bfloat16", "float32") and (w % LANES == 0 or LANES % w == 0):
+    return rows_geometry(layout, lane_pack(layout))
+  cuts = (0, layout.rope_word, w) if layout.fmt == "fp8" else (0, w)
+  planes = []
+  for lo, hi in zip(cuts[:-1], cuts[1:]):
+    n = hi - lo
+    pack = LANES // n if n < LANES else 1
+    planes.append(Plane(lo, hi, pack, -(-pack * n // LANES) * LANES))
+  return tuple(planes)
+
+
 @struct.dataclass
 class Store:
-  """Rows of KV entries as stored: `words` uint32 [..., N / pack, pack * layout.words] (leading axes:
-  stacked layers, batch), encoded with the static `layout`; `pack` rows per line (`lane_pack`)."""
+  """Rows of KV entries as stored, encoded with the static `layout` and laid out by `planes` (the geometry;
+  () = whole rows, one per line): `words` uint32 [..., lines, line] holds the first plane, `tail` the second
+  (a split fp8 row's RoPE dims; None when there is one plane). Leading axes: stacked layers, batch."""
   words: jax.Array
   layout: Layout = struct.field(pytree_node=False)
-  pack: int = struct.field(pytree_node=False, default=1)
+  planes: tuple = struct.field(pytree_node=False, default=())
+  tail: jax.Array | None = None
+
+  @property
+  def geometry(self) -> tuple[Plane, ...]:
+    return self.planes or rows_geometry(self.layout)
+
+  @property
+  def arrays(self) -> tuple[jax.Array, ...]:
+    return (self.words,) if self.tail is None else (self.words, self.tail)
+
+  @property
+  def pack(self) -> int:
+    """Rows per line of the first plane."""
+    return self.geometry[0].pack
 
   @property
   def n_rows(self) -> int:
-    return self.words.shape[-2] * self.pack
+    return min(a.shape[-2] * p.pack for a, p in zip(self.arrays, self.geometry))
 
   def rows(self) -> jnp.ndarray:
-    """The stored words as rows: uint32 [..., N, layout.words]."""
-    return unpack(self.words, self.pack)
+    """The stored words as whole rows: uint32 [..., N, layout.words]."""
+    n = self.n_rows
+    return jnp.concatenate([p.unpack(a)[..., :n, :] for a, p in zip(self.arrays, self.geometry)], -1)
 
   def decode(self, dtype) -> jnp.ndarray:
     return self.layout.decode(self.rows(), dtype)
 
+  def map(self, fn) -> "Store":
+    """The same store with fn applied to each plane's array (e.g. picking one layer of a stacked group)."""
+    return dataclasses.replace(self, words=fn(self.words), tail=None if self.tail is None else fn(self.tail))
 
-def empty(lead: tuple, n: int, layout: Layout, pack: int = 1) -> Store:
-  """A store of at least `n` zero rows per leading index, `pack` per line (n rounded up to a whole line;
-  zero words decode to zeros in every format)."""
-  lines = -(-n // pack)
-  return Store(jnp.zeros((*lead, lines, pack * layout.words), jnp.uint32), layout, pack)
+
+def row_bytes(layout: Layout, planes: tuple[Plane, ...] = ()) -> float:
+  """Stored bytes per row in a geometry, line padding included (a line's bytes over the rows it holds)."""
+  return sum(4 * p.line / p.pack for p in (planes or rows_geometry(layout)))
+
+
+def align(planes: tuple[Plane, ...]) -> int:
+  """Rows that are whole lines in every plane: a store's capacity and its block reads are multiples of this."""
+  return math.lcm(*(p.pack for p in planes)) if planes else 1
+
+
+def from_rows(words: jnp.ndarray, layout: Layout, planes: tuple[Plane, ...] = ()) -> Store:
+  """Whole rows' words uint32 [..., N, layout.words] -> a Store in the geometry `planes` (N rounded up to
+  `align` rows)."""
+  geo = planes or rows_geometry(layout)
+  N, a = words.shape[-2], align(geo)
+  words = jnp.pad(words, [(0, 0)] * (words.ndim - 2) + [(0, -(-N // a) * a - N), (0, 0)])
+  arrays = [p.pack_rows(words) for p in geo]
+  return Store(arrays[0], layout, tuple(planes), arrays[1] if len(arrays) > 1 else None)
+
+
+def empty(lead: tuple, n: int, layout: Layout, planes: tuple[Plane, ...] = ()) -> Store:
+  """A store of at least `n` zero rows per leading index (n rounded up to `align` rows: whole lines in every
+  plane; zero words decode to zeros in every format)."""
+  geo = planes or rows_geometry(layout)
+  n = -(-n // align(geo)) * align(geo)
+  arrays = [jnp.zeros((*lead, p.lines(n), p.line), jnp.uint32) for p in geo]
+  return Store(arrays[0], layout, tuple(planes), arrays[1] if len(arrays) > 1 else None)

@@ -6,9 +6,9 @@ Each op is a plain-jnp reference here; `cfg.attn_impl` picks the implementation 
 kernels register under other names, see `register`). An unknown or unavailable name is an error, never a
 silent fallback.
 
-KV inputs are `Rows`: entries either as plain values [B, N, K] or as a cache `Store` (uint32 words,
-dsv4_jax/kv_format.py), possibly one layer `rep` of a stacked group `[R, B, N, words]`. Ops read rows
-straight from there (a gather of the chosen rows, or blocks of keys), so a cache is never copied whole and
+KV inputs are `Rows`: entries either as plain values [B, N, K] or as a cache `Store` (uint32 words in
+either geometry of dsv4_jax/kv_format.py), possibly one layer `rep` of a stacked group `[R, B, lines,
+line]`. Ops read rows straight from there (a gather of the chosen rows, or blocks of keys), so a cache is never copied whole and
 work follows `n`, the rows considered, not the cache's capacity.
 
 Tie-break, everywhere: among equal indexer scores the lower entry id wins (`lax.top_k` is stable).
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.config import ModelConfig
-from dsv4_jax.kv_format import Layout, unpack
+from dsv4_jax import kv_format
+from dsv4_jax.kv_format import Layout, Plane, unpack
 
 F32 = jnp.float32
 KEY_BLOCK = 2048          # indexer keys scored per block: scores never exist as [queries, heads, all keys]
@@ -33,61 +34,118 @@ KEY_BLOCK = 2048          # indexer keys scored per block: scores never exist as
 class Rows:
   """A view of n KV rows for the ops (lives inside a trace; not a pytree).
 
-  data: values [B, N, K]                 (layout None), or
-        stored words [B, N/P, P*w]       (layout given; rep None), or
-        stored words [R, B, N/P, P*w]    (layout given; rep = the layer's index in a stacked group).
-  n:    rows considered (the first n); static. Default: all N.
-  pack: P, stored rows per line (kv_format.lane_pack): row r is slot r % P of line r // P.
+  data: values [B, N, K]                    (layout None), or
+        a store's first plane [B, L, line]   (layout given; rep None), or
+        [R, B, L, line]                      (layout given; rep = the layer's index in a stacked group);
+  tail: the store's second plane, same leading axes (a split fp8 row's RoPE dims; kv_format.lane_dense);
+  n:    rows considered (the first n); static. Default: all.
+  pack, planes: the store's geometry (kv_format.Plane): `planes` when given, else whole rows `pack` to a
+  line (kv_format.rows_geometry).
   """
   data: jax.Array
   layout: Layout | None = None
   rep: jax.Array | None = None
   n: int | None = None
   pack: int = 1
+  tail: jax.Array | None = None
+  planes: tuple = ()
+
+  @classmethod
+  def of(cls, store, rep=None, n: int | None = None) -> "Rows":
+    """The rows of a `kv_format.Store` (one layer `rep` of a stacked group when given)."""
+    return cls(store.words, store.layout, rep, n, store.pack, store.tail, store.planes)
+
+  @property
+  def geometry(self) -> tuple[Plane, ...]:
+    return self.planes or (Plane(0, self.layout.words, self.pack, self.pack * self.layout.words),)
+
+  @property
+  def arrays(self) -> tuple[jax.Array, ...]:
+    return (self.data,) if self.tail is None else (self.data, self.tail)
+
+  @property
+  def whole_rows(self) -> bool:
+    """Whole rows `pack` to a line of exactly pack * words (what the Pallas kernels read)."""
+    return self.layout is None or len(self.geometry) == 1 and self.geometry[0].line == self.pack * self.layout.words
+
+  @property
+  def align(self) -> int:
+    """Row counts that are whole lines in every plane (block starts and sizes are multiples of this)."""
+    return 1 if self.layout is None else kv_format.align(self.geometry)
+
+  @property
+  def capacity(self) -> int:
+    if self.layout is None:
+      return self.data.shape[-2]
+    return min(a.shape[-2] * p.pack for a, p in zip(self.arrays, self.geometry))
 
   @property
   def rows(self) -> int:
-    return self.n if self.n is not None else self.data.shape[-2] * self.pack
+    return self.n if self.n is not None else self.capacity
 
   @property
   def aligned_rows(self) -> int:
-    """`rows` rounded up to whole lines (still inside the store): what a block-wise reader covers."""
-    return -(-self.rows // self.pack) * self.pack
+    """`rows` rounded up to whole lines of every plane (still inside the store): what a block-wise reader
+    covers."""
+    a = self.align
+    return -(-self.rows // a) * a
 
   def _decode(self, x, dtype):
     """Values or stored rows [..., w] (never lines) -> [..., K] in dtype."""
     return x.astype(dtype) if self.layout is None else self.layout.decode(x, dtype)
 
   def gather(self, idx: jnp.ndarray, dtype) -> jnp.ndarray:
-    """idx [B, S, T] (clamped into range) -> [B, S, T, K] in dtype: only the chosen rows (lines) are read."""
-    i = jnp.clip(idx, 0, self.data.shape[-2] * self.pack - 1)
-    b = jnp.arange(idx.shape[0])[:, None, None]
-    line = i // self.pack
-    x = self.data[b, line] if self.rep is None else self.data[self.rep, b, line]          # [B,S,T,P*w]
-    if self.pack > 1:
-      x = jnp.take_along_axis(x.reshape(*x.shape[:-1], self.pack, -1), (i % self.pack)[..., None, None],
-                              axis=-2)[..., 0, :]
-    return self._decode(x, dtype)
+    """idx [B, S, T] (clamped into range) -> [B, S, T, K] in dtype: only the chosen rows are read (one
+    window of each plane's words per row)."""
+    i = jnp.clip(idx, 0, self.capacity - 1)
+    if self.layout is None:
+      return self._decode(self.data[jnp.arange(idx.shape[0])[:, None, None], i], dtype)
+    parts = [_gather_words(a, self.rep, i // p.pack, (i % p.pack) * p.words, p.words)
+             for a, p in zip(self.arrays, self.geometry)]
+    return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype)
 
   def block(self, start, size: int, dtype) -> jnp.ndarray:
     """Rows [start, start + size) -> [B, size, K] (start must leave the block inside the array; for a packed
-    store start and size are whole lines: multiples of `pack`)."""
-    P = self.pack
-    if P > 1 and size % P:
-      raise ValueError(f"a block of {size} rows of a store packed {P} per line: expected whole lines")
-    start, size = start // P, size // P
-    if self.rep is None:
-      x = jax.lax.dynamic_slice_in_dim(self.data, start, size, axis=1)
-    else:
-      R, B, N, w = self.data.shape
-      x = jax.lax.dynamic_slice(self.data, (self.rep, 0, start, 0), (1, B, size, w))[0]
-    return self._decode(unpack(x, P), dtype)
+    store start and size are whole lines of every plane: multiples of `align`)."""
+    if self.layout is None:
+      return self._decode(jax.lax.dynamic_slice_in_dim(self.data, start, size, axis=1), dtype)
+    if size % self.align:
+      raise ValueError(f"a block of {size} rows of a store packed {self.align} per line: expected whole lines")
+    parts = []
+    for a, p in zip(self.arrays, self.geometry):
+      s0, n = start // p.pack, size // p.pack
+      if self.rep is None:
+        x = jax.lax.dynamic_slice_in_dim(a, s0, n, axis=1)
+      else:
+        R, B, L, w = a.shape
+        x = jax.lax.dynamic_slice(a, (self.rep, 0, s0, 0), (1, B, n, w))[0]
+      parts.append(p.unpack(x))
+    return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype)
 
   def all(self, dtype) -> jnp.ndarray:
     """The first n rows: [B, n, K]."""
-    if self.rep is None and self.n in (None, self.data.shape[-2] * self.pack):
+    if self.layout is None:
+      return self._decode(self.data[:, : self.rows], dtype)
+    if self.rep is None and self.whole_rows and self.n in (None, self.capacity):
       return self._decode(unpack(self.data, self.pack), dtype)
     return self.block(0, self.aligned_rows, dtype)[:, : self.rows]
+
+
+def _gather_words(lines: jnp.ndarray, rep, line: jnp.ndarray, word: jnp.ndarray, w: int) -> jnp.ndarray:
+  """Words [word, word + w) of line `line` [B, S, T] of each sequence: lines [B, L, line] (or [R, B, L, line]
+  with `rep`) -> [B, S, T, w]; one gather whose window is the row's own words."""
+  B = line.shape[0]
+  idx = [jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None, None], line.shape), line, word]
+  if rep is not None:
+    idx = [jnp.broadcast_to(jnp.asarray(rep, jnp.int32), line.shape)] + idx
+  if w == lines.shape[-1]:                                   # whole lines: an ordinary row gather
+    return lines[tuple(idx[:-1])]
+  idx = jnp.stack([x.astype(jnp.int32) for x in idx], -1)                                # [B,S,T,d]
+  lead = tuple(range(idx.shape[-1] - 1))
+  dn = jax.lax.GatherDimensionNumbers(offset_dims=(3,), collapsed_slice_dims=lead,
+                                      start_index_map=lead + (len(lead),))
+  return jax.lax.gather(lines, idx, dn, (1,) * len(lead) + (w,), indices_are_sorted=False,
+                        mode=jax.lax.GatherScatterMode.CLIP)
 
 
 # ---- references -------------------------------------------------------------------------------------
@@ -103,7 +161,7 @@ def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray
   """
   B, S = qI.shape[:2]
   n, dt = keys.aligned_rows, qI.dtype
-  blk = min(KEY_BLOCK, n)
+  blk = min(KEY_BLOCK // keys.align * keys.align, n)                     # whole lines of a packed store
   n_blocks = -(-n // blk)
 
   def block_scores(start):
@@ -251,9 +309,9 @@ def _per_batch_shard(cfg: ModelConfig, fn: Callable, args: tuple, kinds: str):
       rebuild.append(("s", a))
     elif k == "w":
       stacked = a.rep is not None
-      flat += [a.data] + ([a.rep] if stacked else [])
-      specs += [P(None, bax) if stacked else P(bax)] + ([P()] if stacked else [])
-      rebuild.append(("w", (a.layout, a.n, stacked, a.pack)))
+      flat += list(a.arrays) + ([a.rep] if stacked else [])
+      specs += [P(None, bax) if stacked else P(bax)] * len(a.arrays) + ([P()] if stacked else [])
+      rebuild.append(("w", (a.layout, a.n, stacked, a.pack, a.tail is not None, a.planes)))
     else:
       flat.append(a)
       specs.append(P(bax) if k == "b" else P())
@@ -265,9 +323,10 @@ def _per_batch_shard(cfg: ModelConfig, fn: Callable, args: tuple, kinds: str):
       if kind == "s":
         out.append(meta)
       elif kind == "w":
-        layout, n, stacked, pack = meta
+        layout, n, stacked, pack, has_tail, planes = meta
         data_ = next(it)
-        out.append(Rows(data_, layout, next(it) if stacked else None, n, pack))
+        tail = next(it) if has_tail else None
+        out.append(Rows(data_, layout, next(it) if stacked else None, n, pack, tail, planes))
       else:
         out.append(next(it))
     return fn(*out)

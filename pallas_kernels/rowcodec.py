@@ -110,6 +110,12 @@ def stored(rows: Rows, lines: bool = False):
   plain values (the window's new rows, `forward`'s entries: small or transient) are encoded once.
   A lane-dense packed store (`rows.pack` > 1, dsv4_jax/kv_format.py) comes as its lines, with the line
   layout, when the caller reads lines (`lines=True`); otherwise it is an error."""
+  if not rows.whole_rows:
+    from pallas_kernels.platform import KernelUnsupported
+    raise KernelUnsupported(
+        f"the Pallas kernels read whole rows, but this {rows.layout.fmt} store is in the lane-dense geometry "
+        f"({len(rows.geometry)} plane(s), {rows.geometry[0].pack} rows a line): build the cache for the kernels "
+        "(init_cache(..., lane_dense=False), the default when cfg.attn_impl is a Pallas one)")
   if rows.pack > 1 and not lines:
     raise ValueError(f"this kernel reads single rows, but the store packs {rows.pack} rows per line")
   if rows.layout is None:

@@ -172,12 +172,13 @@ def test_packed_store_writes_and_reads_rows_like_an_unpacked_one():
   rows = jnp.array([[0, 7, 8, 23, -1], [3, 15, 2**31 - 1, 9, 10]])
   for rep in (None, jnp.int32(1)):
     lead = (2,) if rep is None else (3, 2)
-    packed = LayerCache({"s": kv_format.empty(lead, 20, lay, P)}, rep, 24).write("s", rows, vals).tree["s"]
+    packed = LayerCache({"s": kv_format.empty(lead, 20, lay, kv_format.rows_geometry(lay, P))}, rep, 24).write(
+        "s", rows, vals).tree["s"]
     plain = LayerCache({"s": kv_format.empty(lead, 24, lay)}, rep, 24).write("s", rows, vals).tree["s"]
     assert packed.words.shape[-2:] == (3, 128) and packed.n_rows == 24
     np.testing.assert_array_equal(packed.decode(jnp.float32), plain.decode(jnp.float32))
     assert np.asarray(plain.decode(jnp.float32)).any()
-    a, b = (ops.Rows(s.words, lay, rep, 19, s.pack) for s in (packed, plain))
+    a, b = (ops.Rows.of(s, rep, 19) for s in (packed, plain))
     idx = jnp.array([[[0, 7, 8, 23, -1]], [[15, 9, 3, 3, 100]]])
     np.testing.assert_array_equal(a.gather(idx, jnp.float32), b.gather(idx, jnp.float32))
     np.testing.assert_array_equal(a.all(jnp.float32), b.all(jnp.float32))

@@ -209,24 +209,40 @@ def test_paper_cache_format_is_lossless_under_quant_sim_and_smaller():
   params = init_params(cfg, jax.random.key(6))
   seq = np.asarray(jax.random.randint(jax.random.key(7), (1, 40), 0, cfg.vocab_size), np.int32)
   full = np.asarray(_fwd(params, cfg, seq).logits)[0]
-  cache = init_cache(cfg, 1, 48, dtype="paper")
-  assert cache["layers"]["prefix"][2]["comp"].layout.fmt == "fp8"
-  assert cache["layers"]["prefix"][2]["idx"].layout.fmt == "fp4"
-  logits, cache = prefill(params, cfg, seq[:, :30], np.array([30]), cache)
-  errs = [_rel(np.asarray(logits)[0], full[29])]
-  for t in range(30, 40):
-    logits, cache = decode_step(params, cfg, seq[:, t], cache)
-    errs.append(_rel(np.asarray(logits)[0], full[t]))
-  assert max(errs) < 1e-5, errs
-  # the entries that grow with context take exactly what cache_size says (bf16 model: bf16 RoPE dims)
+  for lane_dense in (True, False):                 # the XLA ops' default geometry, and the kernels' whole rows
+    cache = init_cache(cfg, 1, 48, dtype="paper", lane_dense=lane_dense)
+    assert cache["layers"]["prefix"][2]["comp"].layout.fmt == "fp8"
+    assert cache["layers"]["prefix"][2]["idx"].layout.fmt == "fp4"
+    logits, cache = prefill(params, cfg, seq[:, :30], np.array([30]), cache)
+    errs = [_rel(np.asarray(logits)[0], full[29])]
+    for t in range(30, 40):
+      logits, cache = decode_step(params, cfg, seq[:, t], cache)
+      errs.append(_rel(np.asarray(logits)[0], full[t]))
+    assert max(errs) < 1e-5, (lane_dense, errs)
+  # the entries that grow with context take what cache_size says (bf16 model: bf16 RoPE dims): exactly in
+  # whole rows; lane-dense, up to the rows that round a store to whole lines of all its planes
+  from dsv4_jax import kv_format
+  from dsv4_jax.kv_format import Layout
   bf16 = dataclasses.replace(cfg, dtype="bfloat16")
   for storage in ("paper", "bfloat16"):
-    c = init_cache(bf16, 1, 4096, dtype=storage)
-    grown = sum(x.nbytes for name in ("comp", "idx") for layer in jax.tree.leaves(
-        c["layers"], is_leaf=lambda d: isinstance(d, dict) and "win" in d) if name in layer
-        for x in jax.tree.leaves(layer[name]))
-    size = cache_size(bf16, storage)
-    assert grown == 4096 * (size.bytes_per_token + size.scale_bytes_per_token)
+    for lane_dense in (False, True):
+      c = init_cache(bf16, 1, 4096, dtype=storage, lane_dense=lane_dense)
+      stores = [layer[name] for layer in jax.tree.leaves(c["layers"], is_leaf=lambda d: isinstance(d, dict) and "win" in d)
+                for name in ("comp", "idx") if name in layer]
+      grown = sum(a.nbytes for s in stores for a in s.arrays)
+      size = cache_size(bf16, storage, lane_dense)
+      want = 4096 * (size.bytes_per_token + size.scale_bytes_per_token)
+      rounding = sum(np.prod(s.words.shape[:-2]) * kv_format.align(s.geometry) * kv_format.row_bytes(s.layout, s.planes)
+                     for s in stores)                                      # per (layer, sequence): < align rows
+      assert want <= grown < want + rounding if lane_dense and storage == "paper" else grown == want
+      if storage == "paper":
+        assert [s.tail is not None for s in stores] == [s.layout.fmt == "fp8" and lane_dense for s in stores]
+  flash = load_config("flash")
+  assert cache_size(flash, "paper", lane_dense=True).bytes_per_token == cache_size(flash, "paper").bytes_per_token
+  for lay, per_row in ((Layout("fp8", 512, 64), 512 + 128), (Layout("fp4", 128), 512 / 7)):
+    assert lay.nbytes == {"fp8": 584, "fp4": 68}[lay.fmt]
+    assert kv_format.row_bytes(lay, kv_format.lane_dense(lay)) == per_row
+    assert all(p.line % 128 == 0 for p in kv_format.lane_dense(lay))
 
 
 def test_kv_formats_round_trip_exactly_on_their_grids():
