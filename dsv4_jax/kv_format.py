@@ -170,6 +170,7 @@ def _block_scales(x: jnp.ndarray, block: int, qmax: float, floor: float) -> jnp.
 
 
 LANES = 128               # TPU vector lanes (32-bit words); a lane-dense line is a multiple of this
+SUBLANES = 8              # rows of a TPU (8, 128) tile
 
 
 def lane_pack(layout: Layout) -> int:
@@ -317,9 +318,12 @@ def from_rows(words: jnp.ndarray, layout: Layout, planes: tuple[Plane, ...] = ()
 
 
 def empty(lead: tuple, n: int, layout: Layout, planes: tuple[Plane, ...] = ()) -> Store:
-  """A store of at least `n` zero rows per leading index (n rounded up to `align` rows: whole lines in every
-  plane; zero words decode to zeros in every format)."""
+  """A store of at least `n` zero rows per leading index (zero words decode to zeros in every format). n is
+  rounded up to `align` rows (whole lines in every plane), and where every plane is lane-dense to whole
+  (8, 128) tiles of each plane: XLA:TPU relays out a stacked group's store of another line count (an
+  [2, 1, 4682, 128] fp4 key store was copied in and out of the layer loop)."""
   geo = planes or rows_geometry(layout)
-  n = -(-n // align(geo)) * align(geo)
+  a = align(geo) * (SUBLANES if all(p.line % LANES == 0 for p in geo) else 1)
+  n = -(-n // a) * a
   arrays = [jnp.zeros((*lead, p.lines(n), p.line), jnp.uint32) for p in geo]
   return Store(arrays[0], layout, tuple(planes), arrays[1] if len(arrays) > 1 else None)
