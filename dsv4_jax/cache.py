@@ -10,10 +10,9 @@ dsv4_jax/kv_format.py; shapes below for whole rows, one a line):
                                    m+r (HCA) (compressor.state_rows)
     idx        [B, N/4, words]     the indexer's compressed keys                                (CSA)
     idx_state  like comp_state, for the indexer's compressor                                     (CSA)
-A lane-dense cache (the default for the XLA ops, `lane_dense_default`) keeps every store 128 words wide:
-the paper's fp8 entries as [values | scales] lines plus RoPE lines 4 to a line (the Store's `tail`), fp4
-keys 7 to a line, bf16 keys of 128 values 2 to a line. A whole-row cache (the Pallas kernels) keeps rows
-as they are, except bf16/fp32 indexer keys narrower than 128 words, packed the same way.
+By default every store is lane-dense (kv_format.lane_dense): fp4 indexer keys 7 to a 128-word line, bf16
+keys of 128 values 2, the paper's fp8 entries as [values | scales] lines plus RoPE lines 4 to a line (the
+Store's `tail`). `init_cache(lane_dense=False)` keeps main entries as whole rows.
 and `length [B]`: tokens already in the cache for each row; `max_seq_len []`: its capacity N. Which slots
 and entries are valid follows from `length` alone: rows past it are never read, so setting `length` back
 by up to r = `rollback` tokens (speculative verification) undoes those tokens exactly. The layer caches
@@ -52,20 +51,11 @@ def layouts(cfg: ModelConfig, storage: str) -> tuple[Layout, Layout]:
   return Layout(storage, cfg.head_dim), Layout(storage, cfg.index_head_dim)
 
 
-def lane_dense_default(cfg: ModelConfig) -> bool:
-  """The geometry a cache gets unless asked: lane-dense for the XLA ops (on TPU nothing else avoids a
-  whole-store relayout every step), whole rows for the Pallas kernels, which DMA or pointer-load a row whole
-  (kv_format.py)."""
-  return cfg.attn_impl == "xla"
-
-
 def geometries(cfg: ModelConfig, storage: str, lane_dense: bool) -> tuple[tuple, tuple]:
-  """(main entries, indexer keys) store geometries (kv_format.Plane tuples; () = whole rows, one a line)."""
+  """(main entries, indexer keys) store geometries (kv_format.Plane tuples; () = whole rows, one a line).
+  Indexer keys are lane-dense either way."""
   main, idx = layouts(cfg, storage)
-  if lane_dense:
-    return kv_format.lane_dense(main), kv_format.lane_dense(idx)
-  P = kv_format.lane_pack(idx)
-  return (), (kv_format.rows_geometry(idx, P) if P > 1 else ())
+  return kv_format.lane_dense(main) if lane_dense else (), kv_format.lane_dense(idx)
 
 
 def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None,
@@ -93,7 +83,7 @@ def storage_name(cfg: ModelConfig, dtype=None) -> str:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None, rollback: int = 0,
-               mtp: bool = False, lane_dense: bool | None = None) -> dict:
+               mtp: bool = False, lane_dense: bool = True) -> dict:
   """An empty cache for `batch_size` sequences of up to `max_seq_len` tokens.
 
   `rollback`: how many of the latest tokens a caller may later discard by setting `length` back (the draft
@@ -105,11 +95,11 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, 
   per-32 scales; see dsv4_jax/kv_format.py). Compressor states are fp32 in every case. With `mesh` (or
   under `sharding.use_mesh`), every leaf is placed by its logical axes (`cache_axes`).
 
-  `lane_dense`: the stores' geometry (kv_format.py): every array 128 words wide (the XLA ops; on TPU the
-  only way a decode step does not relayout the paper format's stores whole) or whole rows (the Pallas
-  kernels). Default: `lane_dense_default(cfg)`, from cfg.attn_impl.
+  `lane_dense`: the main entries' geometry (kv_format.py; indexer keys are lane-dense always). True: every
+  array 128 words wide, what TPU needs (otherwise XLA relays the paper format's stores out whole on every
+  decode step); both the XLA ops and the Pallas kernels read it. False: whole rows (the paper's 584 B per
+  Flash entry instead of 640; a GPU reads a row as one pointer range either way).
   """
-  lane_dense = lane_dense_default(cfg) if lane_dense is None else lane_dense
   storage = storage_name(cfg, dtype)
   if batch_size < 1 or max_seq_len < 1 or rollback < 0:
     raise ValueError(f"init_cache: batch_size={batch_size} and max_seq_len={max_seq_len} must be >= 1 and "

@@ -17,8 +17,9 @@ none in Pallas). `lax.approx_max_k(recall_target=1.0)` is what tpu-inference use
 is not specified and it is an exact brute-force fallback on GPU, so the model keeps `lax.top_k`: every path
 (forward, cached step, xla, pallas) then selects the same entries.
 
-A lane-dense packed store (P keys per line of 128 words, dsv4_jax/kv_format.py: bf16 keys of 128 values
-pack 2) is read as its lines: a line is one row of P * cI values, scored against P *virtual heads* per real
+A lane-dense store (P keys per line of 128 words, dsv4_jax/kv_format.py: bf16 keys of 128 values pack 2,
+fp4 keys of 17 words 7, the rest of the line padding) is read as its lines: a line decodes as one row of
+P * cI values (`rowcodec.line_codec`), scored against P *virtual heads* per real
 head, head h of slot p being qI[h] placed at values [p * cI, (p + 1) * cI) of the line (zeros elsewhere), so
 slot p's score sums only its own heads; the kernel writes one score row per (query, slot), and the
 [queries, slots, lines] scores are put back in key order outside (a transpose of scores, not of keys).
@@ -42,6 +43,8 @@ from pallas_kernels import rowcodec
 from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
 
 F32 = jnp.float32
+QUERY_VMEM = 4 << 20      # TPU: VMEM for a program's query parts (fp4 lines: 7 x 64 virtual heads x 8 parts
+                          # is 1.8 MB a query, so one query a program; bf16 lines: 8)
 
 
 def _block_scores(qparts, w, parts, dt, slots: int, heads: int):
@@ -60,7 +63,7 @@ def _tpu_kernel(lead_ref, *refs, codec, n_parts: int, queries: int, slots: int, 
   parts = rowcodec.decode_parts(k_ref[...], codec, dt)                                    # [BK, lanes] each
   for i in range(queries):
     for p, sc in enumerate(_block_scores([r[i] for r in qp_refs], w_ref[i], parts, dt, slots, heads)):
-      o_ref[pl.ds(i * slots + p, 1), :] = sc.astype(o_ref.dtype)
+      o_ref[i, pl.ds(p, 1), :] = sc.astype(o_ref.dtype)
 
 
 def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slots, dt, interpret):
@@ -70,7 +73,8 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slo
   _, N, words = pool3.shape
   bk = min(block_keys, N)
   check(bk == N or bk % 8 == 0, f"indexer (TPU): block_keys={bk} must be a multiple of 8 or all {N} rows")
-  sb = min(block_queries, S)
+  per_query = 2 * len(qparts) * nI * lanes * 4                          # its query parts, double-buffered
+  sb = max(1, min(block_queries, S, QUERY_VMEM // per_query))
   n_kb, n_sb = -(-n // bk), -(-S // sb)
   q_spec = pl.BlockSpec((None, sb, nI, lanes), lambda b, s, k, lead: (b, s, 0, 0))
   kernel = functools.partial(_tpu_kernel, codec=codec, n_parts=len(qparts), queries=sb, slots=slots,
@@ -82,11 +86,11 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slo
           in_specs=[q_spec] * len(qparts) + [
               pl.BlockSpec((None, sb, nI, 1), lambda b, s, k, lead: (b, s, 0, 0)),
               pl.BlockSpec((None, bk, words), lambda b, s, k, lead: (lead[b], k, 0))],
-          out_specs=pl.BlockSpec((None, sb * slots, bk), lambda b, s, k, lead: (b, s, k))),
-      out_shape=jax.ShapeDtypeStruct((B, n_sb * sb * slots, n_kb * bk), dt),
+          out_specs=pl.BlockSpec((None, sb, slots, bk), lambda b, s, k, lead: (b, s, 0, k))),
+      out_shape=jax.ShapeDtypeStruct((B, n_sb * sb, slots, n_kb * bk), dt),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret,
-  )(lead, *qparts, w[..., None].astype(F32), pool3)[:, :S * slots, :n]
+  )(lead, *qparts, w[..., None].astype(F32), pool3)[:, :S].reshape(B, S * slots, -1)[..., :n]
 
 
 def _gpu_kernel(base_ref, *refs, codec, n_parts: int, seq: int, rows: int, words: int, slots: int, heads: int,
@@ -139,27 +143,27 @@ def index_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bo
   interpret = interpret_mode(backend, interpret)
   dt = qI.dtype
   B, S, nI, cI = qI.shape
-  pool, base, layout, N = rowcodec.stored(keys, lines=True)
-  slots = keys.pack
+  pool, base, codec, N = rowcodec.stored_lines(keys)
+  slots = keys.geometry[0].pack if keys.layout is not None else 1
   n = -(-keys.rows // slots)                                                              # lines scored
-  check(layout.width == cI * slots, f"indexer: keys of width {layout.width // slots} for queries of {cI}")
+  check(codec.width == cI * slots, f"indexer: keys of width {codec.width // slots} for queries of {cI}")
   if slots > 1:                       # virtual heads: [B,S,slots*nI,slots*cI], head (p, h) at values of slot p
     qI = (qI[:, :, None, :, None, :] * jnp.eye(slots, dtype=qI.dtype)[:, None, :, None]).reshape(
         B, S, slots * nI, slots * cI)
     w = jnp.tile(w, (1, 1, slots))
-  codec = rowcodec.codec(layout)
+  words = pool.shape[-1]
   if backend == "tpu":
-    lanes = layout.words
+    lanes = words
     qparts = rowcodec.split_query(qI, codec, lanes)                                     # [B,S,nI,P,lanes]
     lead = base // N
-    out = _scores_tpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool.reshape(-1, N, layout.words),
+    out = _scores_tpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool.reshape(-1, N, words),
                       lead, n, codec, block_keys or 512, block_queries, slots, dt, interpret)
   else:
     bk = block_keys or 128
     check(next_pow2(bk) == bk and bk >= 16, f"indexer (GPU): block_keys={bk} must be a power of two >= 16")
-    lanes = next_pow2(layout.words)
+    lanes = next_pow2(words)
     qparts = rowcodec.split_query(qI, codec, lanes)
-    out = _scores_gpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool, base, n, N, layout.words,
+    out = _scores_gpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool, base, n, N, words,
                       codec, bk, slots, dt, interpret)
   # [B, S*slots, lines] -> key order: key j = line j // slots, slot j % slots
   return out.reshape(B, S, slots, n).transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows]
@@ -174,16 +178,17 @@ def indexer_topk(qI, w, keys: Rows, n_visible, k: int, **kernel_options) -> jnp.
 # ---- deviceless compile cases (pallas_kernels/aot.py) ------------------------------------------------------
 
 def _aot_case(B: int, S: int, fmt: str, context: int, nI: int = 64, cI: int = 128):
-  """Keys stored as the cache stores them: lane-dense packed where `kv_format.lane_pack` packs (bf16)."""
-  from dsv4_jax.kv_format import Layout, lane_pack
+  """Keys stored as the cache stores them: lane-dense (kv_format.lane_dense: fp4 7 keys a line, bf16 2)."""
+  from dsv4_jax.kv_format import Layout, lane_dense
   lay = Layout(fmt, cI)
-  N, P = context // 4, lane_pack(lay)
+  (plane,) = lane_dense(lay)
+  N = context // 4
   sds = jax.ShapeDtypeStruct
   args = (sds((B, S, nI, cI), jnp.bfloat16), sds((B, S, nI), jnp.bfloat16),
-          sds((2, B, N // P, P * lay.words), jnp.uint32), sds((), jnp.int32))
+          sds((2, B, -(-plane.lines(N) // 8) * 8, plane.line), jnp.uint32), sds((), jnp.int32))
 
   def fn(qI, w, words, rep):
-    return index_scores(qI, w, Rows(words, lay, rep, N, P), backend="tpu", interpret=False)
+    return index_scores(qI, w, Rows(words, lay, rep, N, planes=(plane,)), backend="tpu", interpret=False)
   return fn, args
 
 

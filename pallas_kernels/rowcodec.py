@@ -47,13 +47,25 @@ class Part:
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
-  """The parts of one layout, and where its e8m0 scales sit (scaled formats)."""
+  """The parts of one layout, and where its e8m0 scales sit (scaled formats). A *line* codec reads `slots`
+  rows side by side in one line (a lane-dense store, dsv4_jax/kv_format.py): row p's lanes are the row
+  codec's shifted by p * slot_lanes, its elements by p * layout.width (so a line decodes as one row of
+  slots * width values)."""
   layout: Layout
   parts: tuple[Part, ...]
   scale_word: int = 0        # first word holding scale bytes
   n_scales: int = 0
   scale_block: int = 1       # elements per scale
   scale_lanes: int = 1       # lanes per scale: lane j of a scaled part uses scale (j - lo) // scale_lanes
+  slots: int = 1
+  slot_lanes: int = 0
+  tiled: bool = False        # every slot's lanes hold the same elements (a plane of rows read one row a
+                             # line, the row's own slot picked per row: `plane_codecs`)
+
+  @property
+  def width(self) -> int:
+    """Elements per decoded line (the row's values, one row per slot; a tiled codec's: one row's)."""
+    return self.layout.width * (1 if self.tiled else self.slots)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,11 +90,38 @@ def codec(layout: Layout) -> Codec:
   raise ValueError(f"no in-kernel decoder for KV format {layout.fmt!r}")
 
 
+def line_codec(layout: Layout, slots: int, slot_lanes: int) -> Codec:
+  """The codec of a line holding `slots` rows of `layout`, row p at words [p * slot_lanes, ...) (a lane-dense
+  plane of whole rows, kv_format.lane_dense: e.g. fp4 keys of 17 words, 7 to a line)."""
+  if slots == 1:
+    return codec(layout)
+  return dataclasses.replace(codec(layout), slots=slots, slot_lanes=slot_lanes)
+
+
+def plane_codecs(layout: Layout, planes) -> list[Codec]:
+  """One codec per plane of a store (kv_format.Plane): the row codec's parts and scales that fall in the
+  plane, lanes counted from the plane's first word; a plane of P > 1 rows a line gets a *tiled* codec (P
+  slots of `words` lanes, each the same elements), since a kernel reads one row's line and picks the row's
+  slot per row."""
+  c, out = codec(layout), []
+  for pl_ in planes:
+    parts = tuple(dataclasses.replace(p, lo=p.lo - pl_.lo) for p in c.parts if pl_.lo <= p.lo < pl_.hi)
+    scaled = c.n_scales and pl_.lo <= c.scale_word < pl_.hi
+    pc = Codec(layout, parts, c.scale_word - pl_.lo if scaled else 0, c.n_scales if scaled else 0,
+               c.scale_block, c.scale_lanes)
+    if any(p.scaled for p in parts) and not scaled:
+      raise ValueError(f"plane {pl_} of {layout} holds scaled values without their scales")
+    out.append(dataclasses.replace(pc, slots=pl_.pack, slot_lanes=pl_.words, tiled=True) if pl_.pack > 1 else pc)
+  return out
+
+
 def element_map(c: Codec, lanes: int) -> np.ndarray:
   """[P, lanes] int: the element each part's lane holds, -1 where none (static)."""
   m = np.full((len(c.parts), lanes), -1, np.int64)
   for i, p in enumerate(c.parts):
-    m[i, p.lo:p.lo + p.n] = p.elem0 + p.stride * np.arange(p.n)
+    for s in range(c.slots):
+      lo = p.lo + s * c.slot_lanes
+      m[i, lo:lo + p.n] = (0 if c.tiled else s * c.layout.width) + p.elem0 + p.stride * np.arange(p.n)
   return m
 
 
@@ -96,26 +135,66 @@ def split_query(q: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
 def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
   """o [..., P, lanes] (per-part P.V) -> [..., K]: each element from the one lane that holds it."""
   m = element_map(c, lanes)
-  part, lane = np.zeros(c.layout.width, np.int64), np.zeros(c.layout.width, np.int64)
+  copies = [[] for _ in range(c.width)]                    # every (part, lane) holding each element
   for i in range(m.shape[0]):
     for j in np.nonzero(m[i] >= 0)[0]:
-      part[m[i, j]], lane[m[i, j]] = i, j
+      copies[m[i, j]].append(i * lanes + j)
   flat = o.reshape(*o.shape[:-2], -1)
-  return jnp.take(flat, jnp.asarray(part * lanes + lane), axis=-1)
+  zero = flat.shape[-1]                                    # an element a plane does not hold: 0
+  flat = jnp.concatenate([flat, jnp.zeros(flat.shape[:-1] + (1,), flat.dtype)], -1)
+  out = None
+  for k in range(max(len(x) for x in copies)):             # a tiled codec: the sum over its slots
+    v = jnp.take(flat, jnp.asarray([x[k] if k < len(x) else zero for x in copies]), axis=-1)
+    out = v if out is None else out + v
+  return out
+
+
+def stored_lines(rows: Rows):
+  """Rows read as lines -> (pool uint32 [lines_total, line], base int32 [B] (each sequence's first line in
+  the pool), codec of a line, lines per sequence). Any one-plane store: whole rows (pack 1), element-wise
+  rows packed P a line, or a lane-dense plane of P rows a line (line codec)."""
+  if rows.layout is not None and len(rows.geometry) > 1:
+    from pallas_kernels.platform import KernelUnsupported
+    raise KernelUnsupported(f"this kernel reads rows of one plane; this {rows.layout.fmt} store has "
+                            f"{len(rows.geometry)} (kv_format.lane_dense)")
+  if not rows.whole_rows:
+    (plane,) = rows.geometry
+    words, B, L = rows.data, rows.data.shape[-3], rows.data.shape[-2]
+    base = jnp.arange(B, dtype=jnp.int32) * L
+    if rows.rep is not None:
+      base = base + rows.rep.astype(jnp.int32) * (B * L)
+    return words.reshape(-1, plane.line), base, line_codec(rows.layout, plane.pack, plane.words), L
+  pool, base, layout, N = stored(rows, lines=True)
+  return pool, base, codec(layout), N
+
+
+def stored_planes(rows: Rows):
+  """Rows -> (layout, [(pool uint32 [lines_total, line], base int32 [B] (each sequence's first line in the
+  pool), kv_format.Plane)] one per plane). A store is reshaped, never copied (a stacked group's layer
+  `rep` is an offset); plain values are encoded once, as whole rows."""
+  from dsv4_jax.kv_format import rows_geometry
+  if rows.layout is None:
+    pool, base, layout, _ = stored(rows)
+    return layout, [(pool, base, rows_geometry(layout)[0])]
+  out = []
+  for a, plane in zip(rows.arrays, rows.geometry):
+    B, L = a.shape[-3], a.shape[-2]
+    base = jnp.arange(B, dtype=jnp.int32) * L
+    if rows.rep is not None:
+      base = base + rows.rep.astype(jnp.int32) * (B * L)
+    out.append((a.reshape(-1, a.shape[-1]), base, plane))
+  return rows.layout, out
 
 
 def stored(rows: Rows, lines: bool = False):
   """Rows -> (pool uint32 [rows_total, w], base int32 [B] (each sequence's first row in the pool), layout,
   N rows per sequence). A store is reshaped, never copied (a stacked group's layer `rep` is an offset);
   plain values (the window's new rows, `forward`'s entries: small or transient) are encoded once.
-  A lane-dense packed store (`rows.pack` > 1, dsv4_jax/kv_format.py) comes as its lines, with the line
-  layout, when the caller reads lines (`lines=True`); otherwise it is an error."""
+  A store of whole rows packed P to a line (`rows.pack` > 1, element-wise formats) comes as its lines, with
+  the line layout, when the caller reads lines (`lines=True`); otherwise it is an error. Other geometries:
+  `stored_planes`, `stored_lines`."""
   if not rows.whole_rows:
-    from pallas_kernels.platform import KernelUnsupported
-    raise KernelUnsupported(
-        f"the Pallas kernels read whole rows, but this {rows.layout.fmt} store is in the lane-dense geometry "
-        f"({len(rows.geometry)} plane(s), {rows.geometry[0].pack} rows a line): build the cache for the kernels "
-        "(init_cache(..., lane_dense=False), the default when cfg.attn_impl is a Pallas one)")
+    raise ValueError("rowcodec.stored reads whole rows; read a lane-dense store with stored_planes or stored_lines")
   if rows.pack > 1 and not lines:
     raise ValueError(f"this kernel reads single rows, but the store packs {rows.pack} rows per line")
   if rows.layout is None:
@@ -165,23 +244,37 @@ def _field(words: jnp.ndarray, p: Part) -> jnp.ndarray:
   return _e2m1((words >> (4 * p.field)) & 15)
 
 
+def _slot_lanes(c: Codec, lane: jnp.ndarray):
+  """(slot, lane within the slot's row) of each lane; (0, lane) for a row codec."""
+  if c.slots == 1:
+    return None, lane
+  slot = jax.lax.div(lane, c.slot_lanes)                                 # (no `//`: Mosaic lacks sign)
+  return slot, lane - slot * c.slot_lanes
+
+
 def _scales(words: jnp.ndarray, c: Codec, lane: jnp.ndarray) -> jnp.ndarray:
   """The e8m0 scale of each lane of the scaled parts: [rows, lanes] f32."""
   out = jnp.zeros(words.shape, F32)
-  for i in range(c.n_scales):
-    col, shift = c.scale_word + i // 4, 8 * (i % 4)
-    byte = ((words >> shift) & 255).astype(jnp.int32).astype(F32)
-    e = jnp.sum(jnp.where(lane == col, byte, 0.0), axis=1, keepdims=True)             # [rows, 1]
-    s = _f32_bits(e.astype(jnp.int32) << 23)                                        # 2^(e - 127)
-    out = jnp.where(jax.lax.div(lane, c.scale_lanes) == i, s, out)      # (no `//`: Mosaic lacks sign)
+  slot, rel = _slot_lanes(c, lane)
+  blk = jax.lax.div(rel, c.scale_lanes)
+  for t in range(c.slots):
+    for i in range(c.n_scales):
+      col, shift = t * c.slot_lanes + c.scale_word + i // 4, 8 * (i % 4)
+      byte = ((words >> shift) & 255).astype(jnp.int32).astype(F32)
+      e = jnp.sum(jnp.where(lane == col, byte, 0.0), axis=1, keepdims=True)           # [rows, 1]
+      s = _f32_bits(e.astype(jnp.int32) << 23)                                      # 2^(e - 127)
+      hit = blk == i if slot is None else (blk == i) & (slot == t)
+      out = jnp.where(hit, s, out)
   return out
 
 
 def decode_parts(words: jnp.ndarray, c: Codec, dtype=F32) -> list[jnp.ndarray]:
-  """A slab of stored rows uint32 [rows, lanes] -> one f32 [rows, lanes] per part (zero off the part), with
-  the values rounded to `dtype` (as the references decode rows to the compute dtype)."""
+  """A slab of stored rows (or lines of a line codec) uint32 [rows, lanes] -> one f32 [rows, lanes] per part
+  (zero off the part), with the values rounded to `dtype` (as the references decode rows to the compute
+  dtype)."""
   lane = jax.lax.broadcasted_iota(jnp.int32, words.shape, 1)
   scale = _scales(words, c, lane) if c.n_scales else None
+  slot, rel = _slot_lanes(c, lane)
   out = []
   for p in c.parts:
     v = _field(words, p)
@@ -189,5 +282,6 @@ def decode_parts(words: jnp.ndarray, c: Codec, dtype=F32) -> list[jnp.ndarray]:
       v = v * scale
     if jnp.dtype(dtype) != jnp.dtype(F32):
       v = v.astype(dtype).astype(F32)
-    out.append(jnp.where((lane >= p.lo) & (lane < p.lo + p.n), v, 0.0))
+    on = (rel >= p.lo) & (rel < p.lo + p.n)
+    out.append(jnp.where(on if slot is None else on & (slot < c.slots), v, 0.0))
   return out

@@ -64,24 +64,76 @@ NEG = -1e30                  # masked logit: finite, so exp(NEG - m) is 0 withou
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
-  """One row pool as the kernel sees it (static parts only; arrays travel separately)."""
-  codec: rowcodec.Codec
-  words: int             # stored words per row
+class _Plane:
+  """One plane of a source's rows (dsv4_jax/kv_format.py: whole rows are one plane of one row a line)."""
+  codec: rowcodec.Codec  # tiled when pack > 1 (rowcodec.plane_codecs)
+  words: int             # stored words per line
   lanes: int             # lanes the kernel decodes (TPU: words; Triton: next power of two)
+  pack: int = 1          # rows a line: row r is slot r % pack of line r // pack
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """One row pool as the kernel sees it (static parts only; arrays travel separately): its planes (a
+  lane-dense fp8 row is [values | scales] lines and RoPE lines 4 to a line), read for the same rows."""
+  planes: tuple[_Plane, ...]
   rows: int              # rows per (layer, sequence) in the pool
   dense: int             # HCA: rows considered (read in contiguous chunks); 0 = gathered by index
   chunks: int            # chunks of the index row (gathered) or of `dense` rows
 
+  @property
+  def part_lanes(self) -> list[int]:
+    """Lanes of each part, the planes' parts in order (one accumulator and one query part each)."""
+    return [p.lanes for p in self.planes for _ in p.codec.parts]
 
-def _online_step(carry, qparts, parts, valid, scale: float, p_dtype, count=None):
+  @property
+  def packed(self) -> bool:
+    return any(p.pack > 1 for p in self.planes)
+
+  def geo(self) -> tuple:
+    """(parts, pack, slot lanes) per plane, for `_online_step`."""
+    return tuple((len(p.codec.parts), p.pack, p.codec.slot_lanes) for p in self.planes)
+
+
+def _source_of(rows: Rows, backend: str):
+  """A Rows -> (static planes, [(pool uint32 [lines_total, line], base int32 [B]) per plane], rows per
+  sequence)."""
+  layout, stored = rowcodec.stored_planes(rows)
+  pools, planes = [], []
+  for (pool, base, plane), pc in zip(stored, rowcodec.plane_codecs(layout, [p for _, _, p in stored])):
+    lanes = plane.line if backend == "tpu" else next_pow2(plane.line)
+    planes.append(_Plane(pc, plane.line, lanes, plane.pack))
+    pools.append((pool, base))
+  return tuple(planes), pools, rows.capacity
+
+
+def _online_step(carry, qparts, parts, valid, scale: float, p_dtype, count=None, geo=None, slot_rows=None):
   """One chunk of the online softmax. carry = (m [M,1], l [M,1], acc [list of [M, lanes]]);
   qparts/parts: per part [M, lanes] / [rows, lanes] f32; valid [1 or M, rows] bool; count (optional,
-  [M, rows] f32): how many times each query lists each row (a row listed twice counts twice)."""
+  [M, rows] f32): how many times each query lists each row (a row listed twice counts twice).
+  geo (`_Source.geo`) and slot_rows (per plane, [1 or M, rows] int32 or None): a plane of P > 1 rows a line
+  decodes each row's whole line; only the row's slot (lanes [s * w, (s + 1) * w)) counts, so its scores
+  and P.V are taken slot by slot, each row masked to its own (the query's tiled copies, masked per slot,
+  pick the slot's lanes)."""
   m, l, acc = carry
-  z = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-          for qp, kp in zip(qparts, parts)) * scale                                   # [M, rows]
-  z = jnp.where(valid, z, NEG)
+  geo = geo or ((len(parts), 1, 0),)
+  slot_rows = slot_rows or (None,) * len(geo)
+
+  def dot_t(a, b):
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+
+  z, i = 0.0, 0
+  for (n, P, sl), sr in zip(geo, slot_rows):
+    qs, ks = qparts[i:i + n], parts[i:i + n]
+    if P == 1:
+      z = z + sum(dot_t(q, k) for q, k in zip(qs, ks))
+    else:
+      lane_slot = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, qs[0].shape, 1), sl)
+      for s in range(P):
+        zs = sum(dot_t(jnp.where(lane_slot == s, q, 0.0), k) for q, k in zip(qs, ks))
+        z = z + jnp.where(sr == s, zs, 0.0)
+    i += n
+  z = jnp.where(valid, z * scale, NEG)                                                # [M, rows]
   m_new = jnp.maximum(m, jnp.max(z, axis=1, keepdims=True))
   alpha = jnp.exp(m - m_new)
   p = jnp.exp(z - m_new)
@@ -89,8 +141,17 @@ def _online_step(carry, qparts, parts, valid, scale: float, p_dtype, count=None)
   if count is not None:
     p, pr = p * count, pr * count
   l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-  acc = [alpha * a + jnp.dot(pr, kp, preferred_element_type=F32) for a, kp in zip(acc, parts)]
-  return m_new, l, acc
+  out, i = [], 0
+  for (n, P, sl), sr in zip(geo, slot_rows):
+    for a, k in zip(acc[i:i + n], parts[i:i + n]):
+      if P == 1:
+        out.append(alpha * a + jnp.dot(pr, k, preferred_element_type=F32))
+      else:
+        lane_slot = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, k.shape, 1), sl)
+        out.append(alpha * a + sum(jnp.dot(jnp.where(sr == s, pr, 0.0), jnp.where(lane_slot == s, k, 0.0),
+                                           preferred_element_type=F32) for s in range(P)))
+    i += n
+  return m_new, l, out
 
 
 def _per_query_rows(x, heads: int):
@@ -103,20 +164,24 @@ def _per_query_rows(x, heads: int):
 
 def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float, p_dtype):
   from jax.experimental.pallas import tpu as pltpu
-  n_src = len(srcs)
-  base_refs, vis_ref = refs[:n_src], refs[n_src]
-  it = iter(refs[n_src + 1:])
+  n_pl = sum(len(src.planes) for src in srcs)
+  base_refs, vis_ref = refs[:n_pl], refs[n_pl]
+  it = iter(refs[n_pl + 1:])
   ins = []
   for src in srcs:
     ids_s = None if src.dense else next(it)
     ids_v = None if src.dense else next(it)
-    qp = [next(it) for _ in src.codec.parts]
+    qp = [next(it) for _ in src.part_lanes]
     ins.append((ids_s, ids_v, qp))
   sink_ref = next(it)
-  pools = [next(it) for _ in srcs]
-  outs = [[next(it) for _ in src.codec.parts] for src in srcs]
+  pools = [[next(it) for _ in src.planes] for src in srcs]
+  outs = [[next(it) for _ in src.part_lanes] for src in srcs]
   l_ref = next(it)
-  scratch = [(next(it), next(it)) for _ in srcs]
+  scratch = [[(next(it), next(it)) for _ in src.planes] for src in srcs]
+  bases, k0 = [], 0
+  for src in srcs:
+    bases.append(base_refs[k0:k0 + len(src.planes)])
+    k0 += len(src.planes)
 
   b, s = pl.program_id(0), pl.program_id(1)
   sink = sink_ref[...]                                                              # [H, 1]
@@ -124,62 +189,78 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
   finals = []
   for k, src in enumerate(srcs):
     ids_s, ids_v, qp_refs = ins[k]
-    buf, sem = scratch[k]
-    pool, base = pools[k], base_refs[k][b]
+    bufs = scratch[k]
     qparts = [r[...] for r in qp_refs]
     H = qparts[0].shape[0]
-    br = buf.shape[1]
+    br = bufs[0][0].shape[1]
+    plane_io = [(pool, bref[b], buf, sem, plane)
+                for pool, bref, (buf, sem), plane in zip(pools[k], bases[k], bufs, src.planes)]
+
+    def dma_rows(slot, row_of, plane_io=plane_io, br=br):
+      """One DMA per row and plane: row r is line r // P of each plane."""
+      @pl.loop(0, br)
+      def _(j):
+        r = row_of(j)
+        for pool, base, buf, sem, plane in plane_io:
+          line = r if plane.pack == 1 else jax.lax.div(r, plane.pack)
+          pltpu.make_async_copy(pool.at[pl.ds(base + line, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
 
     if src.dense:
       visible = vis_ref[b, s]
       n_chunks = jnp.minimum(jax.lax.div(visible + br - 1, br), src.chunks)
+      # HBM is tiled by 8 rows: a chunk DMA starts on a tile (one-row-a-line planes only)
+      aligned = src.rows % 8 == 0 and br % 8 == 0 and not src.packed
 
-      aligned = src.rows % 8 == 0 and br % 8 == 0      # HBM is tiled by 8 rows: a chunk DMA starts on a tile
-
-      def first_row(c):
+      def first_row(c, src=src, br=br, aligned=aligned):
         return jnp.minimum(c * br, src.rows - br) if aligned else c * br
 
-      def start(c, slot):
+      def start(c, slot, src=src, br=br, aligned=aligned, plane_io=plane_io, dma_rows=dma_rows, first_row=first_row):
         if aligned:
-          r0 = pl.multiple_of(base + first_row(c), 8)
-          pltpu.make_async_copy(pool.at[pl.ds(r0, br)], buf.at[slot], sem.at[slot]).start()
+          for pool, base, buf, sem, _ in plane_io:
+            r0 = pl.multiple_of(base + first_row(c), 8)
+            pltpu.make_async_copy(pool.at[pl.ds(r0, br)], buf.at[slot], sem.at[slot]).start()
         else:                                             # one DMA per row
-          @pl.loop(0, br)
-          def _(j):
-            r = base + jnp.minimum(c * br + j, src.rows - 1)
-            pltpu.make_async_copy(pool.at[pl.ds(r, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
+          dma_rows(slot, lambda j: jnp.minimum(c * br + j, src.rows - 1))
 
-      def valid_of(c):
+      def valid_of(c, br=br, first_row=first_row):
         e = first_row(c) + jax.lax.broadcasted_iota(jnp.int32, (1, br), 1)
         return (e >= c * br) & (e < visible)
+
+      def rows_of(c, src=src, br=br):                   # [1, br]: the chunk's rows (unaligned reads)
+        return jnp.minimum(c * br + jax.lax.broadcasted_iota(jnp.int32, (1, br), 1), src.rows - 1)
     else:
       n_chunks = src.chunks
 
-      def start(c, slot):
-        @pl.loop(0, br)
-        def _(j):
-          r = base + jnp.maximum(ids_s[0, c * br + j], 0)
-          pltpu.make_async_copy(pool.at[pl.ds(r, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
+      def start(c, slot, ids_s=ids_s, br=br, dma_rows=dma_rows):
+        dma_rows(slot, lambda j: jnp.maximum(ids_s[0, c * br + j], 0))
 
-      def valid_of(c):
+      def valid_of(c, ids_v=ids_v, br=br):
         return ids_v[:, pl.ds(pl.multiple_of(c * br, br), br)] >= 0                 # [1, br]
+
+      def rows_of(c, ids_v=ids_v, br=br):
+        return jnp.maximum(ids_v[:, pl.ds(pl.multiple_of(c * br, br), br)], 0)
 
     @pl.when(n_chunks > 0)
     def _():
       start(0, 0)
 
-    def body(c, carry):
+    def body(c, carry, src=src, bufs=bufs, qparts=qparts, start=start, valid_of=valid_of, rows_of=rows_of,
+             n_chunks=n_chunks):
       slot = jax.lax.rem(c, 2)
 
       @pl.when(c + 1 < n_chunks)
       def _():
         start(c + 1, 1 - slot)
 
-      pltpu.make_async_copy(buf.at[slot], buf.at[slot], sem.at[slot]).wait()     # all of the chunk's rows
-      parts = rowcodec.decode_parts(buf[slot], src.codec, p_dtype)
-      return _online_step(carry, qparts, parts, valid_of(c), scale, p_dtype)
+      parts = []
+      for buf, sem in bufs:
+        pltpu.make_async_copy(buf.at[slot], buf.at[slot], sem.at[slot]).wait()   # all of the chunk's rows
+      for (buf, _), plane in zip(bufs, src.planes):
+        parts += rowcodec.decode_parts(buf[slot], plane.codec, p_dtype)
+      slots = [jax.lax.rem(rows_of(c), p.pack) if p.pack > 1 else None for p in src.planes]
+      return _online_step(carry, qparts, parts, valid_of(c), scale, p_dtype, geo=src.geo(), slot_rows=slots)
 
-    zeros = [jnp.zeros((H, src.lanes), F32) for _ in src.codec.parts]
+    zeros = [jnp.zeros((H, n), F32) for n in src.part_lanes]
     m, l, acc = jax.lax.fori_loop(0, n_chunks, body, (m, l, zeros))
     finals.append((m, acc))
   for (m_k, acc), out_refs in zip(finals, outs):
@@ -192,57 +273,75 @@ def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
   from jax.experimental.pallas import tpu as pltpu
   B, S, H, _ = q.shape
   in_specs, operands, scratch = [], [], []
-  for src, (pool, base, ids, qparts) in zip(srcs, arrays):
+  for src, (pools, ids, qparts) in zip(srcs, arrays):
     if not src.dense:
       T = ids.shape[-1]
       flat = ids.reshape(B * S, 1, T)
       in_specs += [pl.BlockSpec((None, 1, T), lambda b, s, *_: (b * S + s, 0, 0), memory_space=pltpu.SMEM),
                    pl.BlockSpec((None, 1, T), lambda b, s, *_: (b * S + s, 0, 0))]
       operands += [flat, flat]
-    for qp in qparts:                                                               # [B, S, H, lanes]
-      in_specs.append(pl.BlockSpec((None, None, H, src.lanes), lambda b, s, *_: (b, s, 0, 0)))
+    for qp, lanes in zip(qparts, src.part_lanes):                                   # [B, S, H, lanes]
+      in_specs.append(pl.BlockSpec((None, None, H, lanes), lambda b, s, *_: (b, s, 0, 0)))
       operands.append(qp)
     br = min(block_rows, src.rows) if src.dense else block_rows
-    scratch += [pltpu.VMEM((2, br, src.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
+    for plane in src.planes:
+      scratch += [pltpu.VMEM((2, br, plane.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
   in_specs.append(pl.BlockSpec((H, 1), lambda b, s, *_: (0, 0)))
   operands.append(sink.astype(F32).reshape(H, 1))
-  for _ in srcs:
-    in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))          # rows are DMAed from HBM
-  operands += [a[0] for a in arrays]
+  for src, (pools, _, _) in zip(srcs, arrays):
+    for pool, _ in pools:
+      in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
+      operands.append(pool)
   out_shape, out_specs = [], []
   for src in srcs:
-    for _ in src.codec.parts:
-      out_shape.append(jax.ShapeDtypeStruct((B, S, H, src.lanes), F32))
-      out_specs.append(pl.BlockSpec((None, None, H, src.lanes), lambda b, s, *_: (b, s, 0, 0)))
+    for lanes in src.part_lanes:
+      out_shape.append(jax.ShapeDtypeStruct((B, S, H, lanes), F32))
+      out_specs.append(pl.BlockSpec((None, None, H, lanes), lambda b, s, *_: (b, s, 0, 0)))
   out_shape.append(jax.ShapeDtypeStruct((B, S, H, 1), F32))
   out_specs.append(pl.BlockSpec((None, None, H, 1), lambda b, s, *_: (b, s, 0, 0)))
   kernel = functools.partial(_tpu_kernel, srcs=tuple(srcs), block_rows=block_rows, scale=scale, p_dtype=q.dtype)
-  n_prefetch = len(srcs) + 1
+  bases = [base for _, (pools, _, _) in zip(srcs, arrays) for _, base in pools]
   return pl.pallas_call(
       kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=n_prefetch, grid=(B, S), in_specs=in_specs,
+      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(bases) + 1, grid=(B, S), in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch),
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=interpret,
-  )(*[a[1] for a in arrays], visible, *operands)
+  )(*bases, visible, *operands)
 
 
 # ---- GPU (Triton) ---------------------------------------------------------------------------------------
 
-def _gpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float, p_dtype, seq: int):
+def _gpu_load(pool, base, rows, plane: _Plane):
+  """Rows [br] (each sequence's row numbers, >= 0) of one plane -> their lines uint32 [br, lanes]."""
   from jax.experimental.pallas import triton as pltriton
-  n_src = len(srcs)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (rows.shape[0], plane.lanes), 1)
+  line = rows if plane.pack == 1 else rows // plane.pack
+  return pltriton.load(pool.at[(base + line)[:, None], cols], mask=cols < plane.words, other=0)
+
+
+def _gpu_chunk(src: _Source, pools, bases, rows, p_dtype):
+  """The decoded parts of rows [br] of every plane, and each packed plane's row slots [1, br]."""
+  parts, slots = [], []
+  for pool, base, plane in zip(pools, bases, src.planes):
+    parts += rowcodec.decode_parts(_gpu_load(pool, base, rows, plane), plane.codec, p_dtype)
+    slots.append((rows % plane.pack)[None, :] if plane.pack > 1 else None)
+  return parts, slots
+
+
+def _gpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float, p_dtype, seq: int):
+  n_pl = sum(len(src.planes) for src in srcs)
   it = iter(refs)
   base_ref, vis_ref = next(it), next(it)
   ins = []
   for src in srcs:
     ids = None if src.dense else next(it)
-    qp = [next(it) for _ in src.codec.parts]
+    qp = [next(it) for _ in src.part_lanes]
     ins.append((ids, qp))
   sink_ref = next(it)
-  pools = [next(it) for _ in srcs]
-  outs = [[next(it) for _ in src.codec.parts] for src in srcs]
+  pools = [[next(it) for _ in src.planes] for src in srcs]
+  outs = [[next(it) for _ in src.part_lanes] for src in srcs]
   l_ref = next(it)
 
   bs = pl.program_id(0)
@@ -251,12 +350,12 @@ def _gpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
   m, l = sink, jnp.ones_like(sink)
   finals = []
   br = block_rows
+  k0 = 0
   for k, src in enumerate(srcs):
     ids, qp_refs = ins[k]
-    pool = pools[k]
-    base = base_ref[b * n_src + k]
+    bases = [base_ref[b * n_pl + k0 + i] for i in range(len(src.planes))]
+    k0 += len(src.planes)
     qparts = [r[...] for r in qp_refs]
-    cols = jax.lax.broadcasted_iota(jnp.int32, (br, src.lanes), 1)
     j = jax.lax.broadcasted_iota(jnp.int32, (br,), 0)
     if src.dense:
       visible = vis_ref[bs]
@@ -264,20 +363,19 @@ def _gpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
     else:
       n_chunks = src.chunks
 
-    def body(c, carry, src=src, ids=ids, pool=pool, base=base, qparts=qparts, cols=cols, j=j):
+    def body(c, carry, src=src, ids=ids, pools=pools[k], bases=bases, qparts=qparts, j=j):
       if src.dense:
         e = c * br + j
         valid = e < visible
-        r = base + jnp.minimum(e, src.rows - 1)
+        r = jnp.minimum(e, src.rows - 1)
       else:
         idx = ids[pl.ds(c * br, br)]
         valid = idx >= 0
-        r = base + jnp.maximum(idx, 0)
-      words = pltriton.load(pool.at[r[:, None], cols], mask=cols < src.words, other=0)
-      parts = rowcodec.decode_parts(words, src.codec, p_dtype)
-      return _online_step(carry, qparts, parts, valid[None, :], scale, p_dtype)
+        r = jnp.maximum(idx, 0)
+      parts, slots = _gpu_chunk(src, pools, bases, r, p_dtype)
+      return _online_step(carry, qparts, parts, valid[None, :], scale, p_dtype, geo=src.geo(), slot_rows=slots)
 
-    zeros = [jnp.zeros((qparts[0].shape[0], src.lanes), F32) for _ in src.codec.parts]
+    zeros = [jnp.zeros((qparts[0].shape[0], n), F32) for n in src.part_lanes]
     m, l, acc = jax.lax.fori_loop(0, n_chunks, body, (m, l, zeros))
     finals.append((m, acc))
   for (m_k, acc), out_refs in zip(finals, outs):
@@ -286,33 +384,39 @@ def _gpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
   l_ref[...] = l[:, 0]
 
 
+def _gpu_bases(arrays):
+  """Every (source, plane)'s base per sequence, flattened b-major: [B * planes]."""
+  return jnp.stack([base for pools, *_ in arrays for _, base in pools], axis=1).reshape(-1)
+
+
 def _call_gpu(q, sink, srcs, arrays, visible, scale, block_rows, head_block, interpret):
   from jax.experimental.pallas import triton as pltriton
   B, S, H, _ = q.shape
   hb = head_block
   in_specs, operands = [], []
-  bases = jnp.stack([a[1] for a in arrays], axis=1).reshape(-1)                   # [B * n_src]
+  bases = _gpu_bases(arrays)
   in_specs += [pl.BlockSpec(bases.shape, lambda i, h: (0,)),
                pl.BlockSpec((B * S,), lambda i, h: (0,))]
   operands += [bases, visible.reshape(B * S)]
-  for src, (pool, base, ids, qparts) in zip(srcs, arrays):
+  for src, (pools, ids, qparts) in zip(srcs, arrays):
     if not src.dense:
       T = ids.shape[-1]
       in_specs.append(pl.BlockSpec((None, T), lambda i, h: (i, 0)))
       operands.append(ids.reshape(B * S, T))
-    for qp in qparts:
-      in_specs.append(pl.BlockSpec((None, hb, src.lanes), lambda i, h: (i, h, 0)))
-      operands.append(qp.reshape(B * S, H, src.lanes))
+    for qp, lanes in zip(qparts, src.part_lanes):
+      in_specs.append(pl.BlockSpec((None, hb, lanes), lambda i, h: (i, h, 0)))
+      operands.append(qp.reshape(B * S, H, lanes))
   in_specs.append(pl.BlockSpec((hb,), lambda i, h: (h,)))
   operands.append(sink.astype(F32))
-  for src, a in zip(srcs, arrays):
-    in_specs.append(pl.BlockSpec(a[0].shape, lambda i, h: (0, 0)))
-    operands.append(a[0])
+  for src, (pools, _, _) in zip(srcs, arrays):
+    for pool, _ in pools:
+      in_specs.append(pl.BlockSpec(pool.shape, lambda i, h: (0, 0)))
+      operands.append(pool)
   out_shape, out_specs = [], []
   for src in srcs:
-    for _ in src.codec.parts:
-      out_shape.append(jax.ShapeDtypeStruct((B * S, H, src.lanes), F32))
-      out_specs.append(pl.BlockSpec((None, hb, src.lanes), lambda i, h: (i, h, 0)))
+    for lanes in src.part_lanes:
+      out_shape.append(jax.ShapeDtypeStruct((B * S, H, lanes), F32))
+      out_specs.append(pl.BlockSpec((None, hb, lanes), lambda i, h: (i, h, 0)))
   out_shape.append(jax.ShapeDtypeStruct((B * S, H), F32))
   out_specs.append(pl.BlockSpec((None, hb), lambda i, h: (i, h)))
   kernel = functools.partial(_gpu_kernel, srcs=tuple(srcs), block_rows=block_rows, scale=scale, p_dtype=q.dtype,
@@ -358,17 +462,22 @@ def window_union(idx, q_block: int, n_rows: int, block_rows: int):
 def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], q_block: int, seq: int,
                       scale: float, p_dtype):
   from jax.experimental.pallas import tpu as pltpu
-  n_src, Tq = len(srcs), q_block
-  base_refs, nu_ref, vmax_ref = refs[:n_src], refs[n_src], refs[n_src + 1]
-  it = iter(refs[n_src + 2:])
+  Tq = q_block
+  n_pl = sum(len(src.planes) for src in srcs)
+  base_refs, nu_ref, vmax_ref = refs[:n_pl], refs[n_pl], refs[n_pl + 1]
+  it = iter(refs[n_pl + 2:])
   ins = []
   for src, mode in zip(srcs, modes):
-    a = (next(it),) if mode == "dense" else (next(it), next(it))
-    ins.append((a, [next(it) for _ in src.codec.parts]))
+    a = (next(it),) if mode == "dense" else (next(it), next(it), next(it)) if mode == "union" else (next(it), next(it))
+    ins.append((a, [next(it) for _ in src.part_lanes]))
   sink_ref = next(it)                                                               # [M, 1]
-  pools = [next(it) for _ in srcs]
-  outs = [([next(it) for _ in src.codec.parts], next(it), next(it)) for src in srcs]
-  scratch = [(next(it), next(it)) for _ in srcs]
+  pools = [[next(it) for _ in src.planes] for src in srcs]
+  outs = [([next(it) for _ in src.part_lanes], next(it), next(it)) for src in srcs]
+  scratch = [[(next(it), next(it)) for _ in src.planes] for src in srcs]
+  bases, k0 = [], 0
+  for src in srcs:
+    bases.append(base_refs[k0:k0 + len(src.planes)])
+    k0 += len(src.planes)
 
   b, kb = pl.program_id(0), pl.program_id(1)
   blk = b * pl.num_programs(1) + kb
@@ -381,22 +490,34 @@ def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
   for si, (src, mode) in enumerate(zip(srcs, modes)):
     a, q_refs = ins[si]
     acc_refs, m_ref, l_ref = outs[si]
-    buf, sem = scratch[si]
-    pool, base = pools[si], base_refs[si][b]
-    br = buf.shape[1]
+    bufs = scratch[si]
+    plane_io = [(pool, bref[b], buf, sem, plane)
+                for pool, bref, (buf, sem), plane in zip(pools[si], bases[si], bufs, src.planes)]
+    br = bufs[0][0].shape[1]
+    geo = src.geo()
     m_ref[...] = sink_ref[...]
     l_ref[...] = jnp.full((M, 1), 1.0 if si == 0 else 0.0, F32)                       # the sink counts once
     for o in acc_refs:
       o[...] = jnp.zeros(o.shape, F32)
 
-    def gather(slot, row_of, pool=pool, base=base, buf=buf, sem=sem, br=br):        # one DMA per row
+    def gather(slot, row_of, plane_io=plane_io, br=br):         # one DMA per row and plane (line r // P)
       @pl.loop(0, br)
       def _(j):
-        r = base + row_of(j)
-        pltpu.make_async_copy(pool.at[pl.ds(r, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
+        r = row_of(j)
+        for pool, base, buf, sem, plane in plane_io:
+          line = r if plane.pack == 1 else jax.lax.div(r, plane.pack)
+          pltpu.make_async_copy(pool.at[pl.ds(base + line, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
 
-    def wait(slot, buf=buf, sem=sem):
-      pltpu.make_async_copy(buf.at[slot], buf.at[slot], sem.at[slot]).wait()       # all of the chunk's rows
+    def wait_decode(slot, bufs=bufs, src=src):                  # all of the chunk's rows, every plane
+      for buf, sem in bufs:
+        pltpu.make_async_copy(buf.at[slot], buf.at[slot], sem.at[slot]).wait()
+      parts = []
+      for (buf, _), plane in zip(bufs, src.planes):
+        parts += rowcodec.decode_parts(buf[slot], plane.codec, p_dtype)
+      return parts
+
+    def slots_of(rows, src=src):                                # rows [1, br] -> per plane [1, br] or None
+      return [jax.lax.rem(rows, p.pack) if p.pack > 1 else None for p in src.planes]
 
     if mode == "gather":                 # CSA: query by query, the chunks of all queries in one DMA pipeline
       ids_s, ids_v = a
@@ -417,7 +538,8 @@ def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
         start(0, 0)
 
       def body(i, carry, src=src, q_refs=q_refs, ids_v=ids_v, acc_refs=acc_refs, m_ref=m_ref, l_ref=l_ref,
-               buf=buf, br=br, nc=nc, total=total, start=start, wait=wait, split=split):
+               br=br, nc=nc, total=total, start=start, wait_decode=wait_decode, split=split, geo=geo,
+               slots_of=slots_of):
         t, c = split(i)
         slot = jax.lax.rem(i, 2)
 
@@ -425,15 +547,15 @@ def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
         def _():
           start(i + 1, 1 - slot)
 
-        wait(slot)
-        parts = rowcodec.decode_parts(buf[slot], src.codec, p_dtype)
+        parts = wait_decode(slot)
         first = c == 0
         m, l, acc = carry
         m = jnp.where(first, sink_ref[rows_of(t), :], m)
         l = jnp.where(first, 0.0, l)
         acc = [jnp.where(first, 0.0, x) for x in acc]
-        valid = ids_v[t, :, pl.ds(pl.multiple_of(c * br, br), br)] >= 0                  # [1, br]
-        m, l, acc = _online_step((m, l, acc), [r[rows_of(t), :] for r in q_refs], parts, valid, scale, p_dtype)
+        ids = ids_v[t, :, pl.ds(pl.multiple_of(c * br, br), br)]                         # [1, br]
+        m, l, acc = _online_step((m, l, acc), [r[rows_of(t), :] for r in q_refs], parts, ids >= 0, scale, p_dtype,
+                                 geo=geo, slot_rows=slots_of(jnp.maximum(ids, 0)))
 
         @pl.when(c == nc - 1)
         def _():
@@ -443,58 +565,58 @@ def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
             o[rows_of(t), :] = x
         return m, l, acc
 
-      init = (jnp.zeros((H, 1), F32), jnp.zeros((H, 1), F32), [jnp.zeros((H, src.lanes), F32) for _ in acc_refs])
+      init = (jnp.zeros((H, 1), F32), jnp.zeros((H, 1), F32), [jnp.zeros((H, n), F32) for n in src.part_lanes])
       jax.lax.fori_loop(0, total, body, init)
       continue
 
     if mode == "union":                  # the window: the block's distinct rows, each fetched once
-      uid_s, cnt_ref = a
+      uid_s, uid_v, cnt_ref = a
       n_chunks = jax.lax.div(nu_ref[blk] + br - 1, br)
 
       def start(c, slot, uid_s=uid_s, br=br, gather=gather):
         gather(slot, lambda j: uid_s[0, c * br + j])
 
-      def weight_of(c, cnt_ref=cnt_ref, br=br):
+      def weight_of(c, cnt_ref=cnt_ref, uid_v=uid_v, br=br, slots_of=slots_of):
         count = _per_query_rows(cnt_ref[:, pl.ds(pl.multiple_of(c * br, br), br)], H)    # [M, br]
-        return count > 0, count
+        return count > 0, count, slots_of(jnp.maximum(uid_v[:, pl.ds(pl.multiple_of(c * br, br), br)], 0))
     else:                                # HCA: every visible row, shared; each query masks by its own count
       (vis_ref,) = a
       visible = vmax_ref[blk]
       n_chunks = jnp.minimum(jax.lax.div(visible + br - 1, br), src.chunks)
-      aligned = src.rows % 8 == 0 and br % 8 == 0      # HBM is tiled by 8 rows: a chunk DMA starts on a tile
+      # HBM is tiled by 8 rows: a chunk DMA starts on a tile (one-row-a-line planes only)
+      aligned = src.rows % 8 == 0 and br % 8 == 0 and not src.packed
 
       def first_row(c, src=src, br=br, aligned=aligned):
         return jnp.minimum(c * br, src.rows - br) if aligned else c * br
 
-      def start(c, slot, src=src, br=br, aligned=aligned, pool=pool, base=base, buf=buf, sem=sem, gather=gather,
-                first_row=first_row):
+      def start(c, slot, src=src, br=br, aligned=aligned, plane_io=plane_io, gather=gather, first_row=first_row):
         if aligned:
-          r0 = pl.multiple_of(base + first_row(c), 8)
-          pltpu.make_async_copy(pool.at[pl.ds(r0, br)], buf.at[slot], sem.at[slot]).start()
+          for pool, base, buf, sem, _ in plane_io:
+            r0 = pl.multiple_of(base + first_row(c), 8)
+            pltpu.make_async_copy(pool.at[pl.ds(r0, br)], buf.at[slot], sem.at[slot]).start()
         else:
           gather(slot, lambda j: jnp.minimum(c * br + j, src.rows - 1))
 
-      def weight_of(c, vis_ref=vis_ref, br=br, first_row=first_row):
+      def weight_of(c, vis_ref=vis_ref, br=br, first_row=first_row, src=src, slots_of=slots_of):
         e = first_row(c) + jax.lax.broadcasted_iota(jnp.int32, (1, br), 1)
-        return (e >= c * br) & (e < vis_ref[...]), None                                  # [M, br]
+        return (e >= c * br) & (e < vis_ref[...]), None, slots_of(jnp.minimum(e, src.rows - 1))   # [M, br]
 
     @pl.when(n_chunks > 0)
     def _():
       start(0, 0)
 
-    def body(c, _, src=src, q_refs=q_refs, acc_refs=acc_refs, m_ref=m_ref, l_ref=l_ref, buf=buf,
-             n_chunks=n_chunks, start=start, wait=wait, weight_of=weight_of):
+    def body(c, _, q_refs=q_refs, acc_refs=acc_refs, m_ref=m_ref, l_ref=l_ref, n_chunks=n_chunks, start=start,
+             wait_decode=wait_decode, weight_of=weight_of, geo=geo):
       slot = jax.lax.rem(c, 2)
 
       @pl.when(c + 1 < n_chunks)
       def _():
         start(c + 1, 1 - slot)
 
-      wait(slot)
-      parts = rowcodec.decode_parts(buf[slot], src.codec, p_dtype)
-      valid, count = weight_of(c)
+      parts = wait_decode(slot)
+      valid, count, slots = weight_of(c)
       m, l, acc = _online_step((m_ref[...], l_ref[...], [o[...] for o in acc_refs]), [r[...] for r in q_refs],
-                               parts, valid, scale, p_dtype, count)
+                               parts, valid, scale, p_dtype, count, geo=geo, slot_rows=slots)
       m_ref[...] = m
       l_ref[...] = l
       for o, x in zip(acc_refs, acc):
@@ -517,13 +639,13 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
 
   in_specs, operands, scratch = [], [], []
   n_u = vmax = jnp.zeros((B * nb,), jnp.int32)
-  for src, mode, (pool, base, extra, qparts) in zip(srcs, modes, arrays):
+  for src, mode, (pools, extra, qparts) in zip(srcs, modes, arrays):
     if mode == "union":
       uids, n_u, count = extra
       Up = uids.shape[-1]
       in_specs += [pl.BlockSpec((None, 1, Up), per_blk, memory_space=pltpu.SMEM),
-                   pl.BlockSpec((None, Tq, Up), per_blk)]
-      operands += [uids.reshape(B * nb, 1, Up), count]
+                   pl.BlockSpec((None, 1, Up), per_blk), pl.BlockSpec((None, Tq, Up), per_blk)]
+      operands += [uids.reshape(B * nb, 1, Up), uids.reshape(B * nb, 1, Up), count]
     elif mode == "dense":
       vis, vmax = extra                                                             # [B, Sp], [B*nb]
       in_specs.append(pl.BlockSpec((None, M, 1), per_row))
@@ -534,81 +656,84 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
       in_specs += [pl.BlockSpec((None, Tq, T), per_blk, memory_space=pltpu.SMEM),
                    pl.BlockSpec((None, Tq, 1, T), lambda b, k, *_: (b * nb + k, 0, 0, 0))]
       operands += [ids.reshape(B * nb, Tq, T), ids.reshape(B * nb, Tq, 1, T)]
-    for qp in qparts:                                                               # [B, Sp, H, lanes]
-      in_specs.append(pl.BlockSpec((None, M, src.lanes), per_row))
-      operands.append(qp.reshape(B, Sp * H, src.lanes))
+    for qp, lanes in zip(qparts, src.part_lanes):                                   # [B, Sp, H, lanes]
+      in_specs.append(pl.BlockSpec((None, M, lanes), per_row))
+      operands.append(qp.reshape(B, Sp * H, lanes))
     br = min(block_rows, src.rows) if mode == "dense" else block_rows
-    scratch += [pltpu.VMEM((2, br, src.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
+    for plane in src.planes:
+      scratch += [pltpu.VMEM((2, br, plane.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
   in_specs.append(pl.BlockSpec((M, 1), lambda b, k, *_: (0, 0)))
   operands.append(jnp.tile(sink.astype(F32), Tq).reshape(M, 1))
-  for _ in srcs:
-    in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))          # rows are DMAed from HBM
-  operands += [a[0] for a in arrays]
+  for pools, _, _ in arrays:
+    for pool, _ in pools:
+      in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
+      operands.append(pool)
   out_shape, out_specs = [], []
   for src in srcs:
-    for w in [src.lanes] * len(src.codec.parts) + [1, 1]:                           # acc parts, m, l
+    for w in src.part_lanes + [1, 1]:                                                # acc parts, m, l
       out_shape.append(jax.ShapeDtypeStruct((B, Sp * H, w), F32))
       out_specs.append(pl.BlockSpec((None, M, w), per_row))
   kernel = functools.partial(_tpu_block_kernel, srcs=tuple(srcs), modes=tuple(modes), q_block=Tq, seq=seq,
                              scale=scale, p_dtype=q.dtype)
+  bases = [base for pools, _, _ in arrays for _, base in pools]
   outs = pl.pallas_call(
       kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(srcs) + 2, grid=(B, nb), in_specs=in_specs,
+      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(bases) + 2, grid=(B, nb), in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch),
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                            vmem_limit_bytes=vmem_limit),
       interpret=interpret,
-  )(*[a[1] for a in arrays], n_u, vmax, *operands)
+  )(*bases, n_u, vmax, *operands)
   return [o.reshape(B, Sp, H, -1) for o in outs]
 
 
 def _gpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], block_rows: int, seq: int,
                       scale: float, p_dtype):
-  from jax.experimental.pallas import triton as pltriton
-  n_src = len(srcs)
+  n_pl = sum(len(src.planes) for src in srcs)
   it = iter(refs)
   base_ref, nu_ref, vmax_ref = next(it), next(it), next(it)
   ins = []
   for src, mode in zip(srcs, modes):
     a = (next(it), next(it)) if mode == "union" else (next(it),)
-    ins.append((a, [next(it) for _ in src.codec.parts]))
+    ins.append((a, [next(it) for _ in src.part_lanes]))
   sink_ref = next(it)                                                               # [hb]
-  pools = [next(it) for _ in srcs]
-  outs = [([next(it) for _ in src.codec.parts], next(it), next(it)) for src in srcs]
+  pools = [[next(it) for _ in src.planes] for src in srcs]
+  outs = [([next(it) for _ in src.part_lanes], next(it), next(it)) for src in srcs]
 
   blk = pl.program_id(0)
   Tq, hb = ins[0][1][0].shape[:2]
   M = Tq * hb
-  nb = pl.num_programs(0) // (base_ref.shape[0] // n_src)
+  nb = pl.num_programs(0) // (base_ref.shape[0] // n_pl)
   b = blk // nb
   nq = jnp.minimum(Tq, seq - (blk - b * nb) * Tq)
   br = block_rows
   sink = sink_ref[...][:, None]                                                     # [hb, 1]
   j = jax.lax.broadcasted_iota(jnp.int32, (br,), 0)
+  k0 = 0
   for si, (src, mode) in enumerate(zip(srcs, modes)):
     a, q_refs = ins[si]
     acc_refs, m_ref, l_ref = outs[si]
-    pool = pools[si]
-    base = base_ref[b * n_src + si]
-    cols = jax.lax.broadcasted_iota(jnp.int32, (br, src.lanes), 1)
+    bases = [base_ref[b * n_pl + k0 + i] for i in range(len(src.planes))]
+    k0 += len(src.planes)
+    geo = src.geo()
 
-    def load(r, pool=pool, cols=cols, src=src):
-      return pltriton.load(pool.at[r[:, None], cols], mask=cols < src.words, other=0)
+    def chunk(rows, src=src, pools=pools[si], bases=bases):
+      return _gpu_chunk(src, pools, bases, rows, p_dtype)
 
     if mode == "gather":                 # CSA: query by query (padded queries: no chunks, the initial state)
       (ids_ref,) = a
 
       def query(t, _, src=src, ids_ref=ids_ref, q_refs=q_refs, acc_refs=acc_refs, m_ref=m_ref, l_ref=l_ref,
-                base=base, load=load):
+                chunk=chunk, geo=geo):
         qparts = [r[t] for r in q_refs]                                             # [hb, lanes]
 
         def body(c, carry):
           idx = ids_ref[t, pl.ds(c * br, br)]
-          parts = rowcodec.decode_parts(load(base + jnp.maximum(idx, 0)), src.codec, p_dtype)
-          return _online_step(carry, qparts, parts, (idx >= 0)[None, :], scale, p_dtype)
+          parts, slots = chunk(jnp.maximum(idx, 0))
+          return _online_step(carry, qparts, parts, (idx >= 0)[None, :], scale, p_dtype, geo=geo, slot_rows=slots)
 
-        init = (sink, jnp.zeros_like(sink), [jnp.zeros((hb, src.lanes), F32) for _ in acc_refs])
+        init = (sink, jnp.zeros_like(sink), [jnp.zeros((hb, n), F32) for n in src.part_lanes])
         m, l, acc = jax.lax.fori_loop(0, jnp.where(t < nq, src.chunks, 0), body, init)
         m_ref[t] = m[:, 0]
         l_ref[t] = l[:, 0]
@@ -619,32 +744,32 @@ def _gpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
       jax.lax.fori_loop(0, Tq, query, 0)
       continue
 
-    qparts = [r[...].reshape(M, src.lanes) for r in q_refs]                         # [M, lanes], query-major
+    qparts = [r[...].reshape(M, n) for r, n in zip(q_refs, src.part_lanes)]         # [M, lanes], query-major
     if mode == "union":                  # the window: the block's distinct rows, each loaded once
       uid_ref, cnt_ref = a
       n_chunks = jax.lax.div(nu_ref[blk] + br - 1, br)
 
-      def body(c, carry, src=src, uid_ref=uid_ref, cnt_ref=cnt_ref, qparts=qparts, base=base, load=load):
-        parts = rowcodec.decode_parts(load(base + uid_ref[pl.ds(c * br, br)]), src.codec, p_dtype)
+      def body(c, carry, uid_ref=uid_ref, cnt_ref=cnt_ref, qparts=qparts, chunk=chunk, geo=geo):
+        parts, slots = chunk(uid_ref[pl.ds(c * br, br)])
         count = _per_query_rows(cnt_ref[:, pl.ds(c * br, br)], hb)                 # [M, br]
-        return _online_step(carry, qparts, parts, count > 0, scale, p_dtype, count)
+        return _online_step(carry, qparts, parts, count > 0, scale, p_dtype, count, geo=geo, slot_rows=slots)
     else:                                # HCA: every visible row, shared; each query masks by its own count
       (vis_ref,) = a
       vis = _per_query_rows(vis_ref[...][:, None], hb)                              # [M, 1]
       n_chunks = jnp.minimum(jax.lax.div(vmax_ref[blk] + br - 1, br), src.chunks)
 
-      def body(c, carry, src=src, vis=vis, qparts=qparts, base=base, load=load):
+      def body(c, carry, src=src, vis=vis, qparts=qparts, chunk=chunk, geo=geo):
         e = c * br + j
-        parts = rowcodec.decode_parts(load(base + jnp.minimum(e, src.rows - 1)), src.codec, p_dtype)
-        return _online_step(carry, qparts, parts, e[None, :] < vis, scale, p_dtype)
+        parts, slots = chunk(jnp.minimum(e, src.rows - 1))
+        return _online_step(carry, qparts, parts, e[None, :] < vis, scale, p_dtype, geo=geo, slot_rows=slots)
 
     m0 = jnp.broadcast_to(sink[None], (Tq, hb, 1)).reshape(M, 1)
     l0 = jnp.full((M, 1), 1.0 if si == 0 else 0.0, F32)                              # the sink counts once
-    m, l, acc = jax.lax.fori_loop(0, n_chunks, body, (m0, l0, [jnp.zeros((M, src.lanes), F32) for _ in acc_refs]))
+    m, l, acc = jax.lax.fori_loop(0, n_chunks, body, (m0, l0, [jnp.zeros((M, n), F32) for n in src.part_lanes]))
     m_ref[...] = m.reshape(Tq, hb)
     l_ref[...] = l.reshape(Tq, hb)
-    for o, x in zip(acc_refs, acc):
-      o[...] = x.reshape(Tq, hb, src.lanes)
+    for o, x, n in zip(acc_refs, acc, src.part_lanes):
+      o[...] = x.reshape(Tq, hb, n)
 
 
 def _call_gpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_rows, head_block, interpret):
@@ -654,7 +779,7 @@ def _call_gpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
   nb = Sp // Tq
   n_u = vmax = jnp.zeros((B * nb,), jnp.int32)
   in_specs, operands = [], []
-  for src, mode, (pool, base, extra, qparts) in zip(srcs, modes, arrays):
+  for src, mode, (pools, extra, qparts) in zip(srcs, modes, arrays):
     if mode == "union":
       uids, n_u, count = extra
       in_specs += [pl.BlockSpec((None, uids.shape[-1]), lambda i, h: (i, 0)),
@@ -668,23 +793,24 @@ def _call_gpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
       T = extra.shape[-1]
       in_specs.append(pl.BlockSpec((None, Tq, T), lambda i, h: (i, 0, 0)))
       operands.append(extra.reshape(B * nb, Tq, T))
-    for qp in qparts:
-      in_specs.append(pl.BlockSpec((None, Tq, hb, src.lanes), lambda i, h: (i, 0, h, 0)))
-      operands.append(qp.reshape(B * nb, Tq, H, src.lanes))
-  bases = jnp.stack([a[1] for a in arrays], axis=1).reshape(-1)                   # [B * n_src]
+    for qp, lanes in zip(qparts, src.part_lanes):
+      in_specs.append(pl.BlockSpec((None, Tq, hb, lanes), lambda i, h: (i, 0, h, 0)))
+      operands.append(qp.reshape(B * nb, Tq, H, lanes))
+  bases = _gpu_bases(arrays)
   in_specs = [pl.BlockSpec(bases.shape, lambda i, h: (0,)), pl.BlockSpec((B * nb,), lambda i, h: (0,)),
               pl.BlockSpec((B * nb,), lambda i, h: (0,))] + in_specs
   operands = [bases, n_u, vmax] + operands
   in_specs.append(pl.BlockSpec((hb,), lambda i, h: (h,)))
   operands.append(sink.astype(F32))
-  for src, a in zip(srcs, arrays):
-    in_specs.append(pl.BlockSpec(a[0].shape, lambda i, h: (0, 0)))
-    operands.append(a[0])
+  for pools, _, _ in arrays:
+    for pool, _ in pools:
+      in_specs.append(pl.BlockSpec(pool.shape, lambda i, h: (0, 0)))
+      operands.append(pool)
   out_shape, out_specs = [], []
   for src in srcs:
-    for _ in src.codec.parts:
-      out_shape.append(jax.ShapeDtypeStruct((B * nb, Tq, H, src.lanes), F32))
-      out_specs.append(pl.BlockSpec((None, Tq, hb, src.lanes), lambda i, h: (i, 0, h, 0)))
+    for lanes in src.part_lanes:
+      out_shape.append(jax.ShapeDtypeStruct((B * nb, Tq, H, lanes), F32))
+      out_specs.append(pl.BlockSpec((None, Tq, hb, lanes), lambda i, h: (i, 0, h, 0)))
     for _ in range(2):                                                              # m, l
       out_shape.append(jax.ShapeDtypeStruct((B * nb, Tq, H), F32))
       out_specs.append(pl.BlockSpec((None, Tq, hb), lambda i, h: (i, 0, h)))
@@ -701,7 +827,7 @@ def _merge_sources(outs, srcs):
   """Per source (acc parts, m, l), each measured from its own m -> o [B, S, H, K] f32 (one division)."""
   i, per = 0, []
   for src in srcs:
-    n = len(src.codec.parts)
+    n = len(src.part_lanes)
     per.append((outs[i:i + n], outs[i + n], outs[i + n + 1]))
     i += n + 2
   m = functools.reduce(jnp.maximum, [s[1] for s in per])
@@ -709,7 +835,7 @@ def _merge_sources(outs, srcs):
   for src, (acc, m_k, l_k) in zip(srcs, per):
     f = jnp.exp(m_k - m)
     l = l + l_k * f
-    o = o + rowcodec.merge_parts(jnp.stack(acc, axis=-2), src.codec, src.lanes) * f
+    o = o + _merge(acc, src) * f
   return o / l
 
 
@@ -774,24 +900,20 @@ def sparse_attention(q, attn_sink, scale: float, window: Rows, window_idx, comp:
   srcs, arrays = [], []
   visible = jnp.zeros((B, S), jnp.int32)
   for rows, idx, vis in sources:
-    pool, base, layout, N = rowcodec.stored(rows)
-    codec = rowcodec.codec(layout)
-    w = layout.words
-    lanes = w if backend == "tpu" else next_pow2(w)
+    planes, pools, N = _source_of(rows, backend)
     if vis is not None:                                    # HCA: every visible entry, in contiguous chunks
       n = rows.rows
       br = min(block_rows, N) if backend == "tpu" else block_rows
-      src = _Source(codec, w, lanes, N, n, -(-n // br))
+      src = _Source(planes, N, n, -(-n // br))
       ids = None
       visible = jnp.minimum(vis.astype(jnp.int32), n)
     else:
       T = idx.shape[-1]
       Tp = -(-T // block_rows) * block_rows
       ids = jnp.pad(idx.astype(jnp.int32), ((0, 0), (0, 0), (0, Tp - T)), constant_values=-1)
-      src = _Source(codec, w, lanes, N, 0, Tp // block_rows)
+      src = _Source(planes, N, 0, Tp // block_rows)
     srcs.append(src)
-    qparts = rowcodec.split_query(q, codec, lanes)                                  # [B,S,H,P,lanes]
-    arrays.append((pool, base, ids, [qparts[..., p, :] for p in range(len(codec.parts))]))
+    arrays.append((pools, ids, _split_query(q, src)))
 
   if backend == "tpu":
     outs = _call_tpu(q, attn_sink, srcs, arrays, visible, scale, block_rows, interpret)
@@ -800,10 +922,28 @@ def sparse_attention(q, attn_sink, scale: float, window: Rows, window_idx, comp:
   l = outs[-1]
   o, i = 0.0, 0
   for src in srcs:
-    n_parts = len(src.codec.parts)
-    o = o + rowcodec.merge_parts(jnp.stack(outs[i:i + n_parts], axis=-2), src.codec, src.lanes)
-    i += n_parts
+    o = o + _merge(outs[i:i + len(src.part_lanes)], src)
+    i += len(src.part_lanes)
   return (o / l)[:, :, :H].astype(q.dtype)
+
+
+def _split_query(q, src: _Source) -> list:
+  """q [B,S,H,K] -> one query part [B,S,H,lanes] per part of every plane (a tiled plane's: every slot)."""
+  out = []
+  for plane in src.planes:
+    qp = rowcodec.split_query(q, plane.codec, plane.lanes)                          # [B,S,H,P,lanes]
+    out += [qp[..., p, :] for p in range(len(plane.codec.parts))]
+  return out
+
+
+def _merge(acc, src: _Source):
+  """Per-part P.V [.., lanes] of every plane -> [.., K] (a tiled plane: the sum over its slots)."""
+  o, i = 0.0, 0
+  for plane in src.planes:
+    n = len(plane.codec.parts)
+    o = o + rowcodec.merge_parts(jnp.stack(acc[i:i + n], axis=-2), plane.codec, plane.lanes)
+    i += n
+  return o
 
 
 def _sparse_attention_blocked(q, attn_sink, scale, window, window_idx, comp, comp_idx, comp_visible, backend,
@@ -821,29 +961,25 @@ def _sparse_attention_blocked(q, attn_sink, scale, window, window_idx, comp, com
     sources.append((comp, comp_idx, comp_visible if comp_idx is None else None))
   srcs, modes, arrays = [], [], []
   for k, (rows, idx, vis) in enumerate(sources):
-    pool, base, layout, N = rowcodec.stored(rows)
-    codec = rowcodec.codec(layout)
-    w = layout.words
-    lanes = w if backend == "tpu" else next_pow2(w)
+    planes, pools, N = _source_of(rows, backend)
     if vis is not None:                                    # HCA: every visible entry, shared by the block
       n = rows.rows
       br = min(block_rows, N) if backend == "tpu" else block_rows
-      src, mode = _Source(codec, w, lanes, N, n, -(-n // br)), "dense"
+      src, mode = _Source(planes, N, n, -(-n // br)), "dense"
       vis = jnp.pad(jnp.minimum(vis.astype(jnp.int32), n), pad_s)
       extra = (vis, jnp.max(vis.reshape(B * nb, Tq), axis=1))
     elif k == 0:                                           # the window: each block's set of rows
       idx = jnp.pad(idx.astype(jnp.int32), pad_s + ((0, 0),), constant_values=-1)
       extra = window_union(idx, Tq, N, block_rows)
-      src, mode = _Source(codec, w, lanes, N, 0, extra[0].shape[-1] // block_rows), "union"
+      src, mode = _Source(planes, N, 0, extra[0].shape[-1] // block_rows), "union"
     else:                                                  # CSA: each query's own rows
       T = idx.shape[-1]
       Tp = -(-T // block_rows) * block_rows
       extra = jnp.pad(idx.astype(jnp.int32), pad_s + ((0, Tp - T),), constant_values=-1)
-      src, mode = _Source(codec, w, lanes, N, 0, Tp // block_rows), "gather"
+      src, mode = _Source(planes, N, 0, Tp // block_rows), "gather"
     srcs.append(src)
     modes.append(mode)
-    qparts = rowcodec.split_query(q, codec, lanes)                                  # [B,Sp,H,P,lanes]
-    arrays.append((pool, base, extra, [qparts[..., p, :] for p in range(len(codec.parts))]))
+    arrays.append((pools, extra, _split_query(q, src)))
   if backend == "tpu":
     outs = _call_tpu_blocked(q, attn_sink, srcs, modes, arrays, Tq, S, scale, block_rows, interpret,
                              vmem_limit_bytes or VMEM_LIMIT)
@@ -857,17 +993,20 @@ def _sparse_attention_blocked(q, attn_sink, scale, window, window_idx, comp, com
 def _aot_case(H: int, B: int, S: int, fmt: str, source: str, context: int, topk: int = 512, K: int = 512,
               r: int = 64, window: int = 128):
   """A TPU compile case at a model's real shapes: S queries of a cached step over `context` tokens, the
-  compressed store as a stacked group of 2 layers of `fmt` rows."""
-  from dsv4_jax.kv_format import Layout
-  lay = Layout(fmt, K, r) if fmt == "fp8" else Layout(fmt, K)
+  compressed store as a stacked group of 2 layers of `fmt` rows, in the cache's lane-dense geometry (fp8:
+  [values | scales] lines and RoPE lines 4 to a line)."""
+  from dsv4_jax import kv_format
+  lay = kv_format.Layout(fmt, K, r) if fmt == "fp8" else kv_format.Layout(fmt, K)
   N = context // (4 if source == "csa" else 128)
+  planes = kv_format.lane_dense(lay)
+  store = jax.eval_shape(lambda: kv_format.empty((2, B), N, lay, planes))
   sds = jax.ShapeDtypeStruct
   args = (sds((B, S, H, K), jnp.bfloat16), sds((H,), F32), sds((B, window + S, K), jnp.bfloat16),
-          sds((B, S, window), jnp.int32), sds((2, B, N, lay.words), jnp.uint32), sds((), jnp.int32),
-          sds((B, S, topk), jnp.int32) if source == "csa" else sds((B, S), jnp.int32))
+          sds((B, S, window), jnp.int32), store.words, store.tail if store.tail is not None else store.words,
+          sds((), jnp.int32), sds((B, S, topk), jnp.int32) if source == "csa" else sds((B, S), jnp.int32))
 
-  def fn(q, sink, win, widx, words, rep, sel):
-    comp = Rows(words, lay, rep, N)
+  def fn(q, sink, win, widx, words, tail, rep, sel):
+    comp = Rows(words, lay, rep, N, tail=tail if len(planes) > 1 else None, planes=planes)
     kw = dict(comp_idx=sel) if source == "csa" else dict(comp_visible=sel)
     return sparse_attention(q, sink, 512 ** -0.5, Rows(win), widx, comp, backend="tpu", interpret=False, **kw)
   return fn, args

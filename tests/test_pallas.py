@@ -63,8 +63,10 @@ ATTENTION_CASES = [
     ("tiny", jnp.float32, ("float32",), ("values",), BACKENDS, (2,)),
     ("tiny", jnp.bfloat16, ("bfloat16",), ("csa", "hca"), BACKENDS, (2,)),
     ("flash", jnp.bfloat16, ("fp8",), ("csa", "hca"), BACKENDS, (2,)),
-    ("pro", jnp.float32, ("fp8", "float32"), ("csa",), ("tpu",), (2,)),
+    ("pro", jnp.float32, ("fp8_rows", "float32"), ("csa",), ("tpu",), (2,)),
 ]
+# "fp8": the cache's lane-dense geometry (kv_format.lane_dense: tiny's [values | scales] rows 7 to a line and
+# RoPE rows 8 or 4 to a line; Flash's one 128-word line and RoPE rows 4 to a line); "fp8_rows": whole rows.
 
 
 @pytest.mark.parametrize("shape,dtype,formats,sources,backends,q_blocks", ATTENTION_CASES)
@@ -79,13 +81,15 @@ def test_sparse_attention_equals_reference(shape, dtype, formats, sources, backe
   cidx = _index_rows(B, S, T, C - 3, 6)
   vis = jnp.array([[0, 5, 67], [33, 1, 64]], jnp.int32)
   for fmt in formats:
-    lay = Layout(fmt, K, r, jnp.dtype(dtype).name) if fmt == "fp8" else Layout(fmt, K)
+    lay = Layout("fp8", K, r, jnp.dtype(dtype).name) if fmt.startswith("fp8") else Layout(fmt, K)
     stacked = jnp.stack([lay.encode(entries * 2), lay.encode(entries)])                   # a scanned group
+    store = kv_format.from_rows(stacked, lay, kv_format.lane_dense(lay) if fmt == "fp8" else ())
+    assert (store.tail is not None) == (fmt == "fp8")
     for source in sources:
       if source == "values":                                  # forward: entries as values, not a store
         comp, kw = ops.Rows(entries.astype(dtype)), dict(comp_idx=cidx)
       else:
-        comp = ops.Rows(stacked, lay, jnp.int32(1), C - 3)
+        comp = ops.Rows.of(store, jnp.int32(1), C - 3)
         kw = dict(comp_idx=cidx) if source == "csa" else dict(comp_visible=vis)
       ref = ops.sparse_attention_ref(q, sink, 0.07, win, widx, comp, **kw)
       for backend in backends:
@@ -113,7 +117,8 @@ def test_sparse_attention_all_masked_is_zero_not_nan():
 ])
 def test_indexer_equals_reference(dtype, nI, cI, formats):
   """Each format, and the element-wise ones also packed lane-dense (`kv_format.lane_pack`: 2 or 4 keys per
-  line here) with 61 of 72 rows scored (a partial last line): kernels == reference; the reference reads a
+  line here), fp4 in the lane-dense geometry (7 or 14 keys of 17 or 9 words a 128-word line, the rest
+  padding), with 61 of 72 rows scored (a partial last line): kernels == reference; the reference reads a
   packed store exactly as the unpacked one."""
   B, S, n_keys = 2, 3, 61
   qI, w = _rand(1, (B, S, nI, cI), dtype), _rand(2, (B, S, nI), dtype)
@@ -132,6 +137,13 @@ def test_indexer_equals_reference(dtype, nI, cI, formats):
       packed = ops.Rows(kv_format.pack_lines(words, P), lay, jnp.int32(1), n_keys, P)
       np.testing.assert_array_equal(ops.index_scores_ref(qI, w, packed), ops.index_scores_ref(qI, w, cases[-1]))
       cases.append(packed)
+    if fmt == "fp4":                  # lane-dense: 14 (cI 64: 9 words) or 7 (cI 128: 17 words) keys a line
+      dense = ops.Rows.of(kv_format.from_rows(words, lay, kv_format.lane_dense(lay)), jnp.int32(1), n_keys)
+      assert dense.geometry[0].pack == 128 // lay.words and dense.data.shape[-1] == 128
+      # (not bit-equal: it scores 70 keys, whole lines, where the rows store scores 61, and XLA:CPU's fp32
+      # dot rounds by shape)
+      _close(ops.index_scores_ref(qI, w, dense), ops.index_scores_ref(qI, w, cases[-1]), dtype)
+      cases.append(dense)
   assert any(r.pack > 1 for r in cases) == any(f in ("float32", "bfloat16") for f in formats)
   for rows in cases:
     ref_scores = ops.index_scores_ref(qI, w, rows)
