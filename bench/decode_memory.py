@@ -35,8 +35,10 @@ where the ops touch only live rows.
 On a TPU, an array whose minor dimension is narrower than the 128 lanes gets a default HBM layout with the
 *rows* as the minor dimension (u32[1, 262144, 64] is laid out {1,2,0}; 17- and 146-word rows alike), and a
 scanned layer group carries its stacked stores through the while loop in the row-major layout: each step then
-relayouts such stores whole, in and out of the loop. The TPU table counts those whole-store copies (`store
-copies`) from the compiled HLO.
+relayouts such stores whole, in and out of the loop (as it also did a 128-word-wide store of 4682 lines, not
+whole (8, 128) tiles). The cache is therefore lane-dense (dsv4_jax/kv_format.py: every store 128 words wide,
+whole tiles). The TPU table counts whole-store copies (`store copies`) from the compiled HLO; `--lane_dense=0`
+compiles the whole-row cache (the paper's 146- and 17-word rows) to show them.
 
 The model scans its repeated layer group (compile time flat in depth); XLA:CPU copies each scanned layer's
 weights out of the stacked parameters (a constant, one period's weights, read twice). The `unrolled`
@@ -150,12 +152,12 @@ def weight_count_factor(device, m: int, n: int = 4096) -> float:
   return measure(c)[1] / (n * n * 2)
 
 
-def compiled_step(cfg, capacity: int, live: int, storage: str, device=None):
+def compiled_step(cfg, capacity: int, live: int, storage: str, device=None, lane_dense: bool = True):
   """The decode step compiled for abstract arguments (on `device`, e.g. a TPU topology's chip, when given)."""
   sh = None if device is None else jax.sharding.SingleDeviceSharding(device)
   put = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)
   params = put(abstract_params(cfg))
-  cache = put(jax.eval_shape(lambda: init_cache(cfg, 1, capacity, storage)))
+  cache = put(jax.eval_shape(lambda: init_cache(cfg, 1, capacity, storage, lane_dense=lane_dense)))
   tok, one = put(jax.ShapeDtypeStruct((1, 1), jnp.int32)), put(jax.ShapeDtypeStruct((1,), jnp.int32))
   c = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).trace(params, cfg, tok, one, cache, live).lower().compile()
   return c, nbytes(params), nbytes(cache), cache
@@ -179,6 +181,8 @@ def main():
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="compute dtype (the released models compute in bfloat16)")
   ap.add_argument("--topology", default=None, help="compile for one chip of this TPU slice (e.g. v5p:2x2x1)")
+  ap.add_argument("--lane_dense", type=int, default=1, choices=(0, 1),
+                  help="the cache's main stores lane-dense (default) or whole rows (init_cache(lane_dense=))")
   ap.add_argument("--attn_impl", default="xla", choices=("xla", "pallas_tpu"), help="with --topology")
   ap.add_argument("--in_child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
@@ -191,8 +195,10 @@ def main():
     target = f"one chip of {args.topology} ({device.device_kind}), deviceless libtpu compile, attn_impl {args.attn_impl}"
   elif args.attn_impl != "xla":
     ap.error("--attn_impl=pallas_tpu needs --topology")
+  geometry = "lane-dense" if args.lane_dense else "whole rows"
   print(f"one decode step, batch 1, Flash-shaped attention stack (D=256, 8 heads x 512, window 128, top-k 512, "
-        f"layers SWA/CSA/HCA/CSA/HCA/SWA), {args.dtype} compute, {args.cache_dtype} cache; {target}, jax {jax.__version__}")
+        f"layers SWA/CSA/HCA/CSA/HCA/SWA), {args.dtype} compute, {args.cache_dtype} cache ({geometry}); {target}, "
+        f"jax {jax.__version__}")
   if device is not None:
     print(f"cost-model check: one x[M,4096] @ W[4096,4096] bf16 matmul counts {weight_count_factor(device, 1):.2f}x "
           f"W's bytes as accessed at M=1, {weight_count_factor(device, 8):.2f}x at M=8 (W staged on chip)")
@@ -208,12 +214,12 @@ def main():
       from launch.aot import _compile_pallas_for_tpu
       cfg = _compile_pallas_for_tpu(dataclasses.replace(cfg, attn_impl="pallas"))
     for live in (cap, live_bucket(1024, cap)):
-      c, pbytes, cbytes, ctree = compiled_step(cfg, cap, live, args.cache_dtype, device)
+      c, pbytes, cbytes, ctree = compiled_step(cfg, cap, live, args.cache_dtype, device, bool(args.lane_dense))
       temp, acc = measure(c)
       copies = store_copies(c, ctree)
       saved = unrolled(cfg)
       try:
-        cu, _, _, ctree_u = compiled_step(cfg, cap, live, args.cache_dtype, device)
+        cu, _, _, ctree_u = compiled_step(cfg, cap, live, args.cache_dtype, device, bool(args.lane_dense))
         temp_u, acc_u = measure(cu)
         copies_u = store_copies(cu, ctree_u)
         accesses[(cap, live)] = store_accesses(cu)

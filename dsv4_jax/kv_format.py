@@ -21,17 +21,18 @@ contiguous, so such a store is relaid out whole, in and out of the scanned layer
 
   rows        (`rows_geometry`) every row whole and contiguous, `pack` rows per line (`lane_pack`: only
               element-wise formats whose rows divide 128 words, e.g. bf16 indexer keys of 128 values, 2 a
-              line; a line of P such rows is one row of P * width values, which is how the Pallas indexer
-              reads it). What the Pallas kernels read: a gathered row is one DMA or one pointer range.
-  lane-dense  (`lane_dense`) every array 128 words wide, so XLA:TPU never relays it out: a row is cut into
-              planes at its fields' boundaries, and a plane of w < 128 words keeps 128 // w rows per
-              128-word line (the rest padding), a wider one its rows padded to whole lines. The paper's
-              fp8 entry (Flash: 146 words) becomes [448 fp8 | 7 scales | pad] = one 128-word line and its
-              64 bf16 RoPE dims (32 words) 4 to a line, 640 B an entry against 584 (tpu-inference keeps
-              the same 512 + 128 B, compress_and_store/config.py); fp4 indexer keys (17 words) 7 to a
-              line, 73.1 B a key against 68. What the XLA ops read (`ops.Rows`).
+              line). The paper's rows exactly (584 B a Flash entry); `init_cache(lane_dense=False)`.
+  lane-dense  (`lane_dense`, the cache's default) every array 128 words wide, so XLA:TPU never relays it
+              out: a row is cut into planes at its fields' boundaries, and a plane of w < 128 words keeps
+              128 // w rows per 128-word line (the rest padding), a wider one its rows padded to whole
+              lines. The paper's fp8 entry (Flash: 146 words) becomes [448 fp8 | 7 scales | pad] = one
+              128-word line and its 64 bf16 RoPE dims (32 words) 4 to a line, 640 B an entry against 584
+              (tpu-inference keeps the same 512 + 128 B, compress_and_store/config.py); fp4 indexer keys
+              (17 words) 7 to a line, 73.1 B a key against 68. A store is whole (8, 128) tiles (`empty`).
 
-The byte format of a row (`Layout.encode` / `decode`) is the same in both; planes only move its words.
+The byte format of a row (`Layout.encode` / `decode`) is the same in both; planes only move its words. The
+XLA ops (`ops.Rows`) and the Pallas kernels (pallas_kernels/rowcodec.py: a packed plane's line is decoded
+whole and the row's slot picked per row) read both.
 """
 from __future__ import annotations
 

@@ -184,3 +184,35 @@ def test_packed_store_writes_and_reads_rows_like_an_unpacked_one():
     np.testing.assert_array_equal(a.gather(idx, jnp.float32), b.gather(idx, jnp.float32))
     np.testing.assert_array_equal(a.all(jnp.float32), b.all(jnp.float32))
     np.testing.assert_array_equal(a.block(8, 16, jnp.float32), b.block(8, 16, jnp.float32))
+
+
+def test_lane_dense_planes_read_and_write_like_whole_rows():
+  """The lane-dense geometry (kv_format.lane_dense): every plane 128 words wide; the paper's fp8 row cut
+  into [values | scales] and RoPE planes (Flash: one line + 4 RoPE rows a line; tiny widths: 7 and 8 or 4
+  rows a line), fp4 keys packed 7 a line. Rows written anywhere (out of range dropped), in a stacked group's
+  layer, decode, gather and block-read exactly as whole rows do, and the other layer stays zero."""
+  from dsv4_jax import kv_format
+  from dsv4_jax.cache import LayerCache
+  from dsv4_jax.kv_format import Layout
+  cases = {Layout("fp8", 512, 64): [(0, 114, 1, 128), (114, 146, 4, 128)],
+           Layout("fp8", 96, 32, "float32"): [(0, 17, 7, 128), (17, 49, 4, 128)],
+           Layout("fp4", 128): [(0, 17, 7, 128)]}
+  rows = jnp.array([[0, 6, 7, 27, -1], [3, 13, 2**31 - 1, 9, 10]])
+  rep = jnp.int32(1)
+  for lay, want in cases.items():
+    planes = kv_format.lane_dense(lay)
+    assert [(p.lo, p.hi, p.pack, p.line) for p in planes] == want
+    vals = jax.random.normal(jax.random.key(1), (2, 5, lay.width)) * 3
+    dense = LayerCache({"s": kv_format.empty((2, 2), 28, lay, planes)}, rep, 28).write("s", rows, vals).tree["s"]
+    whole = LayerCache({"s": kv_format.empty((2, 2), 28, lay)}, rep, 28).write("s", rows, vals).tree["s"]
+    assert all(a.shape[-1] == 128 and a.shape[-2] % 8 == 0 for a in dense.arrays) and dense.n_rows >= 28
+    got, ref = dense.decode(jnp.float32), whole.decode(jnp.float32)
+    np.testing.assert_array_equal(got[..., :28, :], ref)
+    assert np.asarray(ref[1]).any() and not np.asarray(got[0]).any() and not np.asarray(got[:, :, 28:]).any()
+    a, b = ops.Rows.of(dense, rep, 27), ops.Rows.of(whole, rep, 27)
+    idx = jnp.array([[[0, 6, 7, 27, -1]], [[13, 9, 3, 3, 100]]])
+    np.testing.assert_array_equal(a.gather(idx, jnp.float32), b.gather(idx, jnp.float32))
+    np.testing.assert_array_equal(a.all(jnp.float32), b.all(jnp.float32))
+    blk = a.align                                          # whole lines of every plane: 4, 28 or 7 rows
+    for start in range(0, 28 - blk + 1, blk):
+      np.testing.assert_array_equal(a.block(start, blk, jnp.float32), b.block(start, blk, jnp.float32))
