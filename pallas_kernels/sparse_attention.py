@@ -162,8 +162,39 @@ def _per_query_rows(x, heads: int):
 
 # ---- TPU (Mosaic) ---------------------------------------------------------------------------------------
 
-def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float, p_dtype):
+def _tpu_dma_rows(plane_io, slot, row_of, br: int):
+  """Starts one DMA per row j < br and plane: row row_of(j) is line row // P of each plane, into the plane's
+  buffer slot. plane_io: [(pool, base, buf, sem, _Plane)]."""
   from jax.experimental.pallas import tpu as pltpu
+
+  @pl.loop(0, br)
+  def _(j):
+    r = row_of(j)
+    for pool, base, buf, sem, plane in plane_io:
+      line = r if plane.pack == 1 else jax.lax.div(r, plane.pack)
+      pltpu.make_async_copy(pool.at[pl.ds(base + line, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
+
+
+def _tpu_dma_chunk(plane_io, slot, first):
+  """Starts one DMA of a chunk of contiguous rows per plane (one row a line; first: a multiple of 8)."""
+  from jax.experimental.pallas import tpu as pltpu
+  for pool, base, buf, sem, _ in plane_io:
+    r0 = pl.multiple_of(base + first, 8)
+    pltpu.make_async_copy(pool.at[pl.ds(r0, buf.shape[1])], buf.at[slot], sem.at[slot]).start()
+
+
+def _tpu_wait_decode(plane_io, slot, p_dtype) -> list:
+  """Waits for a buffer slot's rows in every plane, then decodes them: the parts of every plane, in order."""
+  from jax.experimental.pallas import tpu as pltpu
+  for _, _, buf, sem, _ in plane_io:
+    pltpu.make_async_copy(buf.at[slot], buf.at[slot], sem.at[slot]).wait()         # all of the chunk's rows
+  parts = []
+  for _, _, buf, _, plane in plane_io:
+    parts += rowcodec.decode_parts(buf[slot], plane.codec, p_dtype)
+  return parts
+
+
+def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float, p_dtype):
   n_pl = sum(len(src.planes) for src in srcs)
   base_refs, vis_ref = refs[:n_pl], refs[n_pl]
   it = iter(refs[n_pl + 1:])
@@ -196,15 +227,6 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
     plane_io = [(pool, bref[b], buf, sem, plane)
                 for pool, bref, (buf, sem), plane in zip(pools[k], bases[k], bufs, src.planes)]
 
-    def dma_rows(slot, row_of, plane_io=plane_io, br=br):
-      """One DMA per row and plane: row r is line r // P of each plane."""
-      @pl.loop(0, br)
-      def _(j):
-        r = row_of(j)
-        for pool, base, buf, sem, plane in plane_io:
-          line = r if plane.pack == 1 else jax.lax.div(r, plane.pack)
-          pltpu.make_async_copy(pool.at[pl.ds(base + line, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
-
     if src.dense:
       visible = vis_ref[b, s]
       n_chunks = jnp.minimum(jax.lax.div(visible + br - 1, br), src.chunks)
@@ -214,13 +236,11 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
       def first_row(c, src=src, br=br, aligned=aligned):
         return jnp.minimum(c * br, src.rows - br) if aligned else c * br
 
-      def start(c, slot, src=src, br=br, aligned=aligned, plane_io=plane_io, dma_rows=dma_rows, first_row=first_row):
+      def start(c, slot, src=src, br=br, aligned=aligned, plane_io=plane_io, first_row=first_row):
         if aligned:
-          for pool, base, buf, sem, _ in plane_io:
-            r0 = pl.multiple_of(base + first_row(c), 8)
-            pltpu.make_async_copy(pool.at[pl.ds(r0, br)], buf.at[slot], sem.at[slot]).start()
+          _tpu_dma_chunk(plane_io, slot, first_row(c))
         else:                                             # one DMA per row
-          dma_rows(slot, lambda j: jnp.minimum(c * br + j, src.rows - 1))
+          _tpu_dma_rows(plane_io, slot, lambda j: jnp.minimum(c * br + j, src.rows - 1), br)
 
       def valid_of(c, br=br, first_row=first_row):
         e = first_row(c) + jax.lax.broadcasted_iota(jnp.int32, (1, br), 1)
@@ -231,8 +251,8 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
     else:
       n_chunks = src.chunks
 
-      def start(c, slot, ids_s=ids_s, br=br, dma_rows=dma_rows):
-        dma_rows(slot, lambda j: jnp.maximum(ids_s[0, c * br + j], 0))
+      def start(c, slot, ids_s=ids_s, br=br, plane_io=plane_io):
+        _tpu_dma_rows(plane_io, slot, lambda j: jnp.maximum(ids_s[0, c * br + j], 0), br)
 
       def valid_of(c, ids_v=ids_v, br=br):
         return ids_v[:, pl.ds(pl.multiple_of(c * br, br), br)] >= 0                 # [1, br]
@@ -244,7 +264,7 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
     def _():
       start(0, 0)
 
-    def body(c, carry, src=src, bufs=bufs, qparts=qparts, start=start, valid_of=valid_of, rows_of=rows_of,
+    def body(c, carry, src=src, plane_io=plane_io, qparts=qparts, start=start, valid_of=valid_of, rows_of=rows_of,
              n_chunks=n_chunks):
       slot = jax.lax.rem(c, 2)
 
@@ -252,11 +272,7 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
       def _():
         start(c + 1, 1 - slot)
 
-      parts = []
-      for buf, sem in bufs:
-        pltpu.make_async_copy(buf.at[slot], buf.at[slot], sem.at[slot]).wait()   # all of the chunk's rows
-      for (buf, _), plane in zip(bufs, src.planes):
-        parts += rowcodec.decode_parts(buf[slot], plane.codec, p_dtype)
+      parts = _tpu_wait_decode(plane_io, slot, p_dtype)
       slots = [jax.lax.rem(rows_of(c), p.pack) if p.pack > 1 else None for p in src.planes]
       return _online_step(carry, qparts, parts, valid_of(c), scale, p_dtype, geo=src.geo(), slot_rows=slots)
 
@@ -461,7 +477,6 @@ def window_union(idx, q_block: int, n_rows: int, block_rows: int):
 
 def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], q_block: int, seq: int,
                       scale: float, p_dtype):
-  from jax.experimental.pallas import tpu as pltpu
   Tq = q_block
   n_pl = sum(len(src.planes) for src in srcs)
   base_refs, nu_ref, vmax_ref = refs[:n_pl], refs[n_pl], refs[n_pl + 1]
@@ -501,20 +516,10 @@ def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
       o[...] = jnp.zeros(o.shape, F32)
 
     def gather(slot, row_of, plane_io=plane_io, br=br):         # one DMA per row and plane (line r // P)
-      @pl.loop(0, br)
-      def _(j):
-        r = row_of(j)
-        for pool, base, buf, sem, plane in plane_io:
-          line = r if plane.pack == 1 else jax.lax.div(r, plane.pack)
-          pltpu.make_async_copy(pool.at[pl.ds(base + line, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot]).start()
+      _tpu_dma_rows(plane_io, slot, row_of, br)
 
-    def wait_decode(slot, bufs=bufs, src=src):                  # all of the chunk's rows, every plane
-      for buf, sem in bufs:
-        pltpu.make_async_copy(buf.at[slot], buf.at[slot], sem.at[slot]).wait()
-      parts = []
-      for (buf, _), plane in zip(bufs, src.planes):
-        parts += rowcodec.decode_parts(buf[slot], plane.codec, p_dtype)
-      return parts
+    def wait_decode(slot, plane_io=plane_io):                   # all of the chunk's rows, every plane
+      return _tpu_wait_decode(plane_io, slot, p_dtype)
 
     def slots_of(rows, src=src):                                # rows [1, br] -> per plane [1, br] or None
       return [jax.lax.rem(rows, p.pack) if p.pack > 1 else None for p in src.planes]
@@ -591,9 +596,7 @@ def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
 
       def start(c, slot, src=src, br=br, aligned=aligned, plane_io=plane_io, gather=gather, first_row=first_row):
         if aligned:
-          for pool, base, buf, sem, _ in plane_io:
-            r0 = pl.multiple_of(base + first_row(c), 8)
-            pltpu.make_async_copy(pool.at[pl.ds(r0, br)], buf.at[slot], sem.at[slot]).start()
+          _tpu_dma_chunk(plane_io, slot, first_row(c))
         else:
           gather(slot, lambda j: jnp.minimum(c * br + j, src.rows - 1))
 
