@@ -3,7 +3,8 @@ read, updated in place.
 
 Per layer, by type (stores are `kv_format.Store`s: rows of uint32 words in lines of one geometry, see
 dsv4_jax/kv_format.py; shapes below for whole rows, one a line):
-    win        [B, W+r, words]     ring of the last W+r raw KV entries, slot = position mod (W+r) (every layer)
+    win        [B, W+r, words]     ring of the last W+r raw KV entries, slot = position mod ring rows (W+r,
+                                   rounded up to whole lines and tiles of a lane-dense store) (every layer)
     comp       [B, N/m, words]     compressed KV entries, entry i at row i                      (CSA, HCA)
     comp_state {C, Z: [B, R, coff*K] fp32}
                                    ring of the compressor's per-token projections, R = 2m+r (CSA) or
