@@ -7,7 +7,10 @@ Reference (must equal): `dsv4_jax.ops.sparse_attention_ref`. For each query (b, 
 over the rows of up to two *sources*: the window (gathered by index, -1 = masked) and the compressed
 entries, either gathered by the indexer's top-k (CSA) or every entry i < visible[b, s] (HCA, read as
 contiguous chunks). Rows are read where they are stored, as uint32 words (dsv4_jax/kv_format.py: bf16,
-fp32, or the paper's fp8 + e8m0 scales + bf16 RoPE), and decoded in the kernel (`rowcodec`).
+fp32, or the paper's fp8 + e8m0 scales + bf16 RoPE), and decoded in the kernel (`rowcodec`). A lane-dense
+store's row lives in planes (the paper's fp8 entry: a [values | scales] line and a RoPE line holding 4 rows):
+each plane's line is fetched per row, and a plane of P > 1 rows a line is scored slot by slot, each row
+masked to its own slot (`_online_step`), so no lane is moved inside the kernel.
 
 The online softmax starts from the sink (m = sink, l = 1, acc = 0), so a query whose rows are all masked
 returns exactly 0 and no (-inf) - (-inf) appears; -1 may sit anywhere in an index row, and duplicate
@@ -38,8 +41,8 @@ Two kernels, chosen by `q_block` (default: 1 when S == 1, else `default_q_block`
 Backends (same math, `_online_step`):
   tpu  Mosaic. Index rows sit in SMEM (a BlockSpec per query or per block, so no 1 MiB scalar-prefetch
        limit); ragged counts (HCA visible, the block's distinct window rows) by scalar prefetch; the row pools
-       stay in HBM and each chunk of `block_rows` rows is fetched by one DMA per row (gather) or one DMA
-       per chunk (HCA), double-buffered, waited once per chunk. The prefill state lives in the output
+       stay in HBM and each chunk of `block_rows` rows is fetched by one DMA per row and plane (gather) or
+       one DMA per chunk (HCA, planes of one row a line), double-buffered, waited once per chunk. The prefill state lives in the output
        blocks (VMEM), which serve as the accumulators.
   gpu  Triton. Grid (B*S or B*blocks, H / head_block); a chunk is gathered with one pointer-tensor load.
 Shapes: any H (GPU: padded to whole head blocks; TPU prefill: to a multiple of 8), any K, any row count,
