@@ -8,8 +8,8 @@ silent fallback.
 
 KV inputs are `Rows`: entries either as plain values [B, N, K] or as a cache `Store` (uint32 words in
 either geometry of dsv4_jax/kv_format.py), possibly one layer `rep` of a stacked group `[R, B, lines,
-line]`. Ops read rows straight from there (a gather of the chosen rows, or blocks of keys), so a cache is never copied whole and
-work follows `n`, the rows considered, not the cache's capacity.
+line]`. Ops read rows straight from there (a gather of the chosen rows, or blocks of keys), so a cache is
+never copied whole and work follows `n`, the rows considered, not the cache's capacity.
 
 Tie-break, everywhere: among equal indexer scores the lower entry id wins (`lax.top_k` is stable).
 """
@@ -65,8 +65,11 @@ class Rows:
 
   @property
   def whole_rows(self) -> bool:
-    """Whole rows `pack` to a line of exactly pack * words (what the Pallas kernels read)."""
-    return self.layout is None or len(self.geometry) == 1 and self.geometry[0].line == self.pack * self.layout.words
+    """One plane of whole rows, `pack` to a line of exactly pack * words (no padding): a line then decodes as
+    one row of pack * width values of an element-wise format."""
+    if self.layout is None:
+      return True
+    return len(self.geometry) == 1 and self.geometry[0].line == self.geometry[0].pack * self.layout.words
 
   @property
   def align(self) -> int:

@@ -227,8 +227,8 @@ def test_paper_cache_format_is_lossless_under_quant_sim_and_smaller():
   for storage in ("paper", "bfloat16"):
     for lane_dense in (False, True):
       c = init_cache(bf16, 1, 4096, dtype=storage, lane_dense=lane_dense)
-      stores = [layer[name] for layer in jax.tree.leaves(c["layers"], is_leaf=lambda d: isinstance(d, dict) and "win" in d)
-                for name in ("comp", "idx") if name in layer]
+      layers = jax.tree.leaves(c["layers"], is_leaf=lambda d: isinstance(d, dict) and "win" in d)
+      stores = [layer[name] for layer in layers for name in ("comp", "idx") if name in layer]
       grown = sum(a.nbytes for s in stores for a in s.arrays)
       size = cache_size(bf16, storage, lane_dense)
       want = 4096 * (size.bytes_per_token + size.scale_bytes_per_token)
