@@ -195,8 +195,9 @@ def stored(rows: Rows, lines: bool = False):
   `stored_planes`, `stored_lines`."""
   if not rows.whole_rows:
     raise ValueError("rowcodec.stored reads whole rows; read a lane-dense store with stored_planes or stored_lines")
-  if rows.pack > 1 and not lines:
-    raise ValueError(f"this kernel reads single rows, but the store packs {rows.pack} rows per line")
+  pack = rows.geometry[0].pack if rows.layout is not None else 1
+  if pack > 1 and not lines:
+    raise ValueError(f"this kernel reads single rows, but the store packs {pack} rows per line")
   if rows.layout is None:
     name = jnp.dtype(rows.data.dtype).name
     if name not in ("float32", "bfloat16"):
@@ -204,7 +205,7 @@ def stored(rows: Rows, lines: bool = False):
     layout = Layout(name, rows.data.shape[-1])
     words = layout.encode(rows.data)
   else:
-    layout, words = line_layout(rows.layout, rows.pack), rows.data
+    layout, words = line_layout(rows.layout, pack), rows.data
   B, N, w = words.shape[-3:]
   base = jnp.arange(B, dtype=jnp.int32) * N
   if rows.rep is not None:
