@@ -52,10 +52,9 @@ def layouts(cfg: ModelConfig, storage: str) -> tuple[Layout, Layout]:
   return Layout(storage, cfg.head_dim), Layout(storage, cfg.index_head_dim)
 
 
-def geometries(cfg: ModelConfig, storage: str, lane_dense: bool) -> tuple[tuple, tuple]:
-  """(main entries, indexer keys) store geometries (kv_format.Plane tuples; () = whole rows, one a line).
-  Indexer keys are lane-dense either way."""
-  main, idx = layouts(cfg, storage)
+def geometries(main: Layout, idx: Layout, lane_dense: bool) -> tuple[tuple, tuple]:
+  """Store geometries of (main entries, indexer keys) in these layouts (kv_format.Plane tuples; () = whole
+  rows, one a line). Indexer keys are lane-dense either way."""
   return kv_format.lane_dense(main) if lane_dense else (), kv_format.lane_dense(idx)
 
 
@@ -64,7 +63,7 @@ def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage
   """One layer's empty cache (with a leading [reps] axis for scanned layers)."""
   lead = (B,) if reps is None else (reps, B)
   main, idx = layouts(cfg, storage)
-  gmain, gidx = geometries(cfg, storage, lane_dense)
+  gmain, gidx = geometries(main, idx, lane_dense)
   out = {"win": kv_format.empty(lead, cfg.window_size + rollback, main, gmain)}
   rows = max(1, max_seq_len // ratio) if ratio else 0   # >= 1 row, so a cache shorter than m still reads
   if ratio:
@@ -261,7 +260,8 @@ def cache_size(cfg: ModelConfig, storage: str = "bfloat16", lane_dense: bool = F
   if storage not in STORAGE_DTYPES:
     raise ValueError(f"storage {storage!r}: expected 'bfloat16', 'float32' or 'paper'.")
   cfg = dataclasses.replace(cfg, dtype="bfloat16") if storage == "paper" else cfg
-  (main_l, idx_l), (main_g, idx_g) = layouts(cfg, storage), geometries(cfg, storage, lane_dense)
+  main_l, idx_l = layouts(cfg, storage)
+  main_g, idx_g = geometries(main_l, idx_l, lane_dense)
   main, idx = main_l.nbytes - main_l.scale_bytes, idx_l.nbytes - idx_l.scale_bytes
   main_row, idx_row = kv_format.row_bytes(main_l, main_g), kv_format.row_bytes(idx_l, idx_g)
   per_tok = scale = per_seq = 0.0

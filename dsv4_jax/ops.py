@@ -57,7 +57,7 @@ class Rows:
 
   @property
   def geometry(self) -> tuple[Plane, ...]:
-    return self.planes or (Plane(0, self.layout.words, self.pack, self.pack * self.layout.words),)
+    return self.planes or kv_format.rows_geometry(self.layout, self.pack)
 
   @property
   def arrays(self) -> tuple[jax.Array, ...]:
@@ -130,7 +130,7 @@ class Rows:
     if self.layout is None:
       return self._decode(self.data[:, : self.rows], dtype)
     if self.rep is None and self.whole_rows and self.n in (None, self.capacity):
-      return self._decode(unpack(self.data, self.pack), dtype)
+      return self._decode(unpack(self.data, self.geometry[0].pack), dtype)
     return self.block(0, self.aligned_rows, dtype)[:, : self.rows]
 
 

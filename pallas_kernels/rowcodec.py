@@ -158,12 +158,8 @@ def stored_lines(rows: Rows):
     raise KernelUnsupported(f"this kernel reads rows of one plane; this {rows.layout.fmt} store has "
                             f"{len(rows.geometry)} (kv_format.lane_dense)")
   if not rows.whole_rows:
-    (plane,) = rows.geometry
-    words, B, L = rows.data, rows.data.shape[-3], rows.data.shape[-2]
-    base = jnp.arange(B, dtype=jnp.int32) * L
-    if rows.rep is not None:
-      base = base + rows.rep.astype(jnp.int32) * (B * L)
-    return words.reshape(-1, plane.line), base, line_codec(rows.layout, plane.pack, plane.words), L
+    layout, [(pool, base, plane)] = stored_planes(rows)
+    return pool, base, line_codec(layout, plane.pack, plane.words), rows.data.shape[-2]
   pool, base, layout, N = stored(rows, lines=True)
   return pool, base, codec(layout), N
 

@@ -42,8 +42,8 @@ Backends (same math, `_online_step`):
   tpu  Mosaic. Index rows sit in SMEM (a BlockSpec per query or per block, so no 1 MiB scalar-prefetch
        limit); ragged counts (HCA visible, the block's distinct window rows) by scalar prefetch; the row pools
        stay in HBM and each chunk of `block_rows` rows is fetched by one DMA per row and plane (gather) or
-       one DMA per chunk (HCA, planes of one row a line), double-buffered, waited once per chunk. The prefill state lives in the output
-       blocks (VMEM), which serve as the accumulators.
+       one DMA per chunk (HCA, planes of one row a line), double-buffered, waited once per chunk. The
+       prefill state lives in the output blocks (VMEM), which serve as the accumulators.
   gpu  Triton. Grid (B*S or B*blocks, H / head_block); a chunk is gathered with one pointer-tensor load.
 Shapes: any H (GPU: padded to whole head blocks; TPU prefill: to a multiple of 8), any K, any row count,
 any index-row length (padded to the chunk with -1), any S. Each program writes, per source and part, its
@@ -96,6 +96,12 @@ class _Source:
   def geo(self) -> tuple:
     """(parts, pack, slot lanes) per plane, for `_online_step`."""
     return tuple((len(p.codec.parts), p.pack, p.codec.slot_lanes) for p in self.planes)
+
+
+def _by_source(flat, srcs) -> list:
+  """A flat sequence with one item per (source, plane) -> one list per source."""
+  it = iter(flat)
+  return [[next(it) for _ in src.planes] for src in srcs]
 
 
 def _source_of(rows: Rows, backend: str):
@@ -212,10 +218,7 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
   outs = [[next(it) for _ in src.part_lanes] for src in srcs]
   l_ref = next(it)
   scratch = [[(next(it), next(it)) for _ in src.planes] for src in srcs]
-  bases, k0 = [], 0
-  for src in srcs:
-    bases.append(base_refs[k0:k0 + len(src.planes)])
-    k0 += len(src.planes)
+  bases = _by_source(base_refs, srcs)
 
   b, s = pl.program_id(0), pl.program_id(1)
   sink = sink_ref[...]                                                              # [H, 1]
@@ -492,10 +495,7 @@ def _tpu_block_kernel(*refs, srcs: tuple[_Source, ...], modes: tuple[str, ...], 
   pools = [[next(it) for _ in src.planes] for src in srcs]
   outs = [([next(it) for _ in src.part_lanes], next(it), next(it)) for src in srcs]
   scratch = [[(next(it), next(it)) for _ in src.planes] for src in srcs]
-  bases, k0 = [], 0
-  for src in srcs:
-    bases.append(base_refs[k0:k0 + len(src.planes)])
-    k0 += len(src.planes)
+  bases = _by_source(base_refs, srcs)
 
   b, kb = pl.program_id(0), pl.program_id(1)
   blk = b * pl.num_programs(1) + kb
