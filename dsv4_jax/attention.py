@@ -191,7 +191,8 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: 
       cache = _append(cache, "idx", p["indexer"]["compressor"], cfg, x, ratio, start, lengths, True)
       keys = cache.rows("idx", ratio)
     ring = cache.tree["win"].n_rows                                                # W (+ rollback rows)
-    window = ops.Rows(jnp.concatenate([cache.window(kv.dtype), kv], axis=1))
+    order = cache.tree["win"].layout               # the ring read in its planar order (ops.Rows), kv permuted to it
+    window = ops.Rows(jnp.concatenate([cache.window(kv.dtype, order), order.to_planar(kv)], axis=1), order=order)
   out = map_query_chunks(lambda xc, pc: attend(p, cfg, ratio, xc, pc, start, ring, window, comp, keys),
                          cfg.query_chunk, (x, positions))
   if cache is not None:

@@ -201,9 +201,9 @@ class LayerCache:
     n = s.n_rows if name == "win" else max(1, min(s.n_rows, self.live // ratio))
     return Rows.of(s, self.rep, n)
 
-  def window(self, dtype) -> jnp.ndarray:
-    """The ring decoded: [B, W, K]."""
-    return self.tree["win"].map(self._get).decode(dtype)
+  def window(self, dtype, order: Layout | None = None) -> jnp.ndarray:
+    """The ring decoded: [B, W, K] (dims in `order`'s planar order when given, ops.Rows)."""
+    return Rows.of(self.tree["win"].map(self._get)).all(dtype, order)
 
   def write(self, name: str, rows: jnp.ndarray, values: jnp.ndarray) -> "LayerCache":
     """Writes values [B, M, K] at rows [B, M] (rows out of range are dropped): per plane, a scatter of M

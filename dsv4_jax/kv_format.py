@@ -117,29 +117,82 @@ class Layout:
     packed = code[..., 0::2] | (code[..., 1::2] << 4)
     return _to_words(jnp.concatenate([packed, _padded(_exponent_byte(s))], -1), lead)
 
+  @property
+  def segments(self) -> tuple[tuple[int, int, int], ...]:
+    """(first dim, dims, per word) of each run of dims packed `per word` into the row's 32-bit words: dim
+    first + i of a run sits in slot i % per of its word i // per (little-endian: slot 0 is the low bits)."""
+    K, r = self.width, self.rope_dim
+    if self.fmt == "fp8":
+      return ((0, K - r, 4), (K - r, r, 4 // jnp.dtype(self.rope_dtype).itemsize))
+    return ((0, K, {"float32": 1, "bfloat16": 2, "fp4": 8}[self.fmt]),)
+
+  def to_planar(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Values [..., width] in natural dim order -> the planar order `decode_planar` returns: each run lists
+    its dims slot by slot (slot 0 of every word, then slot 1, ...), e.g. bf16 [d0, d2, ..., d1, d3, ...]."""
+    parts = []
+    for a, n, per in self.segments:
+      y = x[..., a: a + n]
+      parts.append(y if per == 1 else jnp.swapaxes(y.reshape(*y.shape[:-1], n // per, per), -1, -2).reshape(y.shape))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)
+
+  def from_planar(self, y: jnp.ndarray) -> jnp.ndarray:
+    """`to_planar` inverted."""
+    parts = []
+    for a, n, per in self.segments:
+      z = y[..., a: a + n]
+      parts.append(z if per == 1 else jnp.swapaxes(z.reshape(*z.shape[:-1], per, n // per), -1, -2).reshape(z.shape))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)
+
   def decode(self, words: jnp.ndarray, dtype) -> jnp.ndarray:
     """uint32 words [..., words] -> entries [..., width] in `dtype`."""
+    return self.from_planar(self.decode_planar(words, dtype))
+
+  def decode_planar(self, words: jnp.ndarray, dtype) -> jnp.ndarray:
+    """uint32 words [..., words] -> entries [..., width] in `dtype`, dims in the planar order (`to_planar`).
+
+    Every slot is decoded straight from the words by shifts and masks, element-wise on [..., words] arrays:
+    nothing is ever laid out with a minor dimension of 2, 4 or 8 slots, which XLA:TPU materialises (and
+    relays out) where a natural-order decode interleaves the slots (bench/decode_memory.py). The values are
+    those of `decode`, bit for bit. The ops read rows this way and permute the (small) query to match
+    (`ops.Rows`)."""
     K, r = self.width, self.rope_dim
     if self.fmt == "float32":
       return jax.lax.bitcast_convert_type(words, F32).astype(dtype)
     if self.fmt == "bfloat16":
-      v = jax.lax.bitcast_convert_type(words, jnp.bfloat16)               # [..., words, 2]
-      return v.reshape(*words.shape[:-1], K).astype(dtype)
-    b = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(*words.shape[:-1], -1)   # [..., bytes]
+      return jnp.concatenate(_bf16_slots(words), -1).astype(dtype)
     if self.fmt == "fp8":
       n = K - r
-      s = _from_exponent_byte(b[..., n: n + n // 64])
-      nope = jax.lax.bitcast_convert_type(b[..., :n], jnp.float8_e4m3fn).astype(F32)
-      nope = (nope.reshape(*s.shape, 64) * s[..., None]).reshape(nope.shape)
-      o = n + _pad4(n // 64)
-      isz = jnp.dtype(self.rope_dtype).itemsize
-      rope = jax.lax.bitcast_convert_type(b[..., o: o + r * isz].reshape(*b.shape[:-1], r, isz), self.rope_dtype)
-      return jnp.concatenate([nope.astype(dtype), rope.astype(dtype)], -1)
-    c = b[..., : K // 2]
-    s = _from_exponent_byte(b[..., K // 2: K // 2 + K // 32])
-    codes = jnp.stack([c & 15, c >> 4], -1).reshape(*c.shape[:-1], K)
-    vals = jnp.where(codes >= 8, -1.0, 1.0) * jnp.asarray(_E2M1)[(codes & 7).astype(jnp.int32)]
-    return (vals.reshape(*s.shape, 32) * s[..., None]).reshape(vals.shape).astype(dtype)
+      nw = n // 4
+      s = jnp.repeat(_from_exponent_byte(_bytes_of(words[..., nw: self.rope_word])[..., : n // 64]), 16, -1)
+      nope = [jax.lax.bitcast_convert_type(_slot(words[..., :nw], k, 8).astype(jnp.uint8), jnp.float8_e4m3fn)
+              .astype(F32) * s for k in range(4)]                            # word w's dims share scale w // 16
+      rope = words[..., self.rope_word: self.rope_word + r * jnp.dtype(self.rope_dtype).itemsize // 4]
+      rope = (_bf16_slots(rope) if self.rope_dtype == "bfloat16" else [jax.lax.bitcast_convert_type(rope, F32)])
+      return jnp.concatenate([v.astype(dtype) for v in nope + rope], -1)
+    nw = K // 8
+    s = jnp.repeat(_from_exponent_byte(_bytes_of(words[..., nw:])[..., : K // 32]), 4, -1)   # word w: w // 4
+    table = jnp.asarray(_E2M1)
+    vals = []
+    for k in range(8):
+      code = _slot(words[..., :nw], k, 4)
+      vals.append((jnp.where(code >= 8, -1.0, 1.0) * table[(code & 7).astype(jnp.int32)] * s).astype(dtype))
+    return jnp.concatenate(vals, -1)
+
+
+def _slot(words: jnp.ndarray, k: int, bits: int) -> jnp.ndarray:
+  """The k-th `bits`-bit field of each word (little-endian: k = 0 is the low bits) as uint32."""
+  return (words >> (k * bits)) & jnp.uint32((1 << bits) - 1)
+
+
+def _bf16_slots(words: jnp.ndarray) -> list[jnp.ndarray]:
+  """The two bf16 values of each word as fp32 [low half, high half]: a bf16 is the top half of an fp32."""
+  return [jax.lax.bitcast_convert_type(words << 16, F32),
+          jax.lax.bitcast_convert_type(words & jnp.uint32(0xFFFF0000), F32)]
+
+
+def _bytes_of(words: jnp.ndarray) -> jnp.ndarray:
+  """A few words [..., w] -> their bytes in order, uint32 [..., 4w] (for the scales: small)."""
+  return jnp.stack([_slot(words, k, 8) for k in range(4)], -1).reshape(*words.shape[:-1], -1)
 
 
 def _bytes(x: jnp.ndarray) -> jnp.ndarray:

@@ -28,19 +28,28 @@ from dsv4_jax.kv_format import Layout, Plane, unpack
 
 F32 = jnp.float32
 KEY_BLOCK = 2048          # indexer keys scored per block: scores never exist as [queries, heads, all keys]
+UNROLL_KEY_BLOCKS = False  # the key-block loop unrolled: for bench/decode_memory.py, as XLA's cost_analysis
+                           # counts a while loop's body once
 
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
   """A view of n KV rows for the ops (lives inside a trace; not a pytree).
 
-  data: values [B, N, K]                    (layout None), or
+  data: values [B, N, K]                    (layout None; dims in `order`'s planar order when given), or
         a store's first plane [B, L, line]   (layout given; rep None), or
         [R, B, L, line]                      (layout given; rep = the layer's index in a stacked group);
   tail: the store's second plane, same leading axes (a split fp8 row's RoPE dims; kv_format.lane_dense);
   n:    rows considered (the first n); static. Default: all.
   pack, planes: the store's geometry (kv_format.Plane): `planes` when given, else whole rows `pack` to a
-  line (kv_format.rows_geometry).
+  line (kv_format.rows_geometry);
+  order: (values only) the layout whose planar order the values' dims are in (None: natural).
+
+  Reads return values in natural dim order, or with `order=layout` in that layout's planar order
+  (`kv_format.Layout.decode_planar`: a store of that format decodes slot by slot, element-wise on its words,
+  with no interleave for XLA to materialise; plain values are permuted to it). The ops read in the planar
+  order of their rows' layout and permute the query (and the output back) instead: a dot product does not
+  depend on the order of its dims.
   """
   data: jax.Array
   layout: Layout | None = None
@@ -49,6 +58,7 @@ class Rows:
   pack: int = 1
   tail: jax.Array | None = None
   planes: tuple = ()
+  order: Layout | None = None
 
   @classmethod
   def of(cls, store, rep=None, n: int | None = None) -> "Rows":
@@ -93,25 +103,43 @@ class Rows:
     a = self.align
     return -(-self.rows // a) * a
 
-  def _decode(self, x, dtype):
-    """Values or stored rows [..., w] (never lines) -> [..., K] in dtype."""
-    return x.astype(dtype) if self.layout is None else self.layout.decode(x, dtype)
+  def natural(self) -> "Rows":
+    """The same rows with values (never a store) in natural dim order: what a kernel that decodes its
+    stores' rows in natural order reads alongside them."""
+    if self.layout is not None or self.order is None:
+      return self
+    return dataclasses.replace(self, data=self.order.from_planar(self.data), order=None)
 
-  def gather(self, idx: jnp.ndarray, dtype) -> jnp.ndarray:
+  def _decode(self, x, dtype, order: Layout | None):
+    """Values or stored rows [..., w] (never lines) -> [..., K] in dtype, in natural dim order (order None)
+    or in `order`'s planar order."""
+    if self.layout is not None:
+      if order is not None and self.layout.segments == order.segments:
+        return self.layout.decode_planar(x, dtype)
+      x = self.layout.decode(x, dtype)
+    else:
+      x = x.astype(dtype)
+      if _segments(self.order) == _segments(order):
+        return x
+      if self.order is not None:
+        x = self.order.from_planar(x)
+    return x if order is None else order.to_planar(x)
+
+  def gather(self, idx: jnp.ndarray, dtype, order: Layout | None = None) -> jnp.ndarray:
     """idx [B, S, T] (clamped into range) -> [B, S, T, K] in dtype: only the chosen rows are read (one
     window of each plane's words per row)."""
     i = jnp.clip(idx, 0, self.capacity - 1)
     if self.layout is None:
-      return self._decode(self.data[jnp.arange(idx.shape[0])[:, None, None], i], dtype)
+      return self._decode(self.data[jnp.arange(idx.shape[0])[:, None, None], i], dtype, order)
     parts = [_gather_words(a, self.rep, i // p.pack, (i % p.pack) * p.words, p.words)
              for a, p in zip(self.arrays, self.geometry)]
-    return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype)
+    return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype, order)
 
-  def block(self, start, size: int, dtype) -> jnp.ndarray:
+  def block(self, start, size: int, dtype, order: Layout | None = None) -> jnp.ndarray:
     """Rows [start, start + size) -> [B, size, K] (start must leave the block inside the array; for a packed
     store start and size are whole lines of every plane: multiples of `align`)."""
     if self.layout is None:
-      return self._decode(jax.lax.dynamic_slice_in_dim(self.data, start, size, axis=1), dtype)
+      return self._decode(jax.lax.dynamic_slice_in_dim(self.data, start, size, axis=1), dtype, order)
     if size % self.align:
       raise ValueError(f"a block of {size} rows of a store packed {self.align} per line: expected whole lines")
     parts = []
@@ -123,15 +151,19 @@ class Rows:
         R, B, L, w = a.shape
         x = jax.lax.dynamic_slice(a, (self.rep, 0, s0, 0), (1, B, n, w))[0]
       parts.append(p.unpack(x))
-    return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype)
+    return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype, order)
 
-  def all(self, dtype) -> jnp.ndarray:
+  def all(self, dtype, order: Layout | None = None) -> jnp.ndarray:
     """The first n rows: [B, n, K]."""
     if self.layout is None:
-      return self._decode(self.data[:, : self.rows], dtype)
+      return self._decode(self.data[:, : self.rows], dtype, order)
     if self.rep is None and self.whole_rows and self.n in (None, self.capacity):
-      return self._decode(unpack(self.data, self.geometry[0].pack), dtype)
-    return self.block(0, self.aligned_rows, dtype)[:, : self.rows]
+      return self._decode(unpack(self.data, self.geometry[0].pack), dtype, order)
+    return self.block(0, self.aligned_rows, dtype, order)[:, : self.rows]
+
+
+def _segments(order: Layout | None):
+  return None if order is None else order.segments
 
 
 def _gather_words(lines: jnp.ndarray, rep, line: jnp.ndarray, word: jnp.ndarray, w: int) -> jnp.ndarray:
@@ -163,12 +195,14 @@ def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray
   read in whole lines: n is rounded up to them and the scores past n dropped.
   """
   B, S = qI.shape[:2]
-  n, dt = keys.aligned_rows, qI.dtype
+  n, dt, order = keys.aligned_rows, qI.dtype, keys.layout
   blk = min(KEY_BLOCK // keys.align * keys.align, n)                     # whole lines of a packed store
   n_blocks = -(-n // blk)
+  if order is not None:
+    qI = order.to_planar(qI)                                   # the keys' planar dim order (Rows)
 
   def block_scores(start):
-    k = keys.block(start, blk, dt)                                                     # [B,blk,cI]
+    k = keys.block(start, blk, dt, order)                                              # [B,blk,cI]
     logits = jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32).astype(dt)
     return jnp.sum((jax.nn.relu(logits) * w[..., None]).astype(F32), axis=2).astype(dt)   # [B,S,blk]
 
@@ -179,7 +213,7 @@ def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray
     start = jnp.minimum(i * blk, n - blk)
     return jax.lax.dynamic_update_slice_in_dim(scores, block_scores(start), start, axis=2)
 
-  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, S, n), dt))[..., : keys.rows]
+  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, S, n), dt), unroll=UNROLL_KEY_BLOCKS)[..., : keys.rows]
 
 
 def indexer_topk_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows, n_visible: jnp.ndarray, k: int) -> jnp.ndarray:
@@ -215,9 +249,12 @@ def sparse_attention_ref(q: jnp.ndarray, attn_sink: jnp.ndarray, scale: float, w
   """
   dt = q.dtype
   parts = []                                                  # (logits [B,S,H,T], values, einsum for P.V)
+  order = next((r.layout for r in (comp, window) if r is not None and r.layout is not None), None)
+  if order is not None:
+    q = order.to_planar(q)                           # the stored rows' planar dim order (Rows); undone below
 
   def gathered(rows: Rows, idx):
-    kv = rows.gather(idx, dt)                                                        # [B,S,T,K]
+    kv = rows.gather(idx, dt, order)                                                 # [B,S,T,K]
     z = jnp.einsum("bshk,bstk->bsht", q, kv, preferred_element_type=F32) * scale
     parts.append((jnp.where((idx >= 0)[:, :, None, :], z, -jnp.inf), kv, "bsht,bstk->bshk"))
 
@@ -225,7 +262,7 @@ def sparse_attention_ref(q: jnp.ndarray, attn_sink: jnp.ndarray, scale: float, w
   if comp is not None and comp_idx is not None:
     gathered(comp, comp_idx)
   elif comp is not None:
-    kv = comp.all(dt)                                                                # [B,n,K]
+    kv = comp.all(dt, order)                                                         # [B,n,K]
     z = jnp.einsum("bshk,btk->bsht", q, kv, preferred_element_type=F32) * scale
     vis = jnp.arange(kv.shape[1]) < comp_visible[..., None]                          # [B,S,n]
     parts.append((jnp.where(vis[:, :, None, :], z, -jnp.inf), kv, "bsht,btk->bshk"))
@@ -238,7 +275,8 @@ def sparse_attention_ref(q: jnp.ndarray, attn_sink: jnp.ndarray, scale: float, w
     e = jnp.exp(z - m)
     denom = denom + jnp.sum(e, axis=-1, keepdims=True)
     o = o + jnp.einsum(spec, e.astype(dt), kv, preferred_element_type=F32)
-  return (o / denom).astype(dt)
+  o = (o / denom).astype(dt)
+  return o if order is None else order.from_planar(o)
 
 
 def compress_pool_ref(C: jnp.ndarray, Z: jnp.ndarray, ratio: int, prev=None) -> jnp.ndarray:
@@ -314,7 +352,7 @@ def _per_batch_shard(cfg: ModelConfig, fn: Callable, args: tuple, kinds: str):
       stacked = a.rep is not None
       flat += list(a.arrays) + ([a.rep] if stacked else [])
       specs += [P(None, bax) if stacked else P(bax)] * len(a.arrays) + ([P()] if stacked else [])
-      rebuild.append(("w", (a.layout, a.n, stacked, a.pack, a.tail is not None, a.planes)))
+      rebuild.append(("w", (a.layout, a.n, stacked, a.pack, a.tail is not None, a.planes, a.order)))
     else:
       flat.append(a)
       specs.append(P(bax) if k == "b" else P())
@@ -326,10 +364,10 @@ def _per_batch_shard(cfg: ModelConfig, fn: Callable, args: tuple, kinds: str):
       if kind == "s":
         out.append(meta)
       elif kind == "w":
-        layout, n, stacked, pack, has_tail, planes = meta
+        layout, n, stacked, pack, has_tail, planes, order = meta
         data_ = next(it)
         tail = next(it) if has_tail else None
-        out.append(Rows(data_, layout, next(it) if stacked else None, n, pack, tail, planes))
+        out.append(Rows(data_, layout, next(it) if stacked else None, n, pack, tail, planes, order))
       else:
         out.append(next(it))
     return fn(*out)

@@ -878,6 +878,7 @@ def sparse_attention(q, attn_sink, scale: float, window: Rows, window_idx, comp:
   backend = backend_for(backend)
   interpret = interpret_mode(backend, interpret)
   B, S, H, K = q.shape
+  window = window.natural()                        # the kernel decodes stored rows in natural dim order
   if block_rows is None:
     block_rows = 128 if backend == "tpu" else 32
   if q_block is None:

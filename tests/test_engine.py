@@ -216,3 +216,42 @@ def test_lane_dense_planes_read_and_write_like_whole_rows():
     blk = a.align                                          # whole lines of every plane: 4, 28 or 7 rows
     for start in range(0, 28 - blk + 1, blk):
       np.testing.assert_array_equal(a.block(start, blk, jnp.float32), b.block(start, blk, jnp.float32))
+
+
+def test_planar_decode_is_the_stored_values_slot_by_slot():
+  """`Layout.decode_planar` (what the ops read) gives the values of each format, read here from the words'
+  bytes with NumPy, in the planar order (`to_planar`: slot 0 of every word, then slot 1, ...), bit for bit;
+  `decode` is the natural order; `from_planar` inverts `to_planar`; and ops.Rows reads a store in it."""
+  import ml_dtypes
+  assert Layout("bfloat16", 8).to_planar(jnp.arange(8)).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+  assert Layout("fp4", 16).to_planar(jnp.arange(16)).tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
+
+  def oracle(lay, words):                     # natural order, from the row's bytes (little-endian words)
+    b = np.asarray(words).view(np.uint8).reshape(*words.shape[:-1], -1)
+    K, r = lay.width, lay.rope_dim
+    if lay.fmt in ("bfloat16", "float32"):
+      return b.view(ml_dtypes.bfloat16 if lay.fmt == "bfloat16" else np.float32).astype(np.float32)
+    if lay.fmt == "fp8":
+      n = K - r
+      s = np.repeat(2.0 ** (b[..., n: n + n // 64].astype(np.float32) - 127), 64, -1)
+      o = lay.rope_word * 4
+      rope = b[..., o: o + r * np.dtype(lay.rope_dtype).itemsize].copy().view(
+          ml_dtypes.bfloat16 if lay.rope_dtype == "bfloat16" else np.float32)
+      return np.concatenate([b[..., :n].view(ml_dtypes.float8_e4m3fn).astype(np.float32) * s,
+                             rope.astype(np.float32)], -1)
+    codes = np.stack([b[..., : K // 2] & 15, b[..., : K // 2] >> 4], -1).reshape(*b.shape[:-1], K)
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+    s = np.repeat(2.0 ** (b[..., K // 2: K // 2 + K // 32].astype(np.float32) - 127), 32, -1)
+    return np.where(codes >= 8, -1.0, 1.0) * e2m1[codes & 7] * s
+
+  for lay in (Layout("bfloat16", 512), Layout("float32", 64), Layout("fp8", 512, 64),
+              Layout("fp8", 128, 64, "float32"), Layout("fp4", 128)):
+    x = jax.random.normal(jax.random.key(2), (2, 3, lay.width)) * 3
+    words = lay.encode(x)
+    natural = oracle(lay, words)
+    np.testing.assert_array_equal(lay.decode(words, jnp.float32), natural)
+    np.testing.assert_array_equal(lay.decode_planar(words, jnp.float32), lay.to_planar(jnp.asarray(natural)))
+    np.testing.assert_array_equal(lay.from_planar(lay.to_planar(x)), x)
+    rows = ops.Rows(words, lay)
+    np.testing.assert_array_equal(rows.all(jnp.float32, lay), lay.decode_planar(words, jnp.float32))
+    np.testing.assert_array_equal(ops.Rows(x).all(jnp.float32, lay), lay.to_planar(x))
