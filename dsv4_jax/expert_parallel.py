@@ -8,13 +8,17 @@
 Layout
 * Experts: w1/w2/w3 (plain arrays or `QArray`s: values and scales alike) split on their leading expert axis
   over `expert` (the rules table's ("experts", "expert")): shard j holds experts [j*E/n, (j+1)*E/n). No
-  expert weight is ever gathered. (Weights also split over `tensor` on `expert_mlp` are gathered over
-  `tensor` by the shard_map in_spec: tensor-parallel experts inside EP are not done.)
+  expert weight is ever gathered. On a mesh with a `tensor` axis the experts are also split there on their
+  inner dimension F (the rules table's ("expert_mlp", "tensor"): w1/w3 [E, F, D] on F, w2 [E, D, F] on F)
+  and stay so inside: each tensor shard applies F/t of every expert (the clamped SwiGLU and the routing
+  weight are per element of F) and w2's fp32 partial outputs are `psum`med over `tensor` before the cast
+  (`moe._expert_mlp`'s reduce), so no expert weight is gathered over `tensor` either (`tensor_split`; where
+  F does not split evenly into whole quantisation blocks, the weights are gathered over `tensor` instead).
 * Tokens: the B*S rows are flattened and split over ("data", "sequence", "expert") (those present with
   size > 1), data-major: the batch rule's `data` split, the context-parallel `sequence` split, and each
   group's tokens further split over its expert shards (as MaxText). Rows are padded (valid False) to a
-  multiple of that count. The `tensor` axis replicates the computation. The exchange runs within each
-  (data, sequence) group over `expert`.
+  multiple of that count. Tokens are replicated over `tensor` (each tensor shard applies its slice of F to
+  the same rows, see Layout). The exchange runs within each (data, sequence) group over `expert`.
 
 Per shard (T_l tokens, N = T_l*k (token, slot) pairs, n = expert-axis size, E_l = E/n local experts):
 1. pairs sorted by expert (stable; pairs of padded tokens last and never sent): contiguous chunks per
@@ -155,7 +159,36 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
   raise ValueError(f"ragged_all_to_all impl must be 'native' or 'emulate', got {impl!r}")
 
 
-def _shard_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, cap: int, tok_axes, impl: str, group: int):
+def _tensor_sum(y):
+  """w2's partial outputs summed over the `tensor` shards of F (fp32)."""
+  return jax.lax.psum(y, "tensor")
+
+
+def tensor_split(pe: dict, cfg: ModelConfig, mesh) -> int:
+  """How many `tensor` shards the experts' inner dimension F is split over inside the shard_map: the mesh's
+  tensor size when every expert array (values and scales of w1/w3 on dim 1, of w2 on dim 2) splits into it
+  evenly, and each shard's F into whole 128-wide activation-quantisation blocks under `quant_sim`; else 1
+  (the weights gathered over `tensor`)."""
+  t = dict(mesh.shape).get("tensor", 1)
+  if t == 1:
+    return 1
+  F = cfg.moe_inter_dim
+  ok = F % t == 0 and (not cfg.quant_sim or (F // t) % 128 == 0)
+  for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+    ok = ok and all(a.shape[dim] % t == 0 for a in jax.tree.leaves(pe[name]))
+  return t if ok else 1
+
+
+def _expert_specs(pe: dict, t: int) -> dict:
+  """shard_map in_specs of the experts: the expert axis on `expert`, F on `tensor` when t > 1."""
+  if t == 1:
+    return jax.tree.map(lambda _: P(EXPERT_AXIS), pe)
+  spec = {"w1": P(EXPERT_AXIS, "tensor"), "w3": P(EXPERT_AXIS, "tensor"), "w2": P(EXPERT_AXIS, None, "tensor")}
+  return {k: jax.tree.map(lambda _, s=spec.get(k, P(EXPERT_AXIS)): s, v) for k, v in pe.items()}
+
+
+def _shard_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, cap: int, tok_axes, impl: str, group: int,
+                reduce=None):
   """One shard: x [T,D], idx/w [T,k] (each token's slots in ascending expert id), valid [T] ->
   (sum_k w*expert(x) [T,D] fp32, load [E] fp32, dropped [] int32)."""
   T, k = idx.shape
@@ -189,7 +222,7 @@ def _shard_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, cap: int, tok
   lkey = jnp.where(live, mr[:, 1].astype(jnp.int32), El)
   lorder = jnp.argsort(lkey, stable=True)
   sizes = jnp.zeros((El,), jnp.int32).at[lkey].add(1, mode="drop")
-  y = moe._expert_mlp(pe, cfg, xr[lorder], mr[lorder, 0], lambda a, wt: moe._grouped(a, wt, sizes, group))
+  y = moe._expert_mlp(pe, cfg, xr[lorder], mr[lorder, 0], lambda a, wt: moe._grouped(a, wt, sizes, group), reduce)
   yb = jnp.zeros_like(y).at[lorder].set(y)                              # back to the received layout
 
   back = a2a(yb, jnp.zeros((N, D), x.dtype), recv_off, recv, back_off, sent)    # [N] pairs, sorted order
@@ -203,7 +236,7 @@ def _shard_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, cap: int, tok
   return acc, load, dropped
 
 
-def _gather_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, tok_axes):
+def _gather_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, tok_axes, reduce=None):
   """One shard, few tokens: x [T,D], idx/w [T,k] (ascending expert id), valid [T] -> like `_shard_body`.
   The expert group's n*T tokens are all-gathered; this shard applies its own experts to the pairs that chose
   them (`moe._gathered_experts`: each chosen local expert read once), the per-slot outputs (one shard holds
@@ -216,7 +249,7 @@ def _gather_body(pe, x, idx, w, valid, *, cfg: ModelConfig, n: int, tok_axes):
   gather = partial(jax.lax.all_gather, axis_name=EXPERT_AXIS, tiled=True)
   xa, ia, wa, va = gather(x), gather(idx), gather(w), gather(valid)          # [n*T, ...]
   mine = (ia // El == me) & va[:, None]                                       # pairs of my experts
-  y = moe._gathered_experts(pe, cfg, xa, jnp.where(mine, ia - me * El, El), wa, va, n_experts=El)
+  y = moe._gathered_experts(pe, cfg, xa, jnp.where(mine, ia - me * El, El), wa, va, n_experts=El, reduce=reduce)
   y = jnp.where(mine[..., None], y, 0)                                        # [n*T, k, D] x.dtype
   yp = jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)  # my T tokens' slots, exact
   yp = jnp.where(valid[:, None, None], yp, 0)
@@ -264,12 +297,14 @@ def routed_experts(pe: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray,
     pad = lambda a: jnp.pad(a, [(0, Tp - T)] + [(0, 0)] * (a.ndim - 1))
     x, idx, w, valid = pad(x), pad(idx), pad(w), pad(valid)
   tok = P(tok_axes)
+  t = tensor_split(pe, cfg, mesh)
+  reduce = _tensor_sum if t > 1 else None
   if (path or decode_path(Tp // n_tok, k, n, E)) == "gather":
-    body = partial(_gather_body, cfg=cfg, n=n, tok_axes=tok_axes)
+    body = partial(_gather_body, cfg=cfg, n=n, tok_axes=tok_axes, reduce=reduce)
   else:
     cap = capacity_rows(Tp // n_tok, k, n, capacity_factor)
-    body = partial(_shard_body, cfg=cfg, n=n, cap=cap, tok_axes=tok_axes, impl=impl, group=group)
-  f = jax.shard_map(body, mesh=mesh, in_specs=(jax.tree.map(lambda _: P(EXPERT_AXIS), pe), tok, tok, tok, tok),
+    body = partial(_shard_body, cfg=cfg, n=n, cap=cap, tok_axes=tok_axes, impl=impl, group=group, reduce=reduce)
+  f = jax.shard_map(body, mesh=mesh, in_specs=(_expert_specs(pe, t), tok, tok, tok, tok),
                     out_specs=(tok, P(), P()), check_vma=False)
   y, load, dropped = f(pe, x, idx.astype(jnp.int32), w.astype(F32), valid)
   return y[:T], EPStats(load=load, dropped=dropped)

@@ -98,16 +98,19 @@ def shared_expert(p: dict, cfg: ModelConfig, x: jnp.ndarray) -> jnp.ndarray:
   return fp8_linear(h.astype(x.dtype), p["w2"], cfg.quant_sim)
 
 
-def _expert_mlp(p: dict, cfg: ModelConfig, xs: jnp.ndarray, wts: jnp.ndarray, matmul) -> jnp.ndarray:
+def _expert_mlp(p: dict, cfg: ModelConfig, xs: jnp.ndarray, wts: jnp.ndarray, matmul, reduce=None) -> jnp.ndarray:
   """Clamped SwiGLU, one expert application per row: xs [..., D], wts [...] routing weights,
-  matmul(a, w) applies each row's expert weight w [E, out, in] -> [..., D] in xs.dtype."""
+  matmul(a, w) applies each row's expert weight w [E, out, in] -> [..., D] in xs.dtype. reduce (optional) sums
+  w2's fp32 output over the shards of a split F (tensor-parallel experts, dsv4_jax/expert_parallel.py), before
+  the cast: each shard then holds F/n of the inner dimension and everything before w2 is per element of F."""
   if cfg.quant_sim:
     xs = quant.act_quant(xs, 128)
   h = swiglu(matmul(xs, p["w1"]), matmul(xs, p["w3"]), cfg.swiglu_limit)
   h = (h * wts[..., None]).astype(xs.dtype)
   if cfg.quant_sim:
     h = quant.act_quant(h, 128)
-  return matmul(h, p["w2"]).astype(xs.dtype)
+  y = matmul(h, p["w2"])
+  return (y if reduce is None else reduce(y)).astype(xs.dtype)
 
 
 def _group_size(n_experts: int, group: int) -> int:
@@ -172,7 +175,7 @@ def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tupl
 
 
 def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
-                      valid: jnp.ndarray, n_experts: int | None = None) -> jnp.ndarray:
+                      valid: jnp.ndarray, n_experts: int | None = None, reduce=None) -> jnp.ndarray:
   """Decode path. x: [T,D], idx/w: [T,k] (a token's slots in ascending expert id), valid [T] -> per-slot
   expert outputs [T,k,D] in x.dtype. `p` holds n_experts (default cfg.n_routed_experts) experts; a pair whose
   idx is n_experts chooses none of them (its output is garbage: the caller masks it; the expert-parallel
@@ -201,7 +204,7 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
     g_ids, g_wts = args
     pw = jax.tree.map(lambda a: a[g_ids], p)                                    # [G, out, in] per matrix
     return _expert_mlp(pw, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, lambda a, wt: jnp.einsum(
-        "uti,uoi->uto", a, dense(wt, a.dtype), preferred_element_type=F32))
+        "uti,uoi->uto", a, dense(wt, a.dtype), preferred_element_type=F32), reduce)
   n = (U + pad) // G
   y = group((ids_p, wts)) if n == 1 else jax.lax.map(
       group, (ids_p.reshape(n, G), wts.reshape(n, G, T))).reshape(n * G, T, -1)  # [U+pad,T,D]

@@ -28,14 +28,14 @@ SCRIPT = textwrap.dedent("""
     score = jax.tree.map(lambda a: a[0], params["layers"]["stack"][0]["ffn"])
     hashed = params["layers"]["prefix"][0]["ffn"]
     assert "bias" in score["gate"] and "tid2eid" in hashed["gate"]
-    MESHES = ({"expert": 8}, {"data": 2, "expert": 4})
+    MESHES = ({"expert": 8}, {"data": 2, "expert": 4}, {"tensor": 2, "expert": 4})   # the last: experts split on F too
 
     def run(p, x, ids, valid, shape, hlo=False, **opts):
       # a fresh jit per mesh (the active mesh is not part of jit's cache key); experts placed as the rules say
       mesh = sharding.make_mesh(shape) if shape else None
       if mesh is not None:
-        p = dict(p, experts=jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P("expert"))),
-                                         p["experts"]))
+        specs = ep._expert_specs(p["experts"], ep.tensor_split(p["experts"], cfg, mesh))
+        p = dict(p, experts=jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), p["experts"], specs))
       f = jax.jit(lambda p, x, ids, valid: moe.moe(p, cfg, x, ids, valid, stats=True))
       with sharding.use_mesh(mesh), ep.options(**opts):
         y, st = f(p, x, ids, valid)
@@ -98,6 +98,22 @@ SCRIPT = textwrap.dedent("""
             assert dims[-2:] not in ((F, D), (D, F)), line
           print("  hlo: all-to-all x%d, all-gathers" % hlo.count("all-to-all("),
                 [re.search(r"= \\(?(\\w+\\[[\\d,]*\\])", ln).group(1) for ln in gathers], flush=True)
+
+    # ---- training through experts split over tensor too: the gradients (tokens and expert weights) equal one
+    # device's (w2's partial outputs are psummed over tensor; the tokens' cotangents summed back over it)
+    def loss(e, x):
+      y, _ = moe.moe(dict(score, experts=e), cfg, x, ids, valid, stats=True)
+      return jnp.sum(y.astype(jnp.float32) ** 2)
+    g_ref = jax.grad(loss, argnums=(0, 1))(score["experts"], x)
+    mesh = sharding.make_mesh({"tensor": 2, "expert": 4})
+    assert ep.tensor_split(score["experts"], cfg, mesh) == 2
+    specs = ep._expert_specs(score["experts"], 2)
+    placed = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), score["experts"], specs)
+    with sharding.use_mesh(mesh):
+      g = jax.jit(jax.grad(loss, argnums=(0, 1)))(placed, x)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+      assert rel(np.asarray(a), np.asarray(b)) <= 1e-5, rel(np.asarray(a), np.asarray(b))
+    print("gradients through tensor-split experts ok", flush=True)
 
     # ---- decode size (4 tokens x 2 slots = 8 experts; moe's gathered path for 3 tokens): both EP paths,
     # the exchange and the small-batch all-gather (chosen by size on real configs: `decode_path`), with a
