@@ -171,12 +171,8 @@ class Layout:
       return jnp.concatenate([v.astype(dtype) for v in nope + rope], -1)
     nw = K // 8
     s = jnp.repeat(_from_exponent_byte(_bytes_of(words[..., nw:])[..., : K // 32]), 4, -1)   # word w: w // 4
-    table = jnp.asarray(_E2M1)
-    vals = []
-    for k in range(8):
-      code = _slot(words[..., :nw], k, 4)
-      vals.append((jnp.where(code >= 8, -1.0, 1.0) * table[(code & 7).astype(jnp.int32)] * s).astype(dtype))
-    return jnp.concatenate(vals, -1)
+    return jnp.concatenate([(quant.e2m1_to_f32(_slot(words[..., :nw], k, 4)) * s).astype(dtype)
+                            for k in range(8)], -1)
 
 
 def _slot(words: jnp.ndarray, k: int, bits: int) -> jnp.ndarray:

@@ -35,7 +35,7 @@ from dsv4_jax import quant, sharding
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear, fp8_linear
 from dsv4_jax.params import ParamSpec
-from dsv4_jax.qarray import QArray, dense
+from dsv4_jax.qarray import QArray, planar_operands
 
 F32 = jnp.float32
 EXPERT_GROUP = 16      # experts dequantised together in the grouped path (G)
@@ -140,8 +140,8 @@ def _grouped(x: jnp.ndarray, w, group_sizes: jnp.ndarray, group: int = EXPERT_GR
 
   def step(acc, xs):
     wi, si, start = xs
-    yi = jax.lax.ragged_dot(jnp.roll(x, -start, axis=0), jnp.swapaxes(dense(wi, x.dtype), 1, 2), si,
-                            preferred_element_type=F32)                    # rows past sum(si) are 0
+    xi, wd = planar_operands(jnp.roll(x, -start, axis=0), wi, x.dtype)
+    yi = jax.lax.ragged_dot(xi, jnp.swapaxes(wd, 1, 2), si, preferred_element_type=F32)   # rows past sum(si): 0
     return acc + jnp.roll(yi, start, axis=0), None                         # each row is in one group
 
   acc, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], out), F32), (wg, sizes, starts))
@@ -204,7 +204,7 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
     g_ids, g_wts = args
     pw = jax.tree.map(lambda a: a[g_ids], p)                                    # [G, out, in] per matrix
     return _expert_mlp(pw, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, lambda a, wt: jnp.einsum(
-        "uti,uoi->uto", a, dense(wt, a.dtype), preferred_element_type=F32), reduce)
+        "uti,uoi->uto", *planar_operands(a, wt, a.dtype), preferred_element_type=F32), reduce)
   n = (U + pad) // G
   y = group((ids_p, wts)) if n == 1 else jax.lax.map(
       group, (ids_p.reshape(n, G), wts.reshape(n, G, T))).reshape(n * G, T, -1)  # [U+pad,T,D]

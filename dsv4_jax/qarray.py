@@ -24,7 +24,7 @@ F32 = jnp.float32
 FP8_BLOCK = (128, 128)
 FP4_BLOCK = (1, 32)
 FORMATS = ("fp8", "fp4")
-from dsv4_jax.quant import E2M1_VALUES  # noqa: E402
+from dsv4_jax.quant import e2m1_to_f32  # noqa: E402
 
 
 @struct.dataclass
@@ -68,9 +68,8 @@ def e8m0_to_f32(s: jax.Array) -> jax.Array:
 
 def unpack_fp4(packed: jax.Array, dtype=F32) -> jax.Array:
   """uint8 [..., I/2] -> e2m1 values [..., I] in `dtype` (low nibble first; exact in bf16 and fp32)."""
-  table = jnp.asarray(E2M1_VALUES, dtype)
   b = packed.astype(jnp.uint8)
-  vals = jnp.stack([table[b & 0xF], table[b >> 4]], axis=-1)
+  vals = jnp.stack([e2m1_to_f32(b & 0xF).astype(dtype), e2m1_to_f32(b >> 4).astype(dtype)], axis=-1)
   return vals.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
@@ -102,6 +101,24 @@ def dequantize(w: QArray, dtype=jnp.bfloat16) -> jax.Array:
   else:
     raise ValueError(f"QArray: unknown format {w.fmt!r}; expected one of {FORMATS}.")
   return _apply_block_scales(v, e8m0_to_f32(jnp.asarray(w.scales)).astype(cdt), w.block).astype(dtype)
+
+
+def planar_operands(x: jax.Array, w, dtype) -> tuple[jax.Array, jax.Array]:
+  """(x', W') with x' @ W'^T == x @ dense(w, dtype)^T, for x [..., I] and w [..., O, I]. For an fp4 QArray W'
+  keeps the input dimension in planar order: the low nibble of every byte, then the high one (elements 0, 2,
+  4, ... then 1, 3, 5, ...), each half decoded element-wise on the [..., O, I/2] bytes, so that no [..., I/2, 2]
+  interleave exists for XLA:TPU to lay out and relay out through memory (as dsv4_jax/kv_format.py's planar
+  decode); x' is x permuted to match (small: the activations). Exact values, the products summed in another
+  order. Otherwise (x, dense(w, dtype))."""
+  if not (isinstance(w, QArray) and w.fmt == "fp4"):
+    return x, dense(w, dtype)
+  cdt = jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(F32)) else jnp.dtype(F32)
+  b = jnp.asarray(w.values).astype(jnp.uint8)                                     # [..., O, I/2]
+  half = b.shape[-1]
+  s = jnp.repeat(e8m0_to_f32(jnp.asarray(w.scales)).astype(cdt), w.block[1] // 2, axis=-1)[..., :half]
+  lo, hi = (e2m1_to_f32(n).astype(cdt) * s for n in (b & 0xF, b >> 4))             # byte p: elements 2p, 2p+1
+  W = jnp.concatenate([lo, hi], axis=-1).astype(dtype)
+  return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1), W
 
 
 def dense(w, dtype) -> jax.Array:

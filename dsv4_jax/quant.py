@@ -18,6 +18,16 @@ FP4_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def e2m1_to_f32(code: jnp.ndarray) -> jnp.ndarray:
+  """e2m1 codes (an unsigned integer array, values 0..15) -> E2M1_VALUES[code] as fp32, built from the bits
+  (sign: bit 3, exponent: bits 2-1, mantissa: bit 0) element-wise: no table gather, whose int32 index array
+  XLA:TPU materialises and relays out."""
+  c = code.astype(jnp.uint32)
+  e, m = (c >> 1) & 3, c & 1
+  bits = jnp.where(e == 0, m * jnp.uint32(126 << 23), ((e + 126) << 23) | (m << 22))   # 0 / 0.5 ; 2^(e-1)(1+m/2)
+  return jax.lax.bitcast_convert_type(bits | ((c >> 3) << 31), jnp.float32)
+
+
 def pow2_ceil(v: jnp.ndarray) -> jnp.ndarray:
   """2^ceil(log2 v) for v > 0, exact (exact powers of two are unchanged)."""
   mant, exp = jnp.frexp(v)                    # v = mant * 2^exp, mant in [0.5, 1)
