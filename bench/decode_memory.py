@@ -6,29 +6,39 @@
 A Flash-shaped attention stack at toy width (head_dim 512, window 128, 16 indexer heads x 128, top-k 512,
 layers SWA/CSA/HCA/CSA/HCA/SWA, dim 256; fp32 compute (`--dtype`), bf16 cache). For each capacity, the step compiled
 for a live context of the whole capacity (the worst case) and of 1K tokens:
-- temp: `memory_analysis().temp_size_in_bytes` (what XLA allocates besides arguments and outputs; the
-  cache is donated and updated in place, so it is not counted again);
-- accessed: `cost_analysis()["bytes accessed"]`;
+- temp: `memory_analysis().temp_size_in_bytes` of the step as it runs (scanned layer group, the indexer's
+  key-block loop): what XLA allocates besides arguments and outputs; the cache is donated and updated in
+  place, so it is not counted again;
+- accessed: `cost_analysis()["bytes accessed"]` of the same step compiled with no while loop (every layer
+  and every indexer key block unrolled, `unrolled`). `cost_analysis` counts a while loop's body once, on
+  XLA:CPU and on XLA:TPU alike: the running step's count (printed in parentheses) sees one key block of each
+  indexer layer, e.g. ~5 MB for the 67 MB of keys a CSA layer holds at 1M;
 - ideal: what the math must read per token (docs/performance.md): the weights, every indexer key of a
   CSA layer, top-k + window entries of a CSA layer, all compressed entries + window of an HCA layer,
   the window of a sliding layer, in the cache's storage format.
 Targets: temp <= 10% of the cache; accessed within 2x of ideal.
-- live acc/ideal (printed on each capacity's 1K row): the bytes that grow with the context, (accessed at full live - accessed at
-  1K live) / (ideal at full live - ideal at 1K live): the same program but for the live length, so whatever
-  the cost model adds per weight cancels.
+- growth from 1K live (printed on each capacity's 1K row): what grows with the context, the same program but
+  for the live length: (temp at full live - temp at 1K live) / cache, and (accessed at full live - accessed
+  at 1K live) / (ideal at full live - ideal at 1K live), where whatever the cost model adds per weight or per
+  op cancels.
 
-On a TPU target the script first compiles one matmul, `x[M, 4096] @ W[4096, 4096]` bf16, at M = 1 and 8, and
-prints what `cost_analysis` counts against W's bytes: XLA:TPU stages a weight that fits into on-chip memory
-(a `copy-start` into memory space 1) and counts it on the way in and again when read, about 5x its bytes
-(at M = 1 it lowers to a multiply-reduce and counts 1x). At this toy width every weight fits, so the step's
-weights (38 MB) are counted about 5x: that is the constant that keeps `accessed` above 2x of ideal at short
-live lengths (207.9 MB at 1K live, ideal 39.3 MB). At Flash's width a layer's weights do not fit.
-
+What the cost models count besides HBM traffic:
+- XLA:TPU counts every memory space. A weight that fits on chip is staged into it (`copy-start` into memory
+  space 1) and counted on the way in and again when read: the script first compiles one matmul,
+  `x[M, 4096] @ W[4096, 4096]` bf16, at M = 1 and 8, and prints the factor (5x at M = 8; at M = 1 it lowers to
+  a multiply-reduce and counts 1x). At this toy width every weight fits, so the step's weights (38 MB) count
+  about 5x at any live length. An indexer key block decoded into on-chip memory counts when the store is
+  read, when the decoded block is written and when it is read again.
+- XLA:CPU counts a fusion's whole-store operand where the fusion gathers rows from it (the top-k rows of a
+  CSA layer read the whole compressed store, by this count).
 The last lines list, from the compiled HLO, every op that takes a compressed or indexer-key store as an
-operand and what it produces: writes are in-place `dynamic-update-slice`s of the new row, reads produce
-only the rows the math needs (a slice of live keys, the top-k rows, the live HCA rows). XLA's
-`cost_analysis` counts such a fusion's whole-store operand, so `accessed` grows with the capacity even
-where the ops touch only live rows.
+operand and what it produces: writes are in-place `dynamic-update-slice`s of the new row, reads produce only
+the rows the math needs (blocks of live keys, the top-k rows, the live HCA rows).
+
+How the XLA ops read a stored row: `kv_format.Layout.decode_planar`, slot by slot (a bf16 word's low half for
+every word, then its high half), so that no decode materialises an array whose minor dimension is a word's 2,
+4 or 8 slots, which XLA:TPU lays out and relays out through memory (v5p, bf16 cache, 1M: 42.5 MB of
+temporaries with the natural-order decode, 11.4 MB planar); the query is permuted to match (`ops.Rows`).
 
 --topology=GEN:AxB[xC] compiles the same step for one chip of that TPU slice instead, deviceless (libtpu from
 `make setup`, in a child process, as launch/aot.py does): XLA's TPU layouts, buffer assignment and cost model.
@@ -41,9 +51,8 @@ whole tiles). The TPU table counts whole-store copies (`store copies`) from the 
 compiles the whole-row cache (the paper's 146- and 17-word rows) to show them.
 
 The model scans its repeated layer group (compile time flat in depth); XLA:CPU copies each scanned layer's
-weights out of the stacked parameters (a constant, one period's weights, read twice). The `unrolled`
-columns compile the same step with every layer unrolled, which separates that constant from the cache's
-own traffic.
+weights out of the stacked parameters (a constant, one period's weights, ~13 MB here), which the temp column
+includes.
 """
 import argparse
 import dataclasses
