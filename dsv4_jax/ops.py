@@ -103,6 +103,12 @@ class Rows:
     a = self.align
     return -(-self.rows // a) * a
 
+  @property
+  def native_order(self) -> Layout | None:
+    """The layout whose planar order these rows are read in without a permutation: a store's own layout, or
+    the `order` of values (None: natural order)."""
+    return self.layout if self.layout is not None else self.order
+
   def natural(self) -> "Rows":
     """The same rows with values (never a store) in natural dim order: what a kernel that decodes its
     stores' rows in natural order reads alongside them."""
@@ -195,7 +201,7 @@ def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray
   read in whole lines: n is rounded up to them and the scores past n dropped.
   """
   B, S = qI.shape[:2]
-  n, dt, order = keys.aligned_rows, qI.dtype, keys.layout
+  n, dt, order = keys.aligned_rows, qI.dtype, keys.native_order
   blk = min(KEY_BLOCK // keys.align * keys.align, n)                     # whole lines of a packed store
   n_blocks = -(-n // blk)
   if order is not None:
@@ -249,7 +255,7 @@ def sparse_attention_ref(q: jnp.ndarray, attn_sink: jnp.ndarray, scale: float, w
   """
   dt = q.dtype
   parts = []                                                  # (logits [B,S,H,T], values, einsum for P.V)
-  order = next((r.layout for r in (comp, window) if r is not None and r.layout is not None), None)
+  order = next((r.native_order for r in (comp, window) if r is not None and r.native_order is not None), None)
   if order is not None:
     q = order.to_planar(q)                           # the stored rows' planar dim order (Rows); undone below
 
