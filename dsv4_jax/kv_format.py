@@ -129,18 +129,14 @@ class Layout:
   def to_planar(self, x: jnp.ndarray) -> jnp.ndarray:
     """Values [..., width] in natural dim order -> the planar order `decode_planar` returns: each run lists
     its dims slot by slot (slot 0 of every word, then slot 1, ...), e.g. bf16 [d0, d2, ..., d1, d3, ...]."""
-    parts = []
-    for a, n, per in self.segments:
-      y = x[..., a: a + n]
-      parts.append(y if per == 1 else jnp.swapaxes(y.reshape(*y.shape[:-1], n // per, per), -1, -2).reshape(y.shape))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)
+    return self._per_segment(x, quant.slots_first)
 
   def from_planar(self, y: jnp.ndarray) -> jnp.ndarray:
     """`to_planar` inverted."""
-    parts = []
-    for a, n, per in self.segments:
-      z = y[..., a: a + n]
-      parts.append(z if per == 1 else jnp.swapaxes(z.reshape(*z.shape[:-1], per, n // per), -1, -2).reshape(z.shape))
+    return self._per_segment(y, quant.slots_last)
+
+  def _per_segment(self, x: jnp.ndarray, permute) -> jnp.ndarray:
+    parts = [permute(x[..., a: a + n], per) for a, n, per in self.segments]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)
 
   def decode(self, words: jnp.ndarray, dtype) -> jnp.ndarray:
@@ -163,14 +159,14 @@ class Layout:
     if self.fmt == "fp8":
       n = K - r
       nw = n // 4
-      s = jnp.repeat(_from_exponent_byte(_bytes_of(words[..., nw: self.rope_word])[..., : n // 64]), 16, -1)
+      s = jnp.repeat(_from_exponent_byte(_bytes(words[..., nw: self.rope_word])[..., : n // 64]), 16, -1)
       nope = [jax.lax.bitcast_convert_type(_slot(words[..., :nw], k, 8).astype(jnp.uint8), jnp.float8_e4m3fn)
               .astype(F32) * s for k in range(4)]                            # word w's dims share scale w // 16
       rope = words[..., self.rope_word: self.rope_word + r * jnp.dtype(self.rope_dtype).itemsize // 4]
       rope = (_bf16_slots(rope) if self.rope_dtype == "bfloat16" else [jax.lax.bitcast_convert_type(rope, F32)])
       return jnp.concatenate([v.astype(dtype) for v in nope + rope], -1)
     nw = K // 8
-    s = jnp.repeat(_from_exponent_byte(_bytes_of(words[..., nw:])[..., : K // 32]), 4, -1)   # word w: w // 4
+    s = jnp.repeat(_from_exponent_byte(_bytes(words[..., nw:])[..., : K // 32]), 4, -1)   # word w: w // 4
     return jnp.concatenate([(quant.e2m1_to_f32(_slot(words[..., :nw], k, 4)) * s).astype(dtype)
                             for k in range(8)], -1)
 
@@ -184,11 +180,6 @@ def _bf16_slots(words: jnp.ndarray) -> list[jnp.ndarray]:
   """The two bf16 values of each word as fp32 [low half, high half]: a bf16 is the top half of an fp32."""
   return [jax.lax.bitcast_convert_type(words << 16, F32),
           jax.lax.bitcast_convert_type(words & jnp.uint32(0xFFFF0000), F32)]
-
-
-def _bytes_of(words: jnp.ndarray) -> jnp.ndarray:
-  """A few words [..., w] -> their bytes in order, uint32 [..., 4w] (for the scales: small)."""
-  return jnp.stack([_slot(words, k, 8) for k in range(4)], -1).reshape(*words.shape[:-1], -1)
 
 
 def _bytes(x: jnp.ndarray) -> jnp.ndarray:

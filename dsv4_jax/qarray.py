@@ -24,7 +24,7 @@ F32 = jnp.float32
 FP8_BLOCK = (128, 128)
 FP4_BLOCK = (1, 32)
 FORMATS = ("fp8", "fp4")
-from dsv4_jax.quant import e2m1_to_f32  # noqa: E402
+from dsv4_jax.quant import e2m1_to_f32, slots_first  # noqa: E402
 
 
 @struct.dataclass
@@ -104,13 +104,13 @@ def dequantize(w: QArray, dtype=jnp.bfloat16) -> jax.Array:
 
 
 def planar_operands(x: jax.Array, w, dtype) -> tuple[jax.Array, jax.Array]:
-  """(x', W') with x' @ W'^T == x @ dense(w, dtype)^T, for x [..., I] and w [..., O, I]. For an fp4 QArray W'
-  keeps the input dimension in planar order: the low nibble of every byte, then the high one (elements 0, 2,
-  4, ... then 1, 3, 5, ...), each half decoded element-wise on the [..., O, I/2] bytes, so that no [..., I/2, 2]
+  """(x', W') with x' @ W'^T == x @ dense(w, dtype)^T, for x [..., I] and w [..., O, I]. For an fp4 QArray
+  (scale blocks of one row) W' keeps the input dimension in planar order: the low nibble of every byte, then
+  the high one (elements 0, 2, 4, ... then 1, 3, 5, ...), each half decoded element-wise on the [..., O, I/2] bytes, so that no [..., I/2, 2]
   interleave exists for XLA:TPU to lay out and relay out through memory (as dsv4_jax/kv_format.py's planar
   decode); x' is x permuted to match (small: the activations). Exact values, the products summed in another
   order. Otherwise (x, dense(w, dtype))."""
-  if not (isinstance(w, QArray) and w.fmt == "fp4"):
+  if not (isinstance(w, QArray) and w.fmt == "fp4" and w.block[0] == 1):
     return x, dense(w, dtype)
   cdt = jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(F32)) else jnp.dtype(F32)
   b = jnp.asarray(w.values).astype(jnp.uint8)                                     # [..., O, I/2]
@@ -118,7 +118,7 @@ def planar_operands(x: jax.Array, w, dtype) -> tuple[jax.Array, jax.Array]:
   s = jnp.repeat(e8m0_to_f32(jnp.asarray(w.scales)).astype(cdt), w.block[1] // 2, axis=-1)[..., :half]
   lo, hi = (e2m1_to_f32(n).astype(cdt) * s for n in (b & 0xF, b >> 4))             # byte p: elements 2p, 2p+1
   W = jnp.concatenate([lo, hi], axis=-1).astype(dtype)
-  return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1), W
+  return slots_first(x, 2), W
 
 
 def dense(w, dtype) -> jax.Array:

@@ -18,6 +18,21 @@ FP4_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def slots_first(x: jnp.ndarray, per: int) -> jnp.ndarray:
+  """[..., n] -> the same values slot by slot: x[..., 0::per], then x[..., 1::per], ... (the order in which
+  values packed `per` to a word or byte come out when each slot is decoded on its own); per 1: x."""
+  if per == 1:
+    return x
+  return jnp.swapaxes(x.reshape(*x.shape[:-1], x.shape[-1] // per, per), -1, -2).reshape(x.shape)
+
+
+def slots_last(y: jnp.ndarray, per: int) -> jnp.ndarray:
+  """`slots_first` inverted."""
+  if per == 1:
+    return y
+  return jnp.swapaxes(y.reshape(*y.shape[:-1], per, y.shape[-1] // per), -1, -2).reshape(y.shape)
+
+
 def e2m1_to_f32(code: jnp.ndarray) -> jnp.ndarray:
   """e2m1 codes (an unsigned integer array, values 0..15) -> E2M1_VALUES[code] as fp32, built from the bits
   (sign: bit 3, exponent: bits 2-1, mantissa: bit 0) element-wise: no table gather, whose int32 index array
