@@ -1,16 +1,17 @@
 """Memory and traffic of one compiled decode step (nothing runs: `jit(...).lower(...).compile()`).
 
-    python bench/decode_memory.py [--capacities=131072,1048576] [--cache_dtype=bfloat16]
+    python bench/decode_memory.py [--capacities=131072,1048576] [--cache_dtype=bfloat16] [--layers=scanned,unrolled]
     python bench/decode_memory.py --topology=v5p:2x2x1 [--cache_dtype=paper] [--attn_impl=pallas_tpu] [--dtype=bfloat16]
 
 A Flash-shaped attention stack at toy width (head_dim 512, window 128, 16 indexer heads x 128, top-k 512,
 layers SWA/CSA/HCA/CSA/HCA/SWA, dim 256; fp32 compute (`--dtype`), bf16 cache). For each capacity, the step compiled
 for a live context of the whole capacity (the worst case) and of 1K tokens:
-- temp: `memory_analysis().temp_size_in_bytes` of the step as it runs (scanned layer group, the indexer's
-  key-block loop): what XLA allocates besides arguments and outputs; the cache is donated and updated in
-  place, so it is not counted again;
+- temp: `memory_analysis().temp_size_in_bytes` of the step as it runs (the indexer's key-block loop; the
+  layer loop scanned, `cfg.scan_layers=True`, or every layer unrolled, `scan_layers=False`: the `layers`
+  column): what XLA allocates besides arguments and outputs; the cache is donated and updated in place, so
+  it is not counted again;
 - accessed: `cost_analysis()["bytes accessed"]` of the same step compiled with no while loop (every layer
-  and every indexer key block unrolled, `unrolled`). `cost_analysis` counts a while loop's body once, on
+  and every indexer key block unrolled, `no_loops`). `cost_analysis` counts a while loop's body once, on
   XLA:CPU and on XLA:TPU alike: the running step's count (printed in parentheses) sees one key block of each
   indexer layer, e.g. ~5 MB for the 67 MB of keys a CSA layer holds at 1M;
 - ideal: what the math must read per token (docs/performance.md): the weights, every indexer key of a
@@ -50,9 +51,11 @@ whole (8, 128) tiles). The cache is therefore lane-dense (dsv4_jax/kv_format.py:
 whole tiles). The TPU table counts whole-store copies (`store copies`) from the compiled HLO; `--lane_dense=0`
 compiles the whole-row cache (the paper's 146- and 17-word rows) to show them.
 
-The model scans its repeated layer group (compile time flat in depth); XLA:CPU copies each scanned layer's
-weights out of the stacked parameters (a constant, one period's weights, ~13 MB here), which the temp column
-includes.
+The model scans its repeated layer group by default (compile time flat in depth). XLA:CPU copies each scanned
+layer's weights out of the stacked parameters on every step (a constant, one period's weights, ~13 MB here),
+which the scanned rows' temp includes; the unrolled rows (`scan_layers=False`, as MaxText's decode examples
+run) have no such copy. XLA:TPU reads a scanned layer's weights in place (its fusions take the dynamic slice), and
+an unrolled step there holds more buffers at once (more temp, not less).
 """
 import argparse
 import dataclasses
@@ -98,19 +101,16 @@ def ideal_bytes(cfg, storage: str, live: int, param_bytes: int) -> int:
   return total
 
 
-def unrolled(cfg):
-  """Compiles of cfg from here on have no while loop: no scanned layer group (every layer unrolled) and the
-  indexer's key-block loop unrolled (`ops.UNROLL_KEY_BLOCKS`). Returns the function that undoes it."""
-  from dsv4_jax import cache, ops, transformer
-  plan = transformer.LayerPlan(tuple(range(cfg.n_layers)), (), 0, ())
-  saved = transformer.layer_plan
-  transformer.layer_plan = cache.layer_plan = lambda c: plan if c is cfg else saved(c)
+def no_loops(cfg):
+  """(cfg with every layer unrolled, the function that undoes the rest): compiles from here on also unroll
+  the indexer's key-block loop (`ops.UNROLL_KEY_BLOCKS`), so the step has no while loop. The config gets its
+  own name: jit keys its traces on the (static) config, and the knob is not part of it."""
+  from dsv4_jax import ops
   ops.UNROLL_KEY_BLOCKS = True
 
   def restore():
-    transformer.layer_plan = cache.layer_plan = saved
     ops.UNROLL_KEY_BLOCKS = False
-  return restore
+  return dataclasses.replace(cfg, scan_layers=False, name=cfg.name + "_no_loops"), restore
 
 
 def measure(c):
@@ -199,6 +199,9 @@ def main():
   ap.add_argument("--lane_dense", type=int, default=1, choices=(0, 1),
                   help="the cache's main stores lane-dense (default) or whole rows (init_cache(lane_dense=))")
   ap.add_argument("--attn_impl", default="xla", choices=("xla", "pallas_tpu"), help="with --topology")
+  ap.add_argument("--layers", default="scanned,unrolled",
+                  help="the layer loops to compile the running step with: scanned (cfg.scan_layers=True, the "
+                       "default) and/or unrolled (scan_layers=False)")
   ap.add_argument("--in_child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.topology and not args.in_child:
@@ -217,37 +220,43 @@ def main():
   if device is not None:
     print(f"cost-model check: one x[M,4096] @ W[4096,4096] bf16 matmul counts {weight_count_factor(device, 1):.2f}x "
           f"W's bytes as accessed at M=1, {weight_count_factor(device, 8):.2f}x at M=8 (W staged on chip)")
-  print(f"{'capacity':>9} {'live':>9} {'cache MB':>9} {'temp MB':>8} {'temp/cache':>10} {'store copies':>12} | "
+  layer_modes = args.layers.split(",")
+  if not layer_modes or set(layer_modes) - {"scanned", "unrolled"}:
+    ap.error(f"--layers={args.layers!r}: expected scanned, unrolled or both, comma-separated")
+  print(f"{'layers':>8} {'capacity':>9} {'live':>9} {'cache MB':>9} {'temp MB':>8} {'temp/cache':>10} {'store copies':>12} | "
         f"no loops: {'accessed MB':>11} {'ideal MB':>9} {'acc/ideal':>9} {'(loops: acc MB)':>15} | "
         f"growth from 1K live: {'temp/cache':>10} {'acc/ideal':>9}")
-  accesses = {}
-  for cap in map(int, args.capacities.split(",")):
-    rows = []
-    cfg = stack_config(cap, args.dtype)
-    if args.attn_impl == "pallas_tpu":
-      from launch.aot import _compile_pallas_for_tpu
-      cfg = _compile_pallas_for_tpu(dataclasses.replace(cfg, attn_impl="pallas"))
-    for live in (cap, live_bucket(1024, cap)):
-      c, pbytes, cbytes, ctree = compiled_step(cfg, cap, live, args.cache_dtype, device, bool(args.lane_dense))
-      temp, acc_loops = measure(c)
-      copies = store_copies(c, ctree)
-      restore = unrolled(cfg)
-      try:
-        cu = compiled_step(cfg, cap, live, args.cache_dtype, device, bool(args.lane_dense))[0]
-        acc = measure(cu)[1]
-        accesses[(cap, live)] = store_accesses(cu)
-      finally:
-        restore()
-      ideal = ideal_bytes(cfg, args.cache_dtype, live, pbytes)
-      rows.append((live, temp, acc, ideal))
-      growth = ""
-      if len(rows) == 2 and rows[0][0] > live:          # the full-live row against this 1K row
-        (_, temp_full, acc_full, ideal_full), (_, temp_1k, acc_1k, ideal_1k) = rows
-        growth = (f"{(temp_full - temp_1k) / cbytes:>30.2%} {(acc_full - acc_1k) / (ideal_full - ideal_1k):>8.2f}x "
-                  f"({rows[0][0]} live against {live})")
-      print(f"{cap:>9} {live:>9} {cbytes / MB:>9.1f} {temp / MB:>8.2f} {temp / cbytes:>9.2%} {copies:>12} | "
-            f"no loops: {acc / MB:>11.1f} {ideal / MB:>9.1f} {acc / ideal:>8.2f}x {acc_loops / MB:>15.1f} |{growth}",
-            flush=True)
+  accesses, no_loop_acc = {}, {}
+  for mode in layer_modes:
+    for cap in map(int, args.capacities.split(",")):
+      rows = []
+      cfg = dataclasses.replace(stack_config(cap, args.dtype), scan_layers=mode == "scanned")
+      if args.attn_impl == "pallas_tpu":
+        from launch.aot import _compile_pallas_for_tpu
+        cfg = _compile_pallas_for_tpu(dataclasses.replace(cfg, attn_impl="pallas"))
+      for live in (cap, live_bucket(1024, cap)):
+        c, pbytes, cbytes, ctree = compiled_step(cfg, cap, live, args.cache_dtype, device, bool(args.lane_dense))
+        temp, acc_loops = measure(c)
+        copies = store_copies(c, ctree)
+        if (cap, live) not in no_loop_acc:                 # the same program for either layer loop
+          flat, restore = no_loops(cfg)
+          try:
+            cu = compiled_step(flat, cap, live, args.cache_dtype, device, bool(args.lane_dense))[0]
+            no_loop_acc[(cap, live)] = measure(cu)[1]
+            accesses[(cap, live)] = store_accesses(cu)
+          finally:
+            restore()
+        acc = no_loop_acc[(cap, live)]
+        ideal = ideal_bytes(cfg, args.cache_dtype, live, pbytes)
+        rows.append((live, temp, acc, ideal))
+        growth = ""
+        if len(rows) == 2 and rows[0][0] > live:          # the full-live row against this 1K row
+          (_, temp_full, acc_full, ideal_full), (_, temp_1k, acc_1k, ideal_1k) = rows
+          growth = (f"{(temp_full - temp_1k) / cbytes:>30.2%} {(acc_full - acc_1k) / (ideal_full - ideal_1k):>8.2f}x "
+                    f"({rows[0][0]} live against {live})")
+        print(f"{mode:>8} {cap:>9} {live:>9} {cbytes / MB:>9.1f} {temp / MB:>8.2f} {temp / cbytes:>9.2%} {copies:>12} | "
+              f"no loops: {acc / MB:>11.1f} {ideal / MB:>9.1f} {acc / ideal:>8.2f}x {acc_loops / MB:>15.1f} |{growth}",
+              flush=True)
   print()
   print("how the step with no loops touches the compressed and indexer-key stores (op at the root of each fusion "
         "that takes a store: store shape -> what it produces):")

@@ -18,5 +18,5 @@ def get_config() -> ml_collections.ConfigDict:
       beta_fast=32, beta_slow=1,
       hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, norm_eps=1e-6,
       bos_token_id=0, eos_token_id=1, max_seq_len=1024,
-      expert_dtype=None, dtype="float32", quant_sim=False, attn_impl="xla", query_chunk=512,
+      expert_dtype=None, dtype="float32", quant_sim=False, attn_impl="xla", query_chunk=512, scan_layers=True,
   ))

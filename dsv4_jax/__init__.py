@@ -10,8 +10,8 @@ import importlib
 _EXPORTS = {
     "ModelConfig": "config", "load_config": "config", "config_names": "config", "describe": "config",
     "init_params": "transformer", "abstract_params": "transformer", "param_specs": "transformer",
-    "layer_plan": "transformer", "forward": "transformer", "ForwardOutput": "transformer",
-    "parameter_counts": "transformer",
+    "layer_plan": "transformer", "relayout_layers": "transformer", "forward": "transformer",
+    "ForwardOutput": "transformer", "parameter_counts": "transformer",
     "load_params": "weights",
     "init_cache": "cache", "cache_size": "cache",
     "prefill": "inference", "decode_step": "inference",

@@ -64,6 +64,9 @@ class ModelConfig:
   attn_impl: str = "xla"               # "xla" (plain jnp) | "pallas" (default device's backend; CPU:
                                        # interpreted) | "pallas_tpu" / "pallas_gpu" (forced, for AOT compiles)
   query_chunk: int = 512               # queries per block in attention and indexer (bounds gathered memory)
+  scan_layers: bool = True             # run the repeated layer group under lax.scan (compile time flat in
+                                       # depth); False unrolls every layer, each with its own parameters and
+                                       # caches (transformer.layer_plan, relayout_layers)
 
   def __post_init__(self):
     object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -99,6 +102,8 @@ class ModelConfig:
       bad("expert_dtype", self.expert_dtype, f"one of {_EXPERT_DTYPES}")
     if self.query_chunk < 1:
       bad("query_chunk", self.query_chunk, ">= 1")
+    if not isinstance(self.scan_layers, bool):
+      bad("scan_layers", self.scan_layers, "True or False")
     if self.attn_impl not in ATTN_IMPLS:
       bad("attn_impl", self.attn_impl, f"one of {ATTN_IMPLS}")
     if self.score_func != "sqrtsoftplus":

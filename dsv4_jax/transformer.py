@@ -3,6 +3,11 @@
 Layers are grouped so that compile time does not grow with depth: the longest periodic run of layer
 kinds (e.g. Flash's 20 x (HCA, CSA) after three odd layers) is stacked and run under `jax.lax.scan`;
 the few other layers are unrolled. A layer's kind is (compress_ratio, hash-routed?).
+With `cfg.scan_layers=False` every layer is unrolled, each with its own parameters and caches (no stacked
+[reps] axis; MaxText's decode examples run with `scan_layers=false` too): no step indexes stacked weights
+(XLA:CPU copies a scanned layer's weights out of the stack on every step), and compile time grows with
+depth. `relayout_layers` converts a parameter (or cache) tree between the two layouts; converted
+checkpoints are stored per layer and restore into either.
 
 Parameter tree (plain nested dicts / lists):
     embed [V,D], head [V,D], norm [D], hc_head {fn, base, scale},
@@ -55,8 +60,11 @@ def layer_kind(cfg: ModelConfig, layer_id: int) -> tuple[int, bool]:
 
 @functools.lru_cache(maxsize=None)
 def layer_plan(cfg: ModelConfig) -> LayerPlan:
-  """Chooses the split that unrolls the fewest layers (periods of 1 to 4 layers, >= 2 repetitions)."""
+  """Chooses the split that unrolls the fewest layers (periods of 1 to 4 layers, >= 2 repetitions); every
+  layer unrolled when `cfg.scan_layers` is False."""
   n = cfg.n_layers
+  if not cfg.scan_layers:
+    return LayerPlan(tuple(range(n)), (), 0, ())
   kinds = [layer_kind(cfg, i) for i in range(n)]
   best = LayerPlan(tuple(range(n)), (), 0, ())
   best_cost = n
@@ -74,6 +82,29 @@ def layer_plan(cfg: ModelConfig) -> LayerPlan:
         best_cost = cost
         best = LayerPlan(tuple(range(start)), tuple(range(start, start + size)), reps, tuple(range(end, n)))
   return best
+
+
+def relayout_layers(layers: dict, src: ModelConfig, dst: ModelConfig) -> dict:
+  """The "layers" tree of parameters (or of a cache, `cache["layers"]`) laid out for `src`'s layer plan,
+  rearranged for `dst`'s (e.g. `scan_layers` True -> False): the same per-layer arrays, sliced out of or
+  stacked into the scanned group's leading [reps] axis. The two configs must describe the same layers."""
+  if (src.n_layers, src.compress_ratios, src.n_hash_layers) != (dst.n_layers, dst.compress_ratios,
+                                                               dst.n_hash_layers):
+    raise ValueError(f"relayout_layers: {src.name!r} and {dst.name!r} have different layers "
+                     f"(n_layers, compress_ratios, n_hash_layers differ); only the layout may change.")
+  sp, dp = layer_plan(src), layer_plan(dst)
+  if sp == dp:
+    return layers
+
+  def one(i):
+    part, n, rep = sp.locate(i)
+    tree = layers[part][n]
+    return tree if rep is None else jax.tree.map(lambda x: x[rep], tree)
+
+  return {"prefix": [one(i) for i in dp.prefix],
+          "stack": [jax.tree.map(lambda *xs: jnp.stack(xs), *[one(dp.stack_layer(pos, r)) for r in range(dp.reps)])
+                    for pos in range(len(dp.period))],
+          "suffix": [one(i) for i in dp.suffix]}
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -160,8 +191,8 @@ def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarr
   appends lengths[b] tokens at `positions[b]`; the caches ride the layer loop's carry and each layer
   writes only its new rows (a scanned group's caches are indexed by repetition, never sliced out and
   stacked back). `live`: static bound on the tokens any row holds after the call (see cache.live_bucket).
-  `remat`: False, True (recompute each scanned period in the backward pass) or a `jax.checkpoint_policies`
-  policy. `fresh` (static, with caches): every row's cache is empty and positions start at 0 (a prompt
+  `remat`: False, True (recompute each scanned period, and each unrolled layer, in the backward pass) or a
+  `jax.checkpoint_policies` policy. `fresh` (static, with caches): every row's cache is empty and positions start at 0 (a prompt
   that runs context-parallel over the mesh's `sequence` axis). `stats` (training): also return the layers' `moe.MoEStats` as a third element, a tree laid out
   like `layers` (a scanned position's stats carry the leading [reps] axis, as its parameters).
   """
@@ -173,10 +204,15 @@ def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarr
     X, view, *st = block.block(p, cfg, cfg.layer_ratio(i), X, tokens, positions, lengths, view, stats=stats)
     return X, None if view is None else view.tree, st[0] if stats else None
 
+  def unrolled(p, i, X, c):
+    if not remat or c is not None:
+      return apply(p, i, X, c)
+    return jax.checkpoint(lambda p, X: apply(p, i, X, None), policy=None if remat is True else remat)(p, X)
+
   new = None if caches is None else {"prefix": [], "stack": [], "suffix": []}
   moe_stats = {"prefix": [], "stack": [], "suffix": []}
   for n, (p, i) in enumerate(zip(layers["prefix"], plan.prefix)):
-    X, c, st = apply(p, i, X, None if caches is None else caches["prefix"][n])
+    X, c, st = unrolled(p, i, X, None if caches is None else caches["prefix"][n])
     moe_stats["prefix"].append(st)
     if new is not None:
       new["prefix"].append(c)
@@ -198,7 +234,7 @@ def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarr
     if new is not None:
       new["stack"] = stack
   for n, (p, i) in enumerate(zip(layers["suffix"], plan.suffix)):
-    X, c, st = apply(p, i, X, None if caches is None else caches["suffix"][n])
+    X, c, st = unrolled(p, i, X, None if caches is None else caches["suffix"][n])
     moe_stats["suffix"].append(st)
     if new is not None:
       new["suffix"].append(c)

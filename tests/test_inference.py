@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax import (Sampling, cache_size, decode_step, forward, generate, init_cache, init_params, load_config,
-                      prefill)
+from dsv4_jax import (Sampling, abstract_params, cache_size, decode_step, forward, generate, init_cache, init_params,
+                      layer_plan, load_config, prefill, relayout_layers)
 from dsv4_jax.cache import decoded
 
 PROMPT_LENGTHS = [1, 3, 4, 5, 7, 8, 9, 127, 128, 129, 150]
@@ -57,6 +57,44 @@ def test_cached_decode_equals_forward(model):
   print(cfg.name, "max relative error per step", [f"{e:.1e}" for e in errs])
   assert max(errs) < 1e-5
   assert np.asarray(cache["length"]).tolist() == (lengths + steps).tolist()
+
+
+def test_unrolled_layers_compute_what_the_scanned_group_does():
+  """`scan_layers=False` unrolls every layer: parameters relaid out by `relayout_layers` give the scanned
+  model's logits in `forward`, prefill and decode, and the same cache contents; the relayout round-trips
+  exactly and refuses configs whose layers differ."""
+  cfg = load_config("tiny")
+  ucfg = dataclasses.replace(cfg, scan_layers=False)
+  assert layer_plan(cfg).reps >= 2 and layer_plan(ucfg).reps == 0 and len(layer_plan(ucfg).prefix) == cfg.n_layers
+  params = init_params(cfg, jax.random.key(1))
+  uparams = {**params, "layers": relayout_layers(params["layers"], cfg, ucfg)}
+  shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
+  assert shapes(uparams) == shapes(abstract_params(ucfg))
+  back = relayout_layers(uparams["layers"], ucfg, cfg)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params["layers"])))
+  with pytest.raises(ValueError, match="different layers"):
+    relayout_layers(params["layers"], cfg, dataclasses.replace(cfg, n_hash_layers=cfg.n_hash_layers + 1))
+
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 40), 0, cfg.vocab_size), np.int32)
+  np.testing.assert_allclose(np.asarray(_fwd(uparams, ucfg, tokens).logits),
+                             np.asarray(_fwd(params, cfg, tokens).logits), rtol=1e-5, atol=1e-5)
+  lengths = np.array([40, 29], np.int32)
+  out = {}
+  for c, p in ((cfg, params), (ucfg, uparams)):
+    logits, cache = prefill(p, c, tokens, lengths, init_cache(c, 2, 64))
+    steps = [np.asarray(logits)]
+    for s in range(3):
+      logits, cache = decode_step(p, c, tokens[:, s], cache)
+      steps.append(np.asarray(logits))
+    out[c.scan_layers] = steps, cache
+  for a, b in zip(out[True][0], out[False][0]):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  relaid = relayout_layers(out[True][1]["layers"], cfg, ucfg)
+  assert jax.tree.structure(relaid) == jax.tree.structure(out[False][1]["layers"])
+  diff = [int(np.sum(np.asarray(a) != np.asarray(b)))
+          for a, b in zip(jax.tree.leaves(relaid), jax.tree.leaves(out[False][1]["layers"]))]
+  print("differing cache elements per leaf", diff)
+  assert sum(diff) == 0
 
 
 def test_indexer_selects_fewer_than_visible_in_these_runs(model):
