@@ -191,8 +191,9 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: 
       cache = _append(cache, "idx", p["indexer"]["compressor"], cfg, x, ratio, start, lengths, True)
       keys = cache.rows("idx", ratio)
     ring = cache.tree["win"].n_rows                                                # W (+ rollback rows)
-    order = cache.tree["win"].layout               # the ring read in its planar order (ops.Rows), kv permuted to it
-    window = ops.Rows(jnp.concatenate([cache.window(kv.dtype, order), order.to_planar(kv)], axis=1), order=order)
+    order = ops.window_order(cfg, cache.tree["win"].layout)   # the order the implementation reads values in
+    new = kv if order is None else order.to_planar(kv)
+    window = ops.Rows(jnp.concatenate([cache.window(kv.dtype, order), new], axis=1), order=order)
   out = map_query_chunks(lambda xc, pc: attend(p, cfg, ratio, xc, pc, start, ring, window, comp, keys),
                          cfg.query_chunk, (x, positions))
   if cache is not None:

@@ -306,12 +306,26 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 }
 
 
-def register(name: str, **ops: Callable) -> None:
-  """Makes `cfg.attn_impl == name` use these ops (e.g. Pallas kernels); missing ops stay an error."""
+_PLANAR_READS = {"xla": True}   # implementation -> its sparse attention reads values in their rows' planar order
+
+
+def register(name: str, planar_reads: bool = False, **ops: Callable) -> None:
+  """Makes `cfg.attn_impl == name` use these ops (e.g. Pallas kernels); missing ops stay an error.
+  `planar_reads`: its `sparse_attention` reads values (the cached window) fastest in their layout's planar
+  order (`Rows(order=)`, as the XLA ops do); False: in natural dim order (kernels that decode stored rows in
+  natural order). `attention` builds the window in that order, so no implementation permutes it back."""
   unknown = set(ops) - set(OPS)
   if unknown:
     raise ValueError(f"register({name!r}): unknown ops {sorted(unknown)}; the ops are {OPS}.")
   _IMPLS.setdefault(name, {}).update(ops)
+  _PLANAR_READS[name] = planar_reads
+
+
+def window_order(cfg: ModelConfig, layout: Layout) -> Layout | None:
+  """The order `cfg.attn_impl`'s sparse attention reads a window of values stored in `layout` in: `layout`
+  (planar) or None (natural); see `register`."""
+  implementation(cfg, "sparse_attention")               # an unknown or unavailable attn_impl is an error here
+  return layout if _PLANAR_READS.get(cfg.attn_impl, False) else None
 
 
 def implementation(cfg: ModelConfig, op: str) -> Callable:

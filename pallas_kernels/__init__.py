@@ -22,7 +22,7 @@ from pallas_kernels import compressor, encode, indexer, sparse_attention
 
 def _register() -> None:
   for name, backend in (("pallas", None), ("pallas_tpu", "tpu"), ("pallas_gpu", "gpu")):
-    ops.register(name,
+    ops.register(name, planar_reads=False,       # the kernels decode stored rows in natural dim order
                  indexer_topk=functools.partial(indexer.indexer_topk, backend=backend),
                  sparse_attention=functools.partial(sparse_attention.sparse_attention, backend=backend),
                  compress_pool=functools.partial(compressor.pool, backend=backend),

@@ -878,7 +878,8 @@ def sparse_attention(q, attn_sink, scale: float, window: Rows, window_idx, comp:
   backend = backend_for(backend)
   interpret = interpret_mode(backend, interpret)
   B, S, H, K = q.shape
-  window = window.natural()                        # the kernel decodes stored rows in natural dim order
+  window = window.natural()     # natural dim order, as the kernel decodes stored rows (attention builds it so:
+                                # ops.register(planar_reads=False); a no-op then)
   if block_rows is None:
     block_rows = 128 if backend == "tpu" else 32
   if q_block is None:

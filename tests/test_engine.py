@@ -93,6 +93,34 @@ def test_unknown_attn_impl_or_missing_op_is_a_clear_error(monkeypatch):
     ops.register("mine", topk=ops.select_topk)
 
 
+def test_the_window_reaches_sparse_attention_in_the_order_its_implementation_reads(monkeypatch):
+  """The XLA ops read the cached window in its layout's planar order, the Pallas kernels in natural order
+  (`ops.register(planar_reads=)`): `attention` builds it so, and the logits do not depend on it. The "pallas"
+  ops here are the references, with a spy on sparse attention."""
+  seen = {"xla": [], "pallas": []}
+
+  def spy(name):
+    def sparse_attention(*args, **kw):
+      seen[name].append(args[3].order)                  # (q, attn_sink, scale, window, ...)
+      return ops.sparse_attention_ref(*args, **kw)
+    return sparse_attention
+
+  monkeypatch.setitem(ops._IMPLS, "xla", dict(ops._IMPLS["xla"], sparse_attention=spy("xla")))
+  monkeypatch.setitem(ops._IMPLS, "pallas", dict(ops._IMPLS["xla"], sparse_attention=spy("pallas")))
+  monkeypatch.setitem(ops._PLANAR_READS, "pallas", False)
+  base = load_config("tiny")
+  params = init_params(base, jax.random.key(1))
+  toks = np.asarray(jax.random.randint(jax.random.key(2), (2, 20), 0, base.vocab_size), np.int32)
+  outs = {}
+  for impl in ("xla", "pallas"):
+    cfg = dataclasses.replace(base, attn_impl=impl)
+    _, cache = prefill(params, cfg, toks, np.array([20, 13]), init_cache(cfg, 2, 64))
+    outs[impl] = np.asarray(decode_step(params, cfg, np.array([5, 6]), cache)[0])
+  assert seen["xla"] and all(isinstance(o, Layout) for o in seen["xla"])
+  assert seen["pallas"] and all(o is None for o in seen["pallas"])
+  np.testing.assert_allclose(outs["pallas"], outs["xla"], rtol=1e-5, atol=1e-5)
+
+
 def test_cache_shorter_than_a_compression_ratio():
   """max_seq_len 6 < the HCA ratio 8: the compressed stores keep one (never visible) row, and the step runs."""
   cfg = load_config("tiny")
