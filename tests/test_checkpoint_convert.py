@@ -14,7 +14,7 @@ import pytest
 
 import hf_oracle
 import released_format as rf
-from dsv4_jax import ModelConfig, forward, layer_plan, load_params
+from dsv4_jax import ModelConfig, forward, layer_plan, load_params, relayout_layers
 from dsv4_jax.checkpoint import convert, orbax_io, stream
 from dsv4_jax.qarray import QArray
 
@@ -129,6 +129,10 @@ def test_round_trip_equals_direct(released, tmp_path):
   cfg = _cfg(out, dtype="bfloat16")
   direct = load_params(src, cfg)
   _assert_trees_equal(direct, load_params(out, cfg))
+  # the per-layer units restore into the unrolled layout (scan_layers=False) as well
+  flat = dataclasses.replace(cfg, scan_layers=False)
+  assert layer_plan(cfg).reps and not layer_plan(flat).reps
+  _assert_trees_equal({**direct, "layers": relayout_layers(direct["layers"], cfg, flat)}, load_params(out, flat))
   # one model.safetensors file, no index
   single = str(tmp_path / "single")
   rf.write_released(single, rf.random_official(cfg, seed=1), config, single_file=True)
