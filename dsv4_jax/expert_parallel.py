@@ -58,9 +58,16 @@ they save; instead the group's tokens are all-gathered over `expert` (n*T_l rows
 local experts to the pairs that chose them (`moe._gathered_experts`: each chosen expert read once), and the
 per-slot outputs are reduce-scattered back (`_gather_body`). No capacity, nothing dropped.
 
-Not done: tensor-parallel experts; a custom VJP (gradients flow through the emulation and the native op's transpose rule as jax
-defines them; a CPU check of grad(sum(moe(x)**2)) on expert:8 matched one device to 2e-7, but it is not
-in the tests).
+A scanned layer group (inference): the experts enter the `shard_map` as the whole stack [reps, E, ...] with
+the repetition's index (`moe.Stacked`, built by `transformer.run_layers` when caches are given), and the shard
+indexes its own slice inside (the decode path reads only its chosen experts from the stack,
+`moe.Stacked.take`). A layer's expert slice passed in instead is an operand XLA must materialise at the
+`shard_map` boundary: every MoE layer of every step copied its local expert stack (Flash's 1M decode on
+v6e-8, expert:4,tensor:2: 6 x 128 MiB; temporaries 1.05 -> 0.62 GiB). Training keeps the sliced experts (a closed-over stack's gradient would be a whole
+[reps, ...] buffer accumulated on every iteration).
+
+Gradients flow through the emulation and the native op's transpose rule as jax defines them (no custom
+VJP); tests/test_expert_parallel.py checks them against one device.
 """
 from __future__ import annotations
 
@@ -172,6 +179,8 @@ def tensor_split(pe: dict, cfg: ModelConfig, mesh) -> int:
   t = dict(mesh.shape).get("tensor", 1)
   if t == 1:
     return 1
+  if isinstance(pe, moe.Stacked):
+    pe = jax.eval_shape(pe.get)
   F = cfg.moe_inter_dim
   ok = F % t == 0 and (not cfg.quant_sim or (F // t) % 128 == 0)
   for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
@@ -304,7 +313,15 @@ def routed_experts(pe: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray,
   else:
     cap = capacity_rows(Tp // n_tok, k, n, capacity_factor)
     body = partial(_shard_body, cfg=cfg, n=n, cap=cap, tok_axes=tok_axes, impl=impl, group=group, reduce=reduce)
-  f = jax.shard_map(body, mesh=mesh, in_specs=(_expert_specs(pe, t), tok, tok, tok, tok),
+  if isinstance(pe, moe.Stacked):              # the whole stack in, this shard's experts indexed inside
+    specs = jax.tree.map(lambda s: P(None, *s), _expert_specs(jax.eval_shape(pe.get), t),
+                         is_leaf=lambda s: isinstance(s, P))
+    one, gather = body, body.func is _gather_body   # the decode path gathers its chosen experts from the stack
+    body = lambda stack, rep, *a: one(moe.Stacked(stack, rep) if gather else moe.Stacked(stack, rep).get(), *a)
+    args, in_specs = (pe.tree, pe.rep), (specs, P())
+  else:
+    args, in_specs = (pe,), (_expert_specs(pe, t),)
+  f = jax.shard_map(body, mesh=mesh, in_specs=(*in_specs, tok, tok, tok, tok),
                     out_specs=(tok, P(), P()), check_vma=False)
-  y, load, dropped = f(pe, x, idx.astype(jnp.int32), w.astype(F32), valid)
+  y, load, dropped = f(*args, x, idx.astype(jnp.int32), w.astype(F32), valid)
   return y[:T], EPStats(load=load, dropped=dropped)

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flax import struct
+
 from dsv4_jax import quant, sharding
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.linear import f32_linear, fp8_linear
@@ -174,6 +176,29 @@ def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tupl
   return jnp.where(real, ids, jnp.max(jnp.where(real, ids, 0))).astype(jnp.int32), real
 
 
+@struct.dataclass
+class Stacked:
+  """A scanned layer group's routed experts at one repetition (inference under expert parallelism, see
+  dsv4_jax/expert_parallel.py): `tree` [reps, E, ...] as stored, `rep` the int32 index. `get()` is tree[rep];
+  `take(ids)` gathers experts `ids` of repetition rep in one gather, never slicing the repetition out."""
+  tree: dict
+  rep: jax.Array
+
+  def get(self) -> dict:
+    return jax.tree.map(lambda a: a[self.rep], self.tree)
+
+  def take(self, ids: jnp.ndarray) -> dict:
+    # Expert by expert (a loop of dynamic slices of the stack): XLA:TPU lowers a gather of such rows (an fp4
+    # expert is [F, D/2] bytes) by copying its operand in column pieces, the repetition's whole local expert
+    # stack (or, as a[rep, ids], the whole stack) every time.
+    # Leaves narrower than 128 (the e8m0 scales) are gathered: a loop would relayout their whole stack
+    # (XLA:TPU lays such arrays out rows-minor).
+    wide = lambda a: a.shape[-1] >= 128
+    looped = jax.lax.map(lambda u: jax.tree.map(lambda a: a[self.rep, u] if wide(a) else None, self.tree), ids)
+    return jax.tree.map(lambda a, v: v if wide(a) else a[self.rep][ids], self.tree, looped,
+                        is_leaf=lambda x: x is None)
+
+
 def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
                       valid: jnp.ndarray, n_experts: int | None = None, reduce=None) -> jnp.ndarray:
   """Decode path. x: [T,D], idx/w: [T,k] (a token's slots in ascending expert id), valid [T] -> per-slot
@@ -191,7 +216,7 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in bf16 when all are dequantised together.
   Their stored (packed) weights are gathered once, before the loop (fp4: a quarter of their bf16 bytes):
   Flash's 1M decode on v6e-8 (expert:4,tensor:2) needs 1.05 GiB of temporaries against 1.34 with the gather
-  inside each group's step.
+  inside each group's step, and 0.62 GiB when a scanned layer's experts are taken from the stack (`Stacked`).
   """
   T, k = idx.shape
   ids, real = chosen_experts(idx, valid, n_experts or cfg.n_routed_experts)     # [U]
@@ -203,7 +228,7 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   hit = (idx[None] == ids_p[:, None, None]) & (real_p[:, None, None] & valid[None, :, None])   # [U+pad,T,k]
   wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U+pad,T]
 
-  chosen = jax.tree.map(lambda a: a[ids_p], p)                                  # [U+pad, out, in], as stored
+  chosen = p.take(ids_p) if isinstance(p, Stacked) else jax.tree.map(lambda a: a[ids_p], p)   # [U+pad, out, in]
 
   def group(args):                                                              # G experts -> [G,T,D]
     pw, g_wts = args
@@ -293,11 +318,12 @@ def moe(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray,
   ids = jnp.where(v, token_ids.reshape(-1), 0)                       # a pad id never indexes tid2eid
   idx, w = route(p["gate"], cfg, xt, ids)
   mesh, _ = sharding.active_mesh()
+  experts = p["experts"]                     # a dict, or a Stacked (a scanned group under expert parallelism)
   if mesh is not None and "expert" in mesh.axis_names and mesh.shape["expert"] > 1:
     from dsv4_jax import expert_parallel                             # imports this module
-    y, ep = expert_parallel.routed_experts(p["experts"], cfg, xt, idx, w, v, mesh)
+    y, ep = expert_parallel.routed_experts(experts, cfg, xt, idx, w, v, mesh)
   else:
-    y, ep = routed_experts(p["experts"], cfg, xt, idx, w, v), None
+    y, ep = routed_experts(experts if isinstance(experts, dict) else experts.get(), cfg, xt, idx, w, v), None
   if "shared_experts" in p:
     y = y + shared_expert(p["shared_experts"], cfg, xt).astype(F32)
   y = jnp.where(v[:, None], y, 0).astype(x.dtype).reshape(B, S, D)

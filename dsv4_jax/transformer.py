@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dsv4_jax import block, head, mhc, mtp, params as params_lib, sharding
+from dsv4_jax import block, expert_parallel, head, mhc, moe, mtp, params as params_lib, sharding
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.params import ParamSpec
 from dsv4_jax.sharding import constrain
@@ -217,11 +217,24 @@ def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarr
     if new is not None:
       new["prefix"].append(c)
   if plan.reps:
+    # Inference under expert parallelism: each position's routed experts stay out of the scanned slices and
+    # enter the MoE as the whole stack plus the repetition (moe.Stacked), indexed inside the
+    # shard_map, so no step copies a layer's experts out of the stack at its boundary.
+    stacked = [None] * len(plan.period)
+    scanned = list(layers["stack"])
+    if caches is not None and expert_parallel.active(sharding.active_mesh()[0]):
+      for n, p in enumerate(scanned):
+        if "experts" in p.get("ffn", {}):
+          stacked[n] = p["ffn"]["experts"]
+          scanned[n] = {**p, "ffn": {k: v for k, v in p["ffn"].items() if k != "experts"}}
+
     def body(carry, xs):
       X, cs = carry
       ps, rep = xs
       out, sts = [], []
       for n, (p, i) in enumerate(zip(ps, plan.period)):
+        if stacked[n] is not None:
+          p = {**p, "ffn": {**p["ffn"], "experts": moe.Stacked(stacked[n], rep)}}
         X, c, st = apply(p, i, X, None if cs is None else cs[n], rep)
         out.append(c)
         sts.append(st)
@@ -229,8 +242,7 @@ def run_layers(layers: dict, cfg: ModelConfig, X: jnp.ndarray, tokens: jnp.ndarr
     if remat:
       body = jax.checkpoint(body, policy=None if remat is True else remat)
     stack = None if caches is None else list(caches["stack"])
-    (X, stack), moe_stats["stack"] = jax.lax.scan(body, (X, stack),
-                                                  (list(layers["stack"]), jnp.arange(plan.reps)))
+    (X, stack), moe_stats["stack"] = jax.lax.scan(body, (X, stack), (scanned, jnp.arange(plan.reps)))
     if new is not None:
       new["stack"] = stack
   for n, (p, i) in enumerate(zip(layers["suffix"], plan.suffix)):

@@ -399,6 +399,24 @@ def test_moe_gathered_and_grouped_paths_agree(tiny):
   np.testing.assert_allclose(np.asarray(many[:3]), np.asarray(few), rtol=1e-5, atol=1e-5)
 
 
+def test_stacked_experts_read_one_repetition():
+  """`moe.Stacked` (a scanned group's experts under expert parallelism): `get()` is the repetition's slice and
+  `take(ids)` its experts ids, bit for bit, for wide leaves (read expert by expert) and narrow ones (the
+  e8m0 scales, gathered), under jit with a traced repetition."""
+  from dsv4_jax import moe, qarray
+  rng = np.random.default_rng(1)
+  tree = {"w1": qarray.QArray(values=jnp.asarray(rng.integers(0, 256, (3, 5, 4, 128), dtype=np.uint8)),
+                              scales=jnp.asarray(rng.integers(0, 256, (3, 5, 4, 8), dtype=np.uint8)),
+                              block=qarray.FP4_BLOCK, fmt="fp4"),
+          "w2": jnp.asarray(rng.standard_normal((3, 5, 2, 130)), jnp.float32)}
+  ids = jnp.array([4, 0, 4, 1], jnp.int32)
+  got = jax.jit(lambda t, r, i: (moe.Stacked(t, r).get(), moe.Stacked(t, r).take(i)))(tree, jnp.int32(2), ids)
+  want = (jax.tree.map(lambda a: a[2], tree), jax.tree.map(lambda a: a[2][ids], tree))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_moe_paths_on_quantised_fp4_experts(tiny):
   """Routed experts held as packed fp4 QArrays give the same outputs as their exact dequantisation, on
   both the gathered (decode) and the grouped path (to fp32 rounding of the largest output: the QArray
