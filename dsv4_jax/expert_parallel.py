@@ -59,12 +59,12 @@ local experts to the pairs that chose them (`moe._gathered_experts`: each chosen
 per-slot outputs are reduce-scattered back (`_gather_body`). No capacity, nothing dropped.
 
 A scanned layer group (inference): the experts enter the `shard_map` as the whole stack [reps, E, ...] with
-the repetition's index (`moe.Stacked`, built by `transformer.run_layers` when caches are given), and the shard
-indexes its own slice inside (the decode path reads only its chosen experts from the stack,
+the repetition's index (`moe.Stacked`, built by `transformer.run_layers` when caches are given), and the
+shard indexes its own slice inside (the decode path reads only its chosen experts from the stack,
 `moe.Stacked.take`). A layer's expert slice passed in instead is an operand XLA must materialise at the
 `shard_map` boundary: every MoE layer of every step copied its local expert stack (Flash's 1M decode on
-v6e-8, expert:4,tensor:2: 6 x 128 MiB; temporaries 1.05 -> 0.62 GiB). Training keeps the sliced experts (a closed-over stack's gradient would be a whole
-[reps, ...] buffer accumulated on every iteration).
+v6e-8, expert:4,tensor:2: 6 x 128 MiB; temporaries 1.05 -> 0.46 GiB). Training keeps the sliced experts
+(a closed-over stack's gradient would be a whole [reps, ...] buffer accumulated on every iteration).
 
 Gradients flow through the emulation and the native op's transpose rule as jax defines them (no custom
 VJP); tests/test_expert_parallel.py checks them against one device.

@@ -216,7 +216,9 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in bf16 when all are dequantised together.
   Their stored (packed) weights are gathered once, before the loop (fp4: a quarter of their bf16 bytes):
   Flash's 1M decode on v6e-8 (expert:4,tensor:2) needs 1.05 GiB of temporaries against 1.34 with the gather
-  inside each group's step, and 0.62 GiB when a scanned layer's experts are taken from the stack (`Stacked`).
+  inside each group's step (XLA:TPU's gather copied its whole operand in column pieces). A scanned layer's
+  experts under expert parallelism (`Stacked`) are instead taken from the stack group by group inside the
+  loop, expert by expert (`Stacked.take`): 0.46 GiB.
   """
   T, k = idx.shape
   ids, real = chosen_experts(idx, valid, n_experts or cfg.n_routed_experts)     # [U]
@@ -228,10 +230,12 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   hit = (idx[None] == ids_p[:, None, None]) & (real_p[:, None, None] & valid[None, :, None])   # [U+pad,T,k]
   wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U+pad,T]
 
-  chosen = p.take(ids_p) if isinstance(p, Stacked) else jax.tree.map(lambda a: a[ids_p], p)   # [U+pad, out, in]
+  stacked = isinstance(p, Stacked)           # a scanned layer's stack: each group takes its G experts from it
+  chosen = ids_p if stacked else jax.tree.map(lambda a: a[ids_p], p)           # [U+pad, out, in], as stored
 
   def group(args):                                                              # G experts -> [G,T,D]
     pw, g_wts = args
+    pw = p.take(pw) if stacked else pw
     return _expert_mlp(pw, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, lambda a, wt: jnp.einsum(
         "uti,uoi->uto", *planar_operands(a, wt, a.dtype), preferred_element_type=F32), reduce)
   n = (U + pad) // G

@@ -417,6 +417,22 @@ def test_stacked_experts_read_one_repetition():
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_decode_path_on_a_stacked_repetition_equals_its_slice(tiny, monkeypatch):
+  """The decode path given a scanned group's experts as `moe.Stacked` (each group of chosen experts taken
+  from the stack inside the group loop) gives the outputs of the repetition's slice, bit for bit."""
+  from dsv4_jax import moe
+  cfg, params = tiny
+  monkeypatch.setattr(moe, "DECODE_GROUP", 2)                          # 6 chosen experts: 3 groups
+  ffn = params["layers"]["stack"][0]["ffn"]
+  x = jax.random.normal(jax.random.key(11), (3, cfg.dim))
+  idx, w = moe.route(jax.tree.map(lambda a: a[1], ffn["gate"]), cfg, x, jnp.array([1, 2, 3]))
+  assert len(np.unique(np.asarray(idx))) > 2
+  run = jax.jit(lambda e, x, i, w: moe.routed_experts(e, cfg, x, i, w))
+  got = run(moe.Stacked(ffn["experts"], jnp.int32(1)), x, idx, w)
+  want = run(jax.tree.map(lambda a: a[1], ffn["experts"]), x, idx, w)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_moe_paths_on_quantised_fp4_experts(tiny):
   """Routed experts held as packed fp4 QArrays give the same outputs as their exact dequantisation, on
   both the gathered (decode) and the grouped path (to fp32 rounding of the largest output: the QArray
