@@ -100,6 +100,31 @@ def shared_expert(p: dict, cfg: ModelConfig, x: jnp.ndarray) -> jnp.ndarray:
   return fp8_linear(h.astype(x.dtype), p["w2"], cfg.quant_sim)
 
 
+@struct.dataclass
+class Stacked:
+  """A scanned layer group's routed experts at one repetition (inference under expert parallelism, see
+  dsv4_jax/expert_parallel.py): `tree` [reps, E, ...] as stored, `rep` the int32 index. `get()` is tree[rep];
+  `take(ids)` the experts `ids` of that repetition, without copying its whole stack (which `get()` may: the
+  grouped path uses it; slicing each group of experts from the stack there had XLA:TPU relay out the stacked
+  e8m0 scales whole, 42.6 G of temporaries for Flash's 1M prefill on v6e-8)."""
+  tree: dict
+  rep: jax.Array
+
+  def get(self) -> dict:
+    return jax.tree.map(lambda a: a[self.rep], self.tree)
+
+  def take(self, ids: jnp.ndarray) -> dict:
+    # Expert by expert (a loop of dynamic slices of the stack): XLA:TPU lowers a gather of such rows (an fp4
+    # expert is [F, D/2] bytes) by copying its operand in column pieces, the repetition's whole local expert
+    # stack (or, as a[rep, ids], the whole stack) every time.
+    # Leaves narrower than 128 (the e8m0 scales) are gathered: a loop would relayout their whole stack
+    # (XLA:TPU lays such arrays out rows-minor).
+    wide = lambda a: a.shape[-1] >= 128
+    looped = jax.lax.map(lambda u: jax.tree.map(lambda a: a[self.rep, u] if wide(a) else None, self.tree), ids)
+    return jax.tree.map(lambda a, v: v if wide(a) else a[self.rep][ids], self.tree, looped,
+                        is_leaf=lambda x: x is None)
+
+
 def _expert_mlp(p: dict, cfg: ModelConfig, xs: jnp.ndarray, wts: jnp.ndarray, matmul, reduce=None) -> jnp.ndarray:
   """Clamped SwiGLU, one expert application per row: xs [..., D], wts [...] routing weights,
   matmul(a, w) applies each row's expert weight w [E, out, in] -> [..., D] in xs.dtype. reduce (optional) sums
@@ -174,29 +199,6 @@ def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tupl
   ids = jnp.unique(key, size=min(key.shape[0], n_experts), fill_value=n_experts)
   real = ids < n_experts
   return jnp.where(real, ids, jnp.max(jnp.where(real, ids, 0))).astype(jnp.int32), real
-
-
-@struct.dataclass
-class Stacked:
-  """A scanned layer group's routed experts at one repetition (inference under expert parallelism, see
-  dsv4_jax/expert_parallel.py): `tree` [reps, E, ...] as stored, `rep` the int32 index. `get()` is tree[rep];
-  `take(ids)` gathers experts `ids` of repetition rep in one gather, never slicing the repetition out."""
-  tree: dict
-  rep: jax.Array
-
-  def get(self) -> dict:
-    return jax.tree.map(lambda a: a[self.rep], self.tree)
-
-  def take(self, ids: jnp.ndarray) -> dict:
-    # Expert by expert (a loop of dynamic slices of the stack): XLA:TPU lowers a gather of such rows (an fp4
-    # expert is [F, D/2] bytes) by copying its operand in column pieces, the repetition's whole local expert
-    # stack (or, as a[rep, ids], the whole stack) every time.
-    # Leaves narrower than 128 (the e8m0 scales) are gathered: a loop would relayout their whole stack
-    # (XLA:TPU lays such arrays out rows-minor).
-    wide = lambda a: a.shape[-1] >= 128
-    looped = jax.lax.map(lambda u: jax.tree.map(lambda a: a[self.rep, u] if wide(a) else None, self.tree), ids)
-    return jax.tree.map(lambda a, v: v if wide(a) else a[self.rep][ids], self.tree, looped,
-                        is_leaf=lambda x: x is None)
 
 
 def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
@@ -275,7 +277,7 @@ def routed_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, 
   if T * k < cfg.n_routed_experts:
     y = _gathered_experts(p, cfg, x, idx, w, valid)
   else:
-    y = _grouped_experts(p, cfg, x, idx, w, valid, group)
+    y = _grouped_experts(p.get() if isinstance(p, Stacked) else p, cfg, x, idx, w, valid, group)
   y = jnp.where(valid[:, None, None], y, 0)
   acc = y[:, 0].astype(F32)
   for j in range(1, k):                                              # a fixed chain of adds, in id order

@@ -417,20 +417,30 @@ def test_stacked_experts_read_one_repetition():
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_decode_path_on_a_stacked_repetition_equals_its_slice(tiny, monkeypatch):
-  """The decode path given a scanned group's experts as `moe.Stacked` (each group of chosen experts taken
-  from the stack inside the group loop) gives the outputs of the repetition's slice, bit for bit."""
-  from dsv4_jax import moe
+def test_moe_paths_on_a_stacked_repetition_equal_its_slice(tiny, monkeypatch):
+  """Both MoE paths given a scanned group's experts as `moe.Stacked` (the decode path taking each group of
+  chosen experts from the stack inside its loop, the grouped path slicing each group of experts from it) give
+  the outputs of the repetition's slice, bit for bit: plain and packed fp4 experts."""
+  from dsv4_jax import moe, qarray
   cfg, params = tiny
   monkeypatch.setattr(moe, "DECODE_GROUP", 2)                          # 6 chosen experts: 3 groups
   ffn = params["layers"]["stack"][0]["ffn"]
-  x = jax.random.normal(jax.random.key(11), (3, cfg.dim))
-  idx, w = moe.route(jax.tree.map(lambda a: a[1], ffn["gate"]), cfg, x, jnp.array([1, 2, 3]))
-  assert len(np.unique(np.asarray(idx))) > 2
+  reps, E, F, D = ffn["experts"]["w1"].shape
+  rng = np.random.default_rng(3)
+  fp4 = lambda *shape: qarray.QArray(
+      values=jnp.asarray(rng.integers(0, 256, shape[:-1] + (shape[-1] // 2,), dtype=np.uint8)),
+      scales=jnp.asarray(rng.integers(120, 127, shape[:-1] + (shape[-1] // 32,), dtype=np.uint8)),
+      block=qarray.FP4_BLOCK, fmt="fp4")
+  packed = {"w1": fp4(reps, E, F, D), "w3": fp4(reps, E, F, D), "w2": fp4(reps, E, D, F)}
   run = jax.jit(lambda e, x, i, w: moe.routed_experts(e, cfg, x, i, w))
-  got = run(moe.Stacked(ffn["experts"], jnp.int32(1)), x, idx, w)
-  want = run(jax.tree.map(lambda a: a[1], ffn["experts"]), x, idx, w)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for T in (3, 40):                                                    # 3 x 2 slots < 8 experts: decode path
+    x = jax.random.normal(jax.random.key(T), (T, cfg.dim))
+    idx, w = moe.route(jax.tree.map(lambda a: a[1], ffn["gate"]), cfg, x, jnp.arange(T))
+    assert len(np.unique(np.asarray(idx))) > 2
+    for experts in (ffn["experts"], packed):
+      got = run(moe.Stacked(experts, jnp.int32(1)), x, idx, w)
+      want = run(jax.tree.map(lambda a: a[1], experts), x, idx, w)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_moe_paths_on_quantised_fp4_experts(tiny):
