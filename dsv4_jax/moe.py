@@ -117,9 +117,9 @@ class Stacked:
     # Expert by expert (a loop of dynamic slices of the stack): XLA:TPU lowers a gather of such rows (an fp4
     # expert is [F, D/2] bytes) by copying its operand in column pieces, the repetition's whole local expert
     # stack (or, as a[rep, ids], the whole stack) every time.
-    # Leaves narrower than 128 (the e8m0 scales) are gathered: a loop would relayout their whole stack
-    # (XLA:TPU lays such arrays out rows-minor).
-    wide = lambda a: a.shape[-1] >= 128
+    # Leaves whose rows are not whole 128-lane tiles (e8m0 scales: Flash's 32, Pro's 224 per row) are
+    # gathered: in a loop XLA:TPU relays their whole stack out (it lays such arrays out differently).
+    wide = lambda a: a.shape[-1] % 128 == 0
     looped = jax.lax.map(lambda u: jax.tree.map(lambda a: a[self.rep, u] if wide(a) else None, self.tree), ids)
     return jax.tree.map(lambda a, v: v if wide(a) else a[self.rep][ids], self.tree, looped,
                         is_leaf=lambda x: x is None)
