@@ -7,7 +7,8 @@ With `cfg.scan_layers=False` every layer is unrolled, each with its own paramete
 [reps] axis; MaxText's decode examples run with `scan_layers=false` too): no step indexes stacked weights
 (XLA:CPU copies a scanned layer's weights out of the stack on every step), and compile time grows with
 depth. `relayout_layers` converts a parameter (or cache) tree between the two layouts; converted
-checkpoints are stored per layer and restore into either.
+checkpoints are stored per layer and restore into either. Random parameters (`init_params`) are drawn per
+leaf of the tree, so the two layouts draw different ones: relay out one tree to compare them.
 
 Parameter tree (plain nested dicts / lists):
     embed [V,D], head [V,D], norm [D], hc_head {fn, base, scale},
