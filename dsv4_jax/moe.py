@@ -105,8 +105,8 @@ class Stacked:
   """A scanned layer group's routed experts at one repetition (inference under expert parallelism, see
   dsv4_jax/expert_parallel.py): `tree` [reps, E, ...] as stored, `rep` the int32 index. `get()` is tree[rep];
   `take(ids)` the experts `ids` of that repetition, without copying its whole stack (which `get()` may: the
-  grouped path uses it; slicing each group of experts from the stack there had XLA:TPU relay out the stacked
-  e8m0 scales whole, 42.6 G of temporaries for Flash's 1M prefill on v6e-8)."""
+  grouped path uses it; slicing each group of experts from the stack inside its loop asked XLA:TPU for
+  42.6 G of temporaries for Flash's 1M prefill on v6e-8)."""
   tree: dict
   rep: jax.Array
 
