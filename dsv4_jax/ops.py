@@ -191,6 +191,21 @@ def _gather_words(lines: jnp.ndarray, rep, line: jnp.ndarray, word: jnp.ndarray,
 
 # ---- references -------------------------------------------------------------------------------------
 
+def _key_block_scores(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows):
+  """(score_block, blk, n_blocks): score_block(start) -> [B,S,blk] scores of keys [start, start + blk) in the
+  compute dtype, for blocks of KEY_BLOCK keys (whole lines of a packed store) covering keys.aligned_rows."""
+  n, dt, order = keys.aligned_rows, qI.dtype, keys.native_order
+  blk = min(KEY_BLOCK // keys.align * keys.align, n)                     # whole lines of a packed store
+  if order is not None:
+    qI = order.to_planar(qI)                                   # the keys' planar dim order (Rows)
+
+  def score_block(start):
+    k = keys.block(start, blk, dt, order)                                              # [B,blk,cI]
+    logits = jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32).astype(dt)
+    return jnp.sum((jax.nn.relu(logits) * w[..., None]).astype(F32), axis=2).astype(dt)   # [B,S,blk]
+  return score_block, blk, -(-n // blk)
+
+
 def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray:
   """score[b,t,s] = sum_h w[b,t,h] * relu(qI[b,t,h] . K[b,s]) over the first `keys.rows` keys.
 
@@ -201,42 +216,71 @@ def index_scores_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows) -> jnp.ndarray
   read in whole lines: n is rounded up to them and the scores past n dropped.
   """
   B, S = qI.shape[:2]
-  n, dt, order = keys.aligned_rows, qI.dtype, keys.native_order
-  blk = min(KEY_BLOCK // keys.align * keys.align, n)                     # whole lines of a packed store
-  n_blocks = -(-n // blk)
-  if order is not None:
-    qI = order.to_planar(qI)                                   # the keys' planar dim order (Rows)
-
-  def block_scores(start):
-    k = keys.block(start, blk, dt, order)                                              # [B,blk,cI]
-    logits = jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32).astype(dt)
-    return jnp.sum((jax.nn.relu(logits) * w[..., None]).astype(F32), axis=2).astype(dt)   # [B,S,blk]
-
+  n = keys.aligned_rows
+  score_block, blk, n_blocks = _key_block_scores(qI, w, keys)
   if n_blocks == 1:
-    return block_scores(0)[..., : keys.rows]
+    return score_block(0)[..., : keys.rows]
 
   def body(i, scores):
     start = jnp.minimum(i * blk, n - blk)
-    return jax.lax.dynamic_update_slice_in_dim(scores, block_scores(start), start, axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(scores, score_block(start), start, axis=2)
 
-  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, S, n), dt), unroll=UNROLL_KEY_BLOCKS)[..., : keys.rows]
+  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((B, S, n), qI.dtype),
+                           unroll=UNROLL_KEY_BLOCKS)[..., : keys.rows]
 
 
 def indexer_topk_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows, n_visible: jnp.ndarray, k: int) -> jnp.ndarray:
   """The lightning indexer's selection: top-k visible compressed entries per query.
 
   qI: [B,S,nI,cI], w: [B,S,nI], keys: Rows of indexer keys, n_visible: [B,S] entries visible to each query
-  -> [B,S,min(k, n)] int32 entry ids, -1 where fewer than k are visible. Ties: the lower id.
+  -> [B,S,min(k, n)] int32 entry ids, -1 where fewer than k are visible. Ties: the lower id. The scores of
+  `index_scores_ref`, selected block by block as they are computed (`_streaming_topk`): no [B,S,n] array.
   """
-  return select_topk(index_scores_ref(qI, w, keys), n_visible, k)
+  score_block, blk, n_blocks = _key_block_scores(qI, w, keys)
+  if n_blocks == 1:
+    return select_topk(score_block(0)[..., : keys.rows], n_visible, k)
+  return _streaming_topk(score_block, blk, n_blocks, keys.aligned_rows, keys.rows, n_visible, k)
 
 
-def select_topk(scores: jnp.ndarray, n_visible: jnp.ndarray, k: int) -> jnp.ndarray:
+def select_topk(scores: jnp.ndarray, n_visible: jnp.ndarray, k: int, block: int | None = None) -> jnp.ndarray:
   """scores [B,S,n], n_visible [B,S] -> [B,S,min(k,n)] int32 ids of the k best entries i < n_visible (the
-  lower id first among equal scores), -1 where fewer than k are visible."""
-  visible = jnp.arange(scores.shape[-1]) < n_visible[..., None]
-  _, idx = jax.lax.top_k(jnp.where(visible, scores.astype(F32), -jnp.inf), min(k, scores.shape[-1]))
+  lower id first among equal scores), -1 where fewer than k are visible. Scores of more than `block`
+  (default KEY_BLOCK) entries are selected `block` at a time (`_streaming_topk`): `lax.top_k` over all n
+  entries holds [B,S,n] fp32 scores and int32 ids besides (768 MiB per 128 queries of a 1M-token prefill)."""
+  n = scores.shape[-1]
+  block = block or KEY_BLOCK
+  if n > block:
+    read = lambda start: jax.lax.dynamic_slice_in_dim(scores, start, block, axis=2)
+    return _streaming_topk(read, block, -(-n // block), n, n, n_visible, k)
+  visible = jnp.arange(n) < n_visible[..., None]
+  _, idx = jax.lax.top_k(jnp.where(visible, scores.astype(F32), -jnp.inf), min(k, n))
   return jnp.where(idx < n_visible[..., None], idx, -1).astype(jnp.int32)
+
+
+def _streaming_topk(score_block, blk: int, n_blocks: int, n: int, rows: int, n_visible: jnp.ndarray,
+                    k: int) -> jnp.ndarray:
+  """`select_topk` over the scores of entries [0, rows) that score_block(start) -> [B,S,blk] gives a block at a
+  time (blocks at i*blk; the last, partial one re-read from n - blk with the entries seen before masked).
+  A running best [B,S,min(k, rows)] (fp32 scores and ids, sorted: score descending, id ascending) is merged
+  with each block by `lax.top_k` over [best, block]: among equal scores the earlier candidate wins, and
+  every entry of the running best has a lower id than the block's, so the result is the one `lax.top_k`
+  over all entries gives, order included."""
+  kk = min(k, rows)
+
+  def body(i, carry):
+    best, ids = carry
+    start = jnp.minimum(i * blk, n - blk)
+    kid = start + jnp.arange(blk, dtype=jnp.int32)                                  # [blk]
+    keep = (kid >= i * blk) & (kid < rows) & (kid < n_visible[..., None])          # [B,S,blk]
+    s = jnp.where(keep, score_block(start).astype(F32), -jnp.inf)
+    top, pos = jax.lax.top_k(jnp.concatenate([best, s], axis=-1), kk)
+    cand = jnp.concatenate([ids, jnp.broadcast_to(kid, s.shape)], axis=-1)
+    return top, jnp.take_along_axis(cand, pos, axis=-1)
+
+  shape = n_visible.shape + (kk,)
+  init = (jnp.full(shape, -jnp.inf, F32), jnp.full(shape, rows, jnp.int32))
+  best, ids = jax.lax.fori_loop(0, n_blocks, body, init, unroll=UNROLL_KEY_BLOCKS)
+  return jnp.where((ids < n_visible[..., None]) & (best > -jnp.inf), ids, -1)
 
 
 def sparse_attention_ref(q: jnp.ndarray, attn_sink: jnp.ndarray, scale: float, window: Rows,

@@ -21,6 +21,35 @@ def test_select_topk_ties_go_to_the_lower_id():
   assert ops.select_topk(scores, jnp.array([[1]]), 3).tolist() == [[[0, -1, -1]]]
 
 
+def test_blockwise_topk_is_the_global_top_k_order_and_ties_included(monkeypatch):
+  """`select_topk` over more than `block` scores merges a running best with each block; the result, order
+  included (score descending, the lower id first among ties), is the global top-k of the visible entries
+  (a NumPy sort), for blocks that do and do not divide n and fewer visible entries than k. The indexer's
+  streaming selection (no [B,S,n] scores) equals the one `lax.top_k` over its whole score array."""
+  rng = np.random.default_rng(0)
+  scores = jnp.asarray(rng.integers(0, 5, (2, 3, 1000)).astype(np.float32))       # many ties
+  n_vis = jnp.array([[1000, 517, 3], [0, 999, 700]])
+
+  def oracle(k):
+    out = np.full((2, 3, k), -1)
+    for b in range(2):
+      for t in range(3):
+        ids = sorted(range(int(n_vis[b, t])), key=lambda i: (-float(scores[b, t, i]), i))[:k]
+        out[b, t, : len(ids)] = ids
+    return out
+
+  for k in (6, 40):
+    want = oracle(k)
+    for block in (64, 100, 333, 4096):
+      np.testing.assert_array_equal(np.asarray(ops.select_topk(scores, n_vis, k, block=block)), want)
+  qI, w, keys = _indexer_inputs(3000)
+  vis = jnp.array([[3, 700, 1999, 2500, 3000]])
+  monkeypatch.setattr(ops, "KEY_BLOCK", 512)
+  streamed = ops.indexer_topk_ref(qI, w, ops.Rows(keys), vis, 40)
+  whole = ops.select_topk(ops.index_scores_ref(qI, w, ops.Rows(keys)), vis, 40, block=1 << 20)
+  np.testing.assert_array_equal(np.asarray(streamed), np.asarray(whole))
+
+
 def _indexer_inputs(n_keys, S=5, nI=4, cI=32, seed=0):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   return (jax.random.normal(k1, (1, S, nI, cI)), jax.random.normal(k2, (1, S, nI)),
