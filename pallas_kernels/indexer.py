@@ -11,7 +11,7 @@ read as stored (fp4 e2m1 codes with e8m0 scales for the paper format, or bf16/fp
 the kernel (`rowcodec`); a program scores one block of `block_keys` keys for a block of queries, so
 `[queries, heads, keys]` never exists: only `[queries, keys]` scores go to HBM.
 
-Top-k runs in XLA on those scores (`ops.select_topk`: `lax.top_k`, exact, lower id first among ties).
+Top-k runs in XLA on those scores (`ops.select_topk`: `lax.top_k` block by block, exact, lower id first among ties).
 Neither backend can sort inside a kernel (Mosaic has no top_k or sort lowering on the TensorCore, Triton
 none in Pallas). `lax.approx_max_k(recall_target=1.0)` is what tpu-inference uses on TPU, but its tie order
 is not specified and it is an exact brute-force fallback on GPU, so the model keeps `lax.top_k`: every path
