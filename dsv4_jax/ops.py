@@ -28,6 +28,7 @@ from dsv4_jax.kv_format import Layout, Plane, unpack
 
 F32 = jnp.float32
 KEY_BLOCK = 2048          # indexer keys scored per block: scores never exist as [queries, heads, all keys]
+TOPK_WHOLE = 1 << 22      # up to this many scores [B,S,n], one lax.top_k over them all; beyond, block by block
 UNROLL_KEY_BLOCKS = False  # the key-block loop unrolled: for bench/decode_memory.py, as XLA's cost_analysis
                            # counts a while loop's body once
 
@@ -234,22 +235,28 @@ def indexer_topk_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows, n_visible: jnp
 
   qI: [B,S,nI,cI], w: [B,S,nI], keys: Rows of indexer keys, n_visible: [B,S] entries visible to each query
   -> [B,S,min(k, n)] int32 entry ids, -1 where fewer than k are visible. Ties: the lower id. The scores of
-  `index_scores_ref`, selected block by block as they are computed (`_streaming_topk`): no [B,S,n] array.
+  `index_scores_ref`; more than TOPK_WHOLE of them (prefill) are selected block by block as they are
+  computed (`_streaming_topk`: no [B,S,n] array), fewer (decode) by one `lax.top_k` (on XLA:TPU each
+  block's merge is a sort of its own, counted again by the cost model).
   """
   score_block, blk, n_blocks = _key_block_scores(qI, w, keys)
   if n_blocks == 1:
     return select_topk(score_block(0)[..., : keys.rows], n_visible, k)
+  if n_visible.size * keys.aligned_rows <= TOPK_WHOLE:               # small (decode): one top_k over them all
+    return select_topk(index_scores_ref(qI, w, keys), n_visible, k)
   return _streaming_topk(score_block, blk, n_blocks, keys.aligned_rows, keys.rows, n_visible, k)
 
 
 def select_topk(scores: jnp.ndarray, n_visible: jnp.ndarray, k: int, block: int | None = None) -> jnp.ndarray:
   """scores [B,S,n], n_visible [B,S] -> [B,S,min(k,n)] int32 ids of the k best entries i < n_visible (the
-  lower id first among equal scores), -1 where fewer than k are visible. Scores of more than `block`
-  (default KEY_BLOCK) entries are selected `block` at a time (`_streaming_topk`): `lax.top_k` over all n
-  entries holds [B,S,n] fp32 scores and int32 ids besides (768 MiB per 128 queries of a 1M-token prefill)."""
+  lower id first among equal scores), -1 where fewer than k are visible. With `block`, or by default for
+  more than TOPK_WHOLE scores, they are selected `block` (KEY_BLOCK) at a time (`_streaming_topk`, the same
+  result): `lax.top_k` over all of them makes XLA hold [B,S,n] fp32 scores, int32 ids and sorted copies
+  besides (128 MiB each per 128 queries of a 1M-token prefill)."""
   n = scores.shape[-1]
-  block = block or KEY_BLOCK
-  if n > block:
+  if block is None and scores.size > TOPK_WHOLE:
+    block = KEY_BLOCK
+  if block is not None and n > block:
     read = lambda start: jax.lax.dynamic_slice_in_dim(scores, start, block, axis=2)
     return _streaming_topk(read, block, -(-n // block), n, n, n_visible, k)
   visible = jnp.arange(n) < n_visible[..., None]

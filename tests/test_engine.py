@@ -22,10 +22,10 @@ def test_select_topk_ties_go_to_the_lower_id():
 
 
 def test_blockwise_topk_is_the_global_top_k_order_and_ties_included(monkeypatch):
-  """`select_topk` over more than `block` scores merges a running best with each block; the result, order
-  included (score descending, the lower id first among ties), is the global top-k of the visible entries
-  (a NumPy sort), for blocks that do and do not divide n and fewer visible entries than k. The indexer's
-  streaming selection (no [B,S,n] scores) equals the one `lax.top_k` over its whole score array."""
+  """`select_topk` over more than `block` scores (or TOPK_WHOLE by default) merges a running best with each
+  block; the result, order included (score descending, the lower id first among ties), is the global top-k
+  of the visible entries (a NumPy sort), for blocks that do and do not divide n and fewer visible entries
+  than k. The indexer's streaming selection (no [B,S,n] scores) equals one `lax.top_k` over its scores."""
   rng = np.random.default_rng(0)
   scores = jnp.asarray(rng.integers(0, 5, (2, 3, 1000)).astype(np.float32))       # many ties
   n_vis = jnp.array([[1000, 517, 3], [0, 999, 700]])
@@ -42,12 +42,19 @@ def test_blockwise_topk_is_the_global_top_k_order_and_ties_included(monkeypatch)
     want = oracle(k)
     for block in (64, 100, 333, 4096):
       np.testing.assert_array_equal(np.asarray(ops.select_topk(scores, n_vis, k, block=block)), want)
+    monkeypatch.setattr(ops, "TOPK_WHOLE", 0)              # by default too: KEY_BLOCK at a time past TOPK_WHOLE
+    monkeypatch.setattr(ops, "KEY_BLOCK", 128)
+    np.testing.assert_array_equal(np.asarray(ops.select_topk(scores, n_vis, k)), want)
+    monkeypatch.undo()
   qI, w, keys = _indexer_inputs(3000)
   vis = jnp.array([[3, 700, 1999, 2500, 3000]])
   monkeypatch.setattr(ops, "KEY_BLOCK", 512)
-  streamed = ops.indexer_topk_ref(qI, w, ops.Rows(keys), vis, 40)
-  whole = ops.select_topk(ops.index_scores_ref(qI, w, ops.Rows(keys)), vis, 40, block=1 << 20)
+  whole = ops.indexer_topk_ref(qI, w, ops.Rows(keys), vis, 40)          # 15000 scores: one top_k
+  monkeypatch.setattr(ops, "TOPK_WHOLE", 0)
+  streamed = ops.indexer_topk_ref(qI, w, ops.Rows(keys), vis, 40)       # merged as the blocks are scored
   np.testing.assert_array_equal(np.asarray(streamed), np.asarray(whole))
+  np.testing.assert_array_equal(np.asarray(whole), np.asarray(
+      ops.select_topk(ops.index_scores_ref(qI, w, ops.Rows(keys)), vis, 40, block=1 << 20)))
 
 
 def _indexer_inputs(n_keys, S=5, nI=4, cI=32, seed=0):
