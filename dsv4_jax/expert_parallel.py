@@ -179,8 +179,6 @@ def tensor_split(pe: dict, cfg: ModelConfig, mesh) -> int:
   t = dict(mesh.shape).get("tensor", 1)
   if t == 1:
     return 1
-  if isinstance(pe, moe.Stacked):
-    pe = jax.eval_shape(pe.get)
   F = cfg.moe_inter_dim
   ok = F % t == 0 and (not cfg.quant_sim or (F // t) % 128 == 0)
   for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
@@ -306,21 +304,24 @@ def routed_experts(pe: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray,
     pad = lambda a: jnp.pad(a, [(0, Tp - T)] + [(0, 0)] * (a.ndim - 1))
     x, idx, w, valid = pad(x), pad(idx), pad(w), pad(valid)
   tok = P(tok_axes)
-  t = tensor_split(pe, cfg, mesh)
+  stacked = isinstance(pe, moe.Stacked)
+  layer = jax.eval_shape(pe.get) if stacked else pe                  # one layer's experts (shapes suffice)
+  t = tensor_split(layer, cfg, mesh)
   reduce = _tensor_sum if t > 1 else None
-  if (path or decode_path(Tp // n_tok, k, n, E)) == "gather":
+  gather = (path or decode_path(Tp // n_tok, k, n, E)) == "gather"
+  if gather:
     body = partial(_gather_body, cfg=cfg, n=n, tok_axes=tok_axes, reduce=reduce)
   else:
     cap = capacity_rows(Tp // n_tok, k, n, capacity_factor)
     body = partial(_shard_body, cfg=cfg, n=n, cap=cap, tok_axes=tok_axes, impl=impl, group=group, reduce=reduce)
-  if isinstance(pe, moe.Stacked):              # the whole stack in, this shard's experts indexed inside
-    specs = jax.tree.map(lambda s: P(None, *s), _expert_specs(jax.eval_shape(pe.get), t),
-                         is_leaf=lambda s: isinstance(s, P))
-    one, gather = body, body.func is _gather_body   # the decode path gathers its chosen experts from the stack
+  specs = _expert_specs(layer, t)
+  if stacked:                                  # the whole stack in, this shard's experts indexed inside
+    one = body                                 # the decode path takes its chosen experts from the stack
     body = lambda stack, rep, *a: one(moe.Stacked(stack, rep) if gather else moe.Stacked(stack, rep).get(), *a)
-    args, in_specs = (pe.tree, pe.rep), (specs, P())
+    args = (pe.tree, pe.rep)
+    in_specs = (jax.tree.map(lambda s: P(None, *s), specs, is_leaf=lambda s: isinstance(s, P)), P())
   else:
-    args, in_specs = (pe,), (_expert_specs(pe, t),)
+    args, in_specs = (pe,), (specs,)
   f = jax.shard_map(body, mesh=mesh, in_specs=(*in_specs, tok, tok, tok, tok),
                     out_specs=(tok, P(), P()), check_vma=False)
   y, load, dropped = f(*args, x, idx.astype(jnp.int32), w.astype(F32), valid)

@@ -329,7 +329,7 @@ def moe(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray,
     from dsv4_jax import expert_parallel                             # imports this module
     y, ep = expert_parallel.routed_experts(experts, cfg, xt, idx, w, v, mesh)
   else:
-    y, ep = routed_experts(experts if isinstance(experts, dict) else experts.get(), cfg, xt, idx, w, v), None
+    y, ep = routed_experts(experts, cfg, xt, idx, w, v), None
   if "shared_experts" in p:
     y = y + shared_expert(p["shared_experts"], cfg, xt).astype(F32)
   y = jnp.where(v[:, None], y, 0).astype(x.dtype).reshape(B, S, D)

@@ -239,12 +239,11 @@ def indexer_topk_ref(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows, n_visible: jnp
   computed (`_streaming_topk`: no [B,S,n] array), fewer (decode) by one `lax.top_k` (on XLA:TPU each
   block's merge is a sort of its own, counted again by the cost model).
   """
-  score_block, blk, n_blocks = _key_block_scores(qI, w, keys)
-  if n_blocks == 1:
-    return select_topk(score_block(0)[..., : keys.rows], n_visible, k)
-  if n_visible.size * keys.aligned_rows <= TOPK_WHOLE:               # small (decode): one top_k over them all
-    return select_topk(index_scores_ref(qI, w, keys), n_visible, k)
-  return _streaming_topk(score_block, blk, n_blocks, keys.aligned_rows, keys.rows, n_visible, k)
+  if n_visible.size * keys.aligned_rows > TOPK_WHOLE:                 # many scores (prefill)
+    score_block, blk, n_blocks = _key_block_scores(qI, w, keys)
+    if n_blocks > 1:
+      return _streaming_topk(score_block, blk, n_blocks, keys.aligned_rows, keys.rows, n_visible, k)
+  return select_topk(index_scores_ref(qI, w, keys), n_visible, k)
 
 
 def select_topk(scores: jnp.ndarray, n_visible: jnp.ndarray, k: int, block: int | None = None) -> jnp.ndarray:
