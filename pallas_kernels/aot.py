@@ -47,8 +47,11 @@ def compile_here(topology: str, only: str = "") -> list[str]:
     t0 = time.time()
     try:
       structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
-      jax.jit(fn).trace(*structs).lower().compile()
-      line = f"{topology} {name} OK {time.time() - t0:.1f}s"
+      compiled = jax.jit(fn).trace(*structs).lower().compile()
+      cost = compiled.cost_analysis()
+      cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+      line = (f"{topology} {name} OK {time.time() - t0:.1f}s, {cost.get('bytes accessed', 0) / 1e6:.2f} MB accessed, "
+              f"{cost.get('flops', 0) / 1e9:.3f} GFLOP")
     except Exception as e:  # noqa: BLE001  (a compile error is the result being reported)
       msg = " ".join(str(e).split())
       line = f"{topology} {name} FAIL {type(e).__name__}: {msg[:600]}"

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsv4_jax.compressor import overlaps
+from pallas_kernels import cost
 from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
 
 F32 = jnp.float32
@@ -154,13 +155,23 @@ def _pool_tpu(C, Z, m, prev, overlap, block_entries, interpret):
     in_specs += [pspec, pspec]
     operands += [Pc, Pz]
   kernel = functools.partial(_tpu_kernel, m=m, E=E, overlap=overlap, halo=overlap and nE > 1, aligned=aligned)
+  out_shape = jax.ShapeDtypeStruct((B, n, c), F32)
+  halo_bytes = 2 * B * nE * nK * 8 * cb * 4 if overlap and nE > 1 else 0              # each block's 8-row halo
+  ce = _cost(C, Z, prev, out_shape, extra_read=halo_bytes)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs,
       out_specs=pl.BlockSpec((None, E, cb), lambda b, j, k: (b, j, k)),
-      out_shape=jax.ShapeDtypeStruct((B, n, c), F32),
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=ce,
   )(*operands)
+
+
+def _cost(C, Z, prev, out_shape, extra_read: int = 0):
+  """Both backends read every input row once (a CSA window's two halves are different channels) and write the
+  entries: per input element an exp, a max, a multiply-add and a sum (softmax over the window)."""
+  return cost.estimate(flops=4 * C.size, transcendentals=C.size, read=cost.nbytes(C, Z, prev) + extra_read,
+                       written=cost.nbytes(out_shape))
 
 
 # ---- GPU (Triton) ---------------------------------------------------------------------------------------
@@ -212,12 +223,13 @@ def _pool_gpu(C, Z, m, prev, overlap, block_entries, interpret):
   whole = lambda a: pl.BlockSpec((None,) + a.shape[1:], lambda b, j, k: (b, 0, 0))
   operands = [C, Z] + (list(prev) if overlap else [])
   kernel = functools.partial(_gpu_kernel, m=m, n=n, c=c, E=E, S=S, cb=cb, overlap=overlap)
+  out_shape = jax.ShapeDtypeStruct((B, grid[1] * E, grid[2] * cb), F32)
   out = pl.pallas_call(                              # padded to whole blocks (1/(coff*m) of the input)
       kernel, grid=grid, in_specs=[whole(a) for a in operands],
       out_specs=pl.BlockSpec((None, E, cb), lambda b, j, k: (b, j, k)),
-      out_shape=jax.ShapeDtypeStruct((B, grid[1] * E, grid[2] * cb), F32),
+      out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=_cost(C, Z, prev, out_shape),
   )(*operands)
   return out if out.shape[1:] == (n, c) else out[:, :n, :c]
 

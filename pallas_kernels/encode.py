@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 
 from dsv4_jax import quant
 from dsv4_jax.kv_format import Layout
-from pallas_kernels import rowcodec
+from pallas_kernels import cost, rowcodec
 from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
 
 F32 = jnp.float32
@@ -173,12 +173,18 @@ def _call_tpu(parts, c, block_rows, interpret):
                                                  f"positive multiple of 8")
   br = R if R <= block_rows else block_rows
   spec = pl.BlockSpec((br, lanes), lambda i: (i, 0))
+  out_shape = jax.ShapeDtypeStruct((R, lanes), I32)
   return pl.pallas_call(
       functools.partial(_kernel, c=c), grid=(-(-R // br),), in_specs=[spec] * len(parts), out_specs=spec,
-      out_shape=jax.ShapeDtypeStruct((R, lanes), I32),
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=_cost(parts, out_shape),
   )(*parts)
+
+
+def _cost(parts, out_shape):
+  """Both backends read every part block once and write the words; ~8 integer ops a value (scale, round, pack)."""
+  return cost.estimate(flops=8 * sum(p.size for p in parts), read=cost.nbytes(parts), written=cost.nbytes(out_shape))
 
 
 # ---- GPU (Triton) ---------------------------------------------------------------------------------------
@@ -192,11 +198,12 @@ def _call_gpu(parts, c, block_rows, interpret):
   if Rp != R:
     parts = [jnp.pad(p, ((0, Rp - R), (0, 0))) for p in parts]
   spec = pl.BlockSpec((br, lanes), lambda i: (i, 0))
+  out_shape = jax.ShapeDtypeStruct((Rp, lanes), I32)
   out = pl.pallas_call(
       functools.partial(_kernel, c=c), grid=(Rp // br,), in_specs=[spec] * len(parts), out_specs=spec,
-      out_shape=jax.ShapeDtypeStruct((Rp, lanes), I32),
+      out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=_cost(parts, out_shape),
   )(*parts)
   return out[:R]
 

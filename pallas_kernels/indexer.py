@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsv4_jax.ops import Rows, select_topk
-from pallas_kernels import rowcodec
+from pallas_kernels import cost, rowcodec
 from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
 
 F32 = jnp.float32
@@ -79,6 +79,10 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slo
   q_spec = pl.BlockSpec((None, sb, nI, lanes), lambda b, s, k, lead: (b, s, 0, 0))
   kernel = functools.partial(_tpu_kernel, codec=codec, n_parts=len(qparts), queries=sb, slots=slots,
                              heads=nI // slots, dt=dt)
+  out_shape = jax.ShapeDtypeStruct((B, n_sb * sb, slots, n_kb * bk), dt)
+  scored = B * n_sb * sb * n_kb * bk                       # (query, key line) pairs; keys again per query block
+  ce = cost.estimate(flops=2 * scored * nI * lanes * len(qparts),
+                     read=cost.nbytes(qparts, w) + B * n_sb * n_kb * bk * words * 4, written=cost.nbytes(out_shape))
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -87,9 +91,9 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slo
               pl.BlockSpec((None, sb, nI, 1), lambda b, s, k, lead: (b, s, 0, 0)),
               pl.BlockSpec((None, bk, words), lambda b, s, k, lead: (lead[b], k, 0))],
           out_specs=pl.BlockSpec((None, sb, slots, bk), lambda b, s, k, lead: (b, s, 0, k))),
-      out_shape=jax.ShapeDtypeStruct((B, n_sb * sb, slots, n_kb * bk), dt),
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=ce,
   )(lead, *qparts, w[..., None].astype(F32), pool3)[:, :S].reshape(B, S * slots, -1)[..., :n]
 
 
@@ -119,14 +123,18 @@ def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, slots, dt
   n_kb = -(-n // bk)
   kernel = functools.partial(_gpu_kernel, codec=codec, n_parts=len(qparts), seq=S, rows=N, words=words,
                              slots=slots, heads=nI // slots, dt=dt)
+  out_shape = jax.ShapeDtypeStruct((B * S, slots, n_kb * bk), dt)
+  # each program (query, key block) loads its query parts and weights and bk lines of `words` words
+  ce = cost.estimate(flops=2 * B * S * n_kb * bk * hp * lanes * len(qparts),
+                     read=n_kb * cost.nbytes(qparts, w) + B * S * n_kb * bk * words * 4, written=cost.nbytes(out_shape))
   out = pl.pallas_call(
       kernel, grid=(B * S, n_kb),
       in_specs=[pl.BlockSpec((B,), lambda i, k: (0,))]
       + [pl.BlockSpec((None, hp, lanes), lambda i, k: (i, 0, 0))] * len(qparts)
       + [pl.BlockSpec((None, hp, 1), lambda i, k: (i, 0, 0)), pl.BlockSpec(pool.shape, lambda i, k: (0, 0))],
       out_specs=pl.BlockSpec((None, slots, bk), lambda i, k: (i, 0, k)),
-      out_shape=jax.ShapeDtypeStruct((B * S, slots, n_kb * bk), dt),
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+      out_shape=out_shape, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret, cost_estimate=ce,
   )(base, *qparts, w, pool)
   return out.reshape(B, S * slots, -1)[..., :n]
 

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsv4_jax.ops import Rows
-from pallas_kernels import rowcodec
+from pallas_kernels import cost, rowcodec
 from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
 
 F32 = jnp.float32
@@ -93,6 +93,11 @@ class _Source:
   def packed(self) -> bool:
     return any(p.pack > 1 for p in self.planes)
 
+  @property
+  def row_bytes(self) -> int:
+    """HBM bytes one row's fetch moves: its line of every plane."""
+    return 4 * sum(p.words for p in self.planes)
+
   def geo(self) -> tuple:
     """(parts, pack, slot lanes) per plane, for `_online_step`."""
     return tuple((len(p.codec.parts), p.pack, p.codec.slot_lanes) for p in self.planes)
@@ -102,6 +107,16 @@ def _by_source(flat, srcs) -> list:
   """A flat sequence with one item per (source, plane) -> one list per source."""
   it = iter(flat)
   return [[next(it) for _ in src.planes] for src in srcs]
+
+
+def _cost(srcs, fetched, scored_by, programs: int, read: int, written) -> pl.CostEstimate:
+  """The kernels' CostEstimate: `read` bytes of blocked operands, and per program and source `fetched` rows
+  (the most its loop fetches), each scored by `scored_by` query rows (QK and PV: 4 flops a lane, one exp).
+  Triton's programs are (query or block, head block): each loads its rows itself."""
+  per = [(f * q, f * src.row_bytes, sum(src.part_lanes)) for src, f, q in zip(srcs, fetched, scored_by)]
+  return cost.estimate(flops=programs * sum(4 * n * lanes for n, _, lanes in per),
+                       transcendentals=programs * sum(n for n, _, _ in per),
+                       read=read + programs * sum(b for _, b, _ in per), written=cost.nbytes(written))
 
 
 def _source_of(rows: Rows, backend: str):
@@ -310,6 +325,7 @@ def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
       scratch += [pltpu.VMEM((2, br, plane.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
   in_specs.append(pl.BlockSpec((H, 1), lambda b, s, *_: (0, 0)))
   operands.append(sink.astype(F32).reshape(H, 1))
+  blocked = cost.nbytes(operands)                                  # each block once; the pools below: by DMA
   for src, (pools, _, _) in zip(srcs, arrays):
     for pool, _ in pools:
       in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
@@ -323,13 +339,15 @@ def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
   out_specs.append(pl.BlockSpec((None, None, H, 1), lambda b, s, *_: (b, s, 0, 0)))
   kernel = functools.partial(_tpu_kernel, srcs=tuple(srcs), block_rows=block_rows, scale=scale, p_dtype=q.dtype)
   bases = [base for _, (pools, _, _) in zip(srcs, arrays) for _, base in pools]
+  fetched = [src.chunks * (min(block_rows, src.rows) if src.dense else block_rows) for src in srcs]
+  ce = _cost(srcs, fetched, [H] * len(srcs), B * S, blocked, out_shape)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(bases) + 1, grid=(B, S), in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch),
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=ce,
   )(*bases, visible, *operands)
 
 
@@ -443,9 +461,13 @@ def _call_gpu(q, sink, srcs, arrays, visible, scale, block_rows, head_block, int
   out_specs.append(pl.BlockSpec((None, hb), lambda i, h: (i, h)))
   kernel = functools.partial(_gpu_kernel, srcs=tuple(srcs), block_rows=block_rows, scale=scale, p_dtype=q.dtype,
                              seq=S)
+  ids = [i for _, i, _ in arrays if i is not None]              # loaded by every head block, like the rows
+  read = cost.nbytes([qp for _, _, qp in arrays], sink) + H // hb * cost.nbytes(ids)
+  ce = _cost(srcs, [src.chunks * block_rows for src in srcs], [hb] * len(srcs), B * S * (H // hb), read,
+             out_shape)
   outs = pl.pallas_call(
       kernel, grid=(B * S, H // hb), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, cost_estimate=ce,
   )(*operands)
   return [o.reshape(B, S, H, -1) for o in outs[:-1]] + [outs[-1].reshape(B, S, H, 1)]
 
@@ -670,6 +692,7 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
       scratch += [pltpu.VMEM((2, br, plane.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
   in_specs.append(pl.BlockSpec((M, 1), lambda b, k, *_: (0, 0)))
   operands.append(jnp.tile(sink.astype(F32), Tq).reshape(M, 1))
+  blocked = cost.nbytes(operands)                                  # each block once; the pools below: by DMA
   for pools, _, _ in arrays:
     for pool, _ in pools:
       in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
@@ -682,6 +705,8 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
   kernel = functools.partial(_tpu_block_kernel, srcs=tuple(srcs), modes=tuple(modes), q_block=Tq, seq=seq,
                              scale=scale, p_dtype=q.dtype)
   bases = [base for pools, _, _ in arrays for _, base in pools]
+  fetched, scored_by = _block_rows(srcs, modes, Tq, H, block_rows, per_row_dense=True)
+  ce = _cost(srcs, fetched, scored_by, B * nb, blocked, out_shape)
   outs = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(bases) + 2, grid=(B, nb), in_specs=in_specs,
@@ -689,7 +714,7 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                            vmem_limit_bytes=vmem_limit),
-      interpret=interpret,
+      interpret=interpret, cost_estimate=ce,
   )(*bases, n_u, vmax, *operands)
   return [o.reshape(B, Sp, H, -1) for o in outs]
 
@@ -822,11 +847,27 @@ def _call_gpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
       out_specs.append(pl.BlockSpec((None, Tq, hb), lambda i, h: (i, 0, h)))
   kernel = functools.partial(_gpu_block_kernel, srcs=tuple(srcs), modes=tuple(modes), block_rows=block_rows,
                              seq=seq, scale=scale, p_dtype=q.dtype)
+  fetched, scored_by = _block_rows(srcs, modes, Tq, hb, block_rows, per_row_dense=False)
+  qparts = [qp for _, _, qp in arrays]
+  read = cost.nbytes(qparts, sink) + H // hb * cost.nbytes([x for _, x, _ in arrays])   # ids, counts per head block
+  ce = _cost(srcs, fetched, scored_by, B * nb * (H // hb), read, out_shape)
   outs = pl.pallas_call(
       kernel, grid=(B * nb, H // hb), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret, cost_estimate=ce,
   )(*operands)
   return [o.reshape(B, Sp, H, -1) for o in outs]
+
+
+def _block_rows(srcs, modes, Tq: int, heads: int, block_rows: int, per_row_dense: bool):
+  """Per source of a block of Tq queries: (rows its loop fetches at most, query rows scoring each): the window's
+  and HCA rows are shared by the block's Tq * heads rows; CSA rows are fetched query by query, for its heads.
+  per_row_dense: the TPU kernel reads HCA chunks of min(block_rows, rows)."""
+  fetched, scored_by = [], []
+  for src, mode in zip(srcs, modes):
+    br = min(block_rows, src.rows) if (mode == "dense" and per_row_dense) else block_rows
+    fetched.append(src.chunks * br * (Tq if mode == "gather" else 1))
+    scored_by.append(heads if mode == "gather" else Tq * heads)
+  return fetched, scored_by
 
 
 def _merge_sources(outs, srcs):
