@@ -21,8 +21,9 @@ A lane-dense store (P keys per line of 128 words, dsv4_jax/kv_format.py: bf16 ke
 fp4 keys of 17 words 7, the rest of the line padding) is read as its lines: a line decodes as one row of
 P * cI values (`rowcodec.line_codec`), scored against P *virtual heads* per real
 head, head h of slot p being qI[h] placed at values [p * cI, (p + 1) * cI) of the line (zeros elsewhere), so
-slot p's score sums only its own heads; the kernel writes one score row per (query, slot), and the
-[queries, slots, lines] scores are put back in key order outside (a transpose of scores, not of keys).
+slot p's score sums only its own heads; the kernel writes one score row per (query, slot). `indexer_topk`
+selects from those [queries, slots, lines] scores slot by slot (`select_topk_by_slot`); `index_scores` puts
+them in key order (a transpose of scores, not of keys).
 
 Backends:
   tpu  Mosaic. Grid (B, query blocks, key blocks); keys come through an ordinary pipelined BlockSpec on the
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dsv4_jax.ops import Rows, select_topk
+from dsv4_jax.ops import TOPK_WHOLE, Rows, select_topk
 from pallas_kernels import cost, rowcodec
 from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
 
@@ -79,6 +80,9 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slo
   q_spec = pl.BlockSpec((None, sb, nI, lanes), lambda b, s, k, lead: (b, s, 0, 0))
   kernel = functools.partial(_tpu_kernel, codec=codec, n_parts=len(qparts), queries=sb, slots=slots,
                              heads=nI // slots, dt=dt)
+  w = w[..., None].astype(F32)                                          # [B, S, nI, 1]
+  if not interpret:            # the store stays in HBM: XLA:TPU would stage a small one whole into VMEM first
+    pool3 = pltpu.with_memory_space_constraint(pool3, pltpu.HBM)
   out_shape = jax.ShapeDtypeStruct((B, n_sb * sb, slots, n_kb * bk), dt)
   scored = B * n_sb * sb * n_kb * bk                       # (query, key line) pairs; keys again per query block
   ce = cost.estimate(flops=2 * scored * nI * lanes * len(qparts),
@@ -94,7 +98,7 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slo
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret, cost_estimate=ce,
-  )(lead, *qparts, w[..., None].astype(F32), pool3)[:, :S].reshape(B, S * slots, -1)[..., :n]
+  )(lead, *qparts, w, pool3)[:, :S].reshape(B, S * slots, -1)[..., :n]
 
 
 def _gpu_kernel(base_ref, *refs, codec, n_parts: int, seq: int, rows: int, words: int, slots: int, heads: int,
@@ -139,10 +143,18 @@ def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, slots, dt
   return out.reshape(B, S * slots, -1)[..., :n]
 
 
-def index_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bool | None = None,
-                 block_keys: int | None = None, block_queries: int = 8) -> jnp.ndarray:
+def index_scores(qI, w, keys: Rows, **kernel_options) -> jnp.ndarray:
   """Same arguments and result as `dsv4_jax.ops.index_scores_ref`: qI [B,S,nI,cI], w [B,S,nI] -> [B,S,n]
-  scores of the first n = keys.rows keys, in qI.dtype.
+  scores of the first n = keys.rows keys, in qI.dtype. kernel_options: `slot_scores`'."""
+  out = slot_scores(qI, w, keys, **kernel_options)
+  B, S, slots, n = out.shape
+  return out.transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows]
+
+
+def slot_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bool | None = None,
+                block_keys: int | None = None, block_queries: int = 8) -> jnp.ndarray:
+  """The kernel's scores as it writes them: [B, S, slots, lines], key j = line j // slots, slot j % slots
+  (one slot a line for a store of whole rows); lines past the last key score what their padding decodes to.
 
   block_keys: stored rows (lines of a packed store) per program (default 512 on TPU, 128 on GPU; a power of
   two >= 16 on GPU). block_queries: queries per TPU program (GPU: one).
@@ -173,14 +185,37 @@ def index_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bo
     qparts = rowcodec.split_query(qI, codec, lanes)
     out = _scores_gpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool, base, n, N, words,
                       codec, bk, slots, dt, interpret)
-  # [B, S*slots, lines] -> key order: key j = line j // slots, slot j % slots
-  return out.reshape(B, S, slots, n).transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows]
+  return out.reshape(B, S, slots, n)
 
 
 def indexer_topk(qI, w, keys: Rows, n_visible, k: int, **kernel_options) -> jnp.ndarray:
   """Same arguments and result as `dsv4_jax.ops.indexer_topk_ref`: [B,S,min(k, n)] int32 ids, -1 where
   fewer than k entries are visible; the lower id first among equal scores."""
-  return select_topk(index_scores(qI, w, keys, **kernel_options), n_visible, k)
+  scores = slot_scores(qI, w, keys, **kernel_options)
+  if scores.shape[2] > 1 and scores.size <= TOPK_WHOLE:
+    return select_topk_by_slot(scores, n_visible, k, keys.rows)
+  B, S, slots, n = scores.shape
+  return select_topk(scores.transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows], n_visible, k)
+
+
+def select_topk_by_slot(scores, n_visible, k: int, rows: int) -> jnp.ndarray:
+  """`select_topk` over slot-major scores [B, S, P, L] (key j = line j // P, slot j % P; keys >= rows are
+  padding) without putting them in key order: that transpose is an array whose minor dimension is the P
+  slots, which XLA:TPU pads to 128 lanes (a decode step over 1M tokens of bf16 keys, 2 a line: 67 MB of
+  temporaries for 0.5 MB of scores).
+
+  Exact, order and ties included: the k best keys lie among each slot's k best (a slot's ids ascend with
+  its lines, so `lax.top_k` keeps its lower ids among equal scores); those P * k candidates, sorted by id,
+  go through one more `lax.top_k`, which keeps the earlier, i.e. the lower id, among equal scores."""
+  B, S, P, L = scores.shape
+  ids = jnp.arange(L, dtype=jnp.int32)[None, :] * P + jnp.arange(P, dtype=jnp.int32)[:, None]       # [P, L]
+  visible = (ids < rows) & (ids < n_visible[..., None, None])
+  top, pos = jax.lax.top_k(jnp.where(visible, scores.astype(F32), -jnp.inf), min(k, L))    # [B,S,P,kk]
+  cand = (pos * P + jnp.arange(P, dtype=jnp.int32)[:, None]).reshape(B, S, -1)
+  cand, top = jax.lax.sort((cand, top.reshape(B, S, -1)), num_keys=1)                      # by id
+  best, i = jax.lax.top_k(top, min(k, rows))
+  chosen = jnp.take_along_axis(cand, i, axis=-1)
+  return jnp.where((best > -jnp.inf) & (chosen < n_visible[..., None]), chosen, -1).astype(jnp.int32)
 
 
 # ---- deviceless compile cases (pallas_kernels/aot.py) ------------------------------------------------------

@@ -186,6 +186,15 @@ def _per_query_rows(x, heads: int):
 
 # ---- TPU (Mosaic) ---------------------------------------------------------------------------------------
 
+def _in_hbm(pool):
+  """A row pool the kernel DMAs from, kept in HBM: unconstrained, XLA:TPU may stage an operand that fits
+  on chip (a small store, a few MB) into VMEM before the call, copying all of it for the rows the kernel
+  reads (seen in the v5p decode step at toy width: 4 MB RoPE planes copied whole every step). Compiled calls
+  only: interpret mode runs eagerly, where the constraint cannot."""
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.with_memory_space_constraint(pool, pltpu.HBM)
+
+
 def _tpu_dma_rows(plane_io, slot, row_of, br: int):
   """Starts one DMA per row j < br and plane: row row_of(j) is line row // P of each plane, into the plane's
   buffer slot. plane_io: [(pool, base, buf, sem, _Plane)]."""
@@ -329,7 +338,7 @@ def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
   for src, (pools, _, _) in zip(srcs, arrays):
     for pool, _ in pools:
       in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
-      operands.append(pool)
+      operands.append(pool if interpret else _in_hbm(pool))
   out_shape, out_specs = [], []
   for src in srcs:
     for lanes in src.part_lanes:
@@ -696,7 +705,7 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
   for pools, _, _ in arrays:
     for pool, _ in pools:
       in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
-      operands.append(pool)
+      operands.append(pool if interpret else _in_hbm(pool))
   out_shape, out_specs = [], []
   for src in srcs:
     for w in src.part_lanes + [1, 1]:                                                # acc parts, m, l

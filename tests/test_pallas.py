@@ -154,6 +154,19 @@ def test_indexer_equals_reference(dtype, nI, cI, formats):
       np.testing.assert_array_equal(ix.indexer_topk(qI, w, rows, vis, 8, backend=backend, block_keys=16), ref)
 
 
+def test_slot_by_slot_selection_is_select_topk():
+  """The Pallas indexer's top-k from slot-major scores (P keys a line) == ops.select_topk over key order, ids,
+  order and ties: scores from 3 values (ties everywhere), a partial last line, few and no keys visible, k above
+  and below the number of keys."""
+  rng = np.random.default_rng(0)
+  for P, rows, k in ((2, 61, 8), (7, 61, 8), (7, 20, 32), (4, 64, 64), (2, 9, 1)):
+    L = -(-rows // P)
+    scores = jnp.asarray(rng.integers(0, 3, (2, 3, P, L)).astype(np.float32)).astype(jnp.bfloat16)
+    vis = jnp.array([[0, 5, rows], [rows - 1, 1, rows]], jnp.int32)
+    key_order = scores.transpose(0, 1, 3, 2).reshape(2, 3, L * P)[..., :rows]
+    np.testing.assert_array_equal(ix.select_topk_by_slot(scores, vis, k, rows), ops.select_topk(key_order, vis, k))
+
+
 def test_rowcodec_parts_rebuild_every_format():
   """Every stored format decodes, part by part in the kernels' element-wise form, to what kv_format decodes,
   and q . k taken part by part equals the plain dot product."""
