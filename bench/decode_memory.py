@@ -32,6 +32,8 @@ What the cost models count besides HBM traffic:
   read, when the decoded block is written and when it is read again.
 - XLA:CPU counts a fusion's whole-store operand where the fusion gathers rows from it (the top-k rows of a
   CSA layer read the whole compressed store, by this count).
+- A Pallas kernel (`--attn_impl=pallas_tpu`) counts what it declares (`pallas_kernels/cost.py`: the rows it
+  fetches, from its grid and DMA plan); with no declaration XLA:TPU would count it as nothing.
 The last lines list, from the compiled HLO, every op that takes a compressed or indexer-key store as an
 operand and what it produces: writes are in-place `dynamic-update-slice`s of the new row, reads produce only
 the rows the math needs (blocks of live keys, the top-k rows, the live HCA rows).
