@@ -145,7 +145,7 @@ def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, slots, dt
 
 def index_scores(qI, w, keys: Rows, **kernel_options) -> jnp.ndarray:
   """Same arguments and result as `dsv4_jax.ops.index_scores_ref`: qI [B,S,nI,cI], w [B,S,nI] -> [B,S,n]
-  scores of the first n = keys.rows keys, in qI.dtype. kernel_options: `slot_scores`'."""
+  scores of the first n = keys.rows keys, in qI.dtype. kernel_options: those of `slot_scores`."""
   out = slot_scores(qI, w, keys, **kernel_options)
   B, S, slots, n = out.shape
   return out.transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows]
