@@ -165,7 +165,10 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: 
   With a cache (`cache.LayerCache`): row b appends lengths[b] tokens at positions[b] = start[b] + arange(S)
   (rows right-padded); the entries those tokens complete are written to the stores before attending (an
   entry is visible to the token that completes it, docs/architecture.md §3.2), the window reads the ring
-  plus this call's KV, and the ring takes the new KV last.
+  plus this call's KV, and the ring takes the new KV last. A decode step (S = 1) on an implementation that
+  reads stored rows (`ops.window_order` None: the Pallas kernels), with a ring that holds its KV exactly
+  (`_ring_is_exact`), writes its KV into the ring first and reads the ring in place, as the reference's decode
+  does (docs/architecture.md §3.2): its window rows are not decoded and encoded again for the kernel.
   On a mesh with a `sequence` axis, a whole sequence (no cache, or a `fresh` one: every row empty) runs
   context-parallel (dsv4_jax/context_parallel.py).
   """
@@ -177,6 +180,7 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: 
   start = positions[:, 0]
   kv = project_kv(p, cfg, x, *rope_angles(cfg, ratio > 0, positions))
   comp = keys = None
+  in_ring = False                                   # the window is the ring alone, already holding this call's KV
   if cache is None:
     ring, window = 0, ops.Rows(kv)
     if ratio:
@@ -192,12 +196,32 @@ def attention(p: dict, cfg: ModelConfig, ratio: int, x: jnp.ndarray, positions: 
       keys = cache.rows("idx", ratio)
     ring = cache.tree["win"].n_rows                                                # W (+ rollback rows)
     order = ops.window_order(cfg, cache.tree["win"].layout)   # the order the implementation reads values in
-    new = kv if order is None else order.to_planar(kv)
-    window = ops.Rows(jnp.concatenate([cache.window(kv.dtype, order), new], axis=1), order=order)
-  out = map_query_chunks(lambda xc, pc: attend(p, cfg, ratio, xc, pc, start, ring, window, comp, keys),
+    in_ring = S == 1 and order is None and _ring_is_exact(cfg, cache.tree["win"].layout)
+    if in_ring:                 # the new row's slot held position start - ring, outside its window (W <= ring)
+      cache = _write_window(cache, kv, start, lengths, ring)
+      window = cache.rows("win")
+    else:
+      new = kv if order is None else order.to_planar(kv)
+      window = ops.Rows(jnp.concatenate([cache.window(kv.dtype, order), new], axis=1), order=order)
+  # window rows: concat(ring, this call's KV); or the ring alone, where no position counts as this call's
+  w_start = start + S if in_ring else start
+  out = map_query_chunks(lambda xc, pc: attend(p, cfg, ratio, xc, pc, w_start, ring, window, comp, keys),
                          cfg.query_chunk, (x, positions))
-  if cache is not None:
-    i = jnp.arange(S)[None]
-    keep = (i < lengths[:, None]) & (i >= lengths[:, None] - ring)                 # the last min(len, ring) new
-    cache = cache.write("win", jnp.where(keep, (start[:, None] + i) % ring, ring), kv)
+  if cache is not None and not in_ring:                                           # the ring takes the new KV last
+    cache = _write_window(cache, kv, start, lengths, ring)
   return out, cache
+
+
+def _ring_is_exact(cfg: ModelConfig, layout) -> bool:
+  """Whether a KV row written to the ring reads back as `project_kv` made it (so reading a step's own row
+  from the ring changes nothing): fp32 rows; bf16 rows of a bf16 model; the paper's fp8 rows under quant_sim
+  (the KV is fp8-simulated with the storage's scales; RoPE dims kept in the compute dtype)."""
+  return (layout.fmt == "float32" or (layout.fmt == "bfloat16" and cfg.dtype == "bfloat16")
+          or (layout.fmt == "fp8" and cfg.quant_sim and layout.rope_dtype in ("float32", cfg.dtype)))
+
+
+def _write_window(cache, kv, start, lengths, ring: int):
+  """The last min(length, ring) of this call's KV rows [B,S,K] into the ring, at slot position % ring."""
+  i = jnp.arange(kv.shape[1])[None]
+  keep = (i < lengths[:, None]) & (i >= lengths[:, None] - ring)                   # the last min(len, ring) new
+  return cache.write("win", jnp.where(keep, (start[:, None] + i) % ring, ring), kv)

@@ -9,7 +9,7 @@ Layout of the work. A stored row's fields are not contiguous lanes of one dtype,
 split into the row's *parts* in XLA (as `rowcodec.split_query`: part p's lane j holds the element that word
 j's field p stores, 0 where part p has no lane j). That is a small permutation (a transpose within each row)
 of the entries being written, [rows, K] -> P x [rows, lanes], made of strided slices and zero padding
-(`_split`); `rowcodec.codec` lists the parts:
+(`rowcodec.split_parts`); `rowcodec.codec` lists the parts:
 
     float32    1 part:   lane j          -> element j             word j = its f32 bits
     bfloat16   2 parts:  lane j, half h  -> element 2j + h        bits 16h.. = bf16 (round to nearest even)
@@ -210,16 +210,6 @@ def _call_gpu(parts, c, block_rows, interpret):
 
 # ---- the op -----------------------------------------------------------------------------------------------
 
-def _split(x: jnp.ndarray, c: rowcodec.Codec, lanes: int) -> list[jnp.ndarray]:
-  """x [R, K] f32 -> per part [R, lanes]: `rowcodec.split_query`'s layout, built from strided slices and
-  zero padding (no gather)."""
-  out = []
-  for p in c.parts:
-    v = x[:, p.elem0: p.elem0 + p.stride * (p.n - 1) + 1: p.stride]
-    out.append(jnp.pad(v, ((0, 0), (p.lo, lanes - p.lo - p.n))))
-  return out
-
-
 @functools.lru_cache(maxsize=None)
 def _checked_codec(layout: Layout) -> rowcodec.Codec:
   c = rowcodec.codec(layout)
@@ -254,7 +244,7 @@ def encode_rows(values: jnp.ndarray, layout: Layout, *, backend: str | None = No
   if R == 0:
     return jnp.zeros((*lead, w), jnp.uint32)
   lanes = w if backend == "tpu" else next_pow2(w)
-  parts = _split(values.reshape(R, layout.width).astype(F32), c, lanes)
+  parts = rowcodec.split_parts(values.reshape(R, layout.width), c, lanes)
   if backend == "tpu":
     out = _call_tpu(parts, c, block_rows or _TPU_BLOCK_ROWS, interpret)
   else:

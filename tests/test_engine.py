@@ -319,3 +319,22 @@ def test_planar_decode_is_the_stored_values_slot_by_slot():
     rows = ops.Rows(words, lay)
     np.testing.assert_array_equal(rows.all(jnp.float32, lay), lay.decode_planar(words, jnp.float32))
     np.testing.assert_array_equal(ops.Rows(x).all(jnp.float32, lay), lay.to_planar(x))
+
+
+def test_a_decode_step_reads_its_own_kv_from_the_ring_only_where_the_ring_holds_it_exactly():
+  """attention._ring_is_exact (which lets a Pallas decode step write its KV first and read the ring in place)
+  is True exactly where a KV row as project_kv makes it survives the store: fp32 rows; bf16 rows of a bf16
+  model; the paper's fp8 rows under quant_sim. Elsewhere the step attends its raw KV (the concat path)."""
+  from dsv4_jax import attention, quant
+  from dsv4_jax.cache import layouts
+  for dtype in ("float32", "bfloat16"):
+    for quant_sim in (False, True):
+      cfg = dataclasses.replace(load_config("tiny"), dtype=dtype, quant_sim=quant_sim)
+      kv = (jax.random.normal(jax.random.key(0), (2, 5, cfg.head_dim)) * 3).astype(dtype)
+      if quant_sim:
+        kv = quant.kv_fp8_sim(kv, cfg.rope_head_dim)
+      for storage in ("float32", "bfloat16", "paper"):
+        main, _ = layouts(cfg, storage)
+        exact = bool(jnp.all(main.decode(main.encode(kv), dtype) == kv))
+        assert attention._ring_is_exact(cfg, main) == exact, (dtype, quant_sim, storage)
+        assert exact == (storage == "float32" or storage == dtype or (storage == "paper" and quant_sim))

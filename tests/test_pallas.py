@@ -183,6 +183,29 @@ def test_rowcodec_parts_rebuild_every_format():
     np.testing.assert_allclose(dot, q @ lay.decode(words, jnp.float32).T, rtol=1e-5, atol=1e-4)
 
 
+def test_query_split_is_the_element_map():
+  """`rowcodec.split_query` (strided slices and zero padding) puts exactly the element `element_map` names in
+  each part's lane, zeros elsewhere: every format's row codec, its lane-dense planes (tiled when packed) and
+  fp4's line codec (7 or 14 keys a line), at the stored width and the padded widths the kernels use."""
+  rng = np.random.default_rng(0)
+  codecs = []
+  for lay in (Layout("float32", 64), Layout("bfloat16", 512), Layout("bfloat16", 64), Layout("fp8", 512, 64),
+              Layout("fp8", 512, 64, "float32"), Layout("fp4", 128), Layout("fp4", 64)):
+    planes = kv_format.lane_dense(lay)
+    codecs += [(rowcodec.codec(lay), lay.words)] + list(zip(rowcodec.plane_codecs(lay, planes), [p.line for p in planes]))
+    if lay.fmt == "fp4":
+      codecs.append((rowcodec.line_codec(lay, 128 // lay.words, lay.words), 128))
+  checked = 0
+  for c, words in codecs:
+    for lanes in sorted({words, 1 << (words - 1).bit_length(), 128 * -(-words // 128)}):
+      m = rowcodec.element_map(c, lanes)
+      q = rng.standard_normal((2, 3, c.width)).astype(np.float32)
+      np.testing.assert_array_equal(rowcodec.split_query(jnp.asarray(q), c, lanes),
+                                    np.where(m >= 0, q[..., np.maximum(m, 0)], 0.0))
+      checked += 1
+  assert checked >= 20
+
+
 def _model_window(B, S, W, start, ring):
   """Window index rows as the model builds them (dsv4_jax.attention.window_indices): consecutive positions
   from `start`, older ones in a ring of `ring` slots, -1 before position 0."""
