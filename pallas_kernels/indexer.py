@@ -11,7 +11,8 @@ read as stored (fp4 e2m1 codes with e8m0 scales for the paper format, or bf16/fp
 the kernel (`rowcodec`); a program scores one block of `block_keys` keys for a block of queries, so
 `[queries, heads, keys]` never exists: only `[queries, keys]` scores go to HBM.
 
-Top-k runs in XLA on those scores (`ops.select_topk`: `lax.top_k` block by block, exact, lower id first among ties).
+Top-k runs in XLA on those scores (`lax.top_k`, exact, lower id first among ties: slot by slot,
+`select_topk_by_slot`, or past `ops.TOPK_WHOLE` scores `ops.select_topk` block by block).
 Neither backend can sort inside a kernel (Mosaic has no top_k or sort lowering on the TensorCore, Triton
 none in Pallas). `lax.approx_max_k(recall_target=1.0)` is what tpu-inference uses on TPU, but its tie order
 is not specified and it is an exact brute-force fallback on GPU, so the model keeps `lax.top_k`: every path
@@ -41,7 +42,7 @@ from jax.experimental import pallas as pl
 
 from dsv4_jax.ops import TOPK_WHOLE, Rows, select_topk
 from pallas_kernels import cost, rowcodec
-from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
+from pallas_kernels.platform import backend_for, check, in_hbm, interpret_mode, next_pow2
 
 F32 = jnp.float32
 QUERY_VMEM = 4 << 20      # TPU: VMEM for a program's query parts (fp4 lines: 7 x 64 virtual heads x 8 parts
@@ -81,8 +82,7 @@ def _scores_tpu(qparts, w, pool3, lead, n, codec, block_keys, block_queries, slo
   kernel = functools.partial(_tpu_kernel, codec=codec, n_parts=len(qparts), queries=sb, slots=slots,
                              heads=nI // slots, dt=dt)
   w = w[..., None].astype(F32)                                          # [B, S, nI, 1]
-  if not interpret:            # the store stays in HBM: XLA:TPU would stage a small one whole into VMEM first
-    pool3 = pltpu.with_memory_space_constraint(pool3, pltpu.HBM)
+  pool3 = in_hbm(pool3, interpret)                     # read in blocks: not staged into VMEM whole first
   out_shape = jax.ShapeDtypeStruct((B, n_sb * sb, slots, n_kb * bk), dt)
   scored = B * n_sb * sb * n_kb * bk                       # (query, key line) pairs; keys again per query block
   ce = cost.estimate(flops=2 * scored * nI * lanes * len(qparts),
@@ -146,9 +146,13 @@ def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, slots, dt
 def index_scores(qI, w, keys: Rows, **kernel_options) -> jnp.ndarray:
   """Same arguments and result as `dsv4_jax.ops.index_scores_ref`: qI [B,S,nI,cI], w [B,S,nI] -> [B,S,n]
   scores of the first n = keys.rows keys, in qI.dtype. kernel_options: those of `slot_scores`."""
-  out = slot_scores(qI, w, keys, **kernel_options)
-  B, S, slots, n = out.shape
-  return out.transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows]
+  return _key_order(slot_scores(qI, w, keys, **kernel_options), keys.rows)
+
+
+def _key_order(scores, rows: int) -> jnp.ndarray:
+  """[B, S, slots, lines] -> [B, S, rows]: key j = line j // slots, slot j % slots."""
+  B, S, slots, n = scores.shape
+  return scores.transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., :rows]
 
 
 def slot_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bool | None = None,
@@ -194,8 +198,7 @@ def indexer_topk(qI, w, keys: Rows, n_visible, k: int, **kernel_options) -> jnp.
   scores = slot_scores(qI, w, keys, **kernel_options)
   if scores.shape[2] > 1 and scores.size <= TOPK_WHOLE:
     return select_topk_by_slot(scores, n_visible, k, keys.rows)
-  B, S, slots, n = scores.shape
-  return select_topk(scores.transpose(0, 1, 3, 2).reshape(B, S, n * slots)[..., : keys.rows], n_visible, k)
+  return select_topk(_key_order(scores, keys.rows), n_visible, k)
 
 
 def select_topk_by_slot(scores, n_visible, k: int, rows: int) -> jnp.ndarray:

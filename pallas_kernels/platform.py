@@ -1,4 +1,5 @@
-"""Which Pallas backend a kernel runs on, and the one error type for what a kernel does not support.
+"""Which Pallas backend a kernel runs on, the one error type for what a kernel does not support, and
+keeping a TPU kernel's stores in HBM (`in_hbm`).
 
 `backend_for(None)` follows the default device: TPU -> Mosaic TPU kernels, GPU -> Triton kernels, CPU -> the
 TPU kernels in interpret mode (how CPU tests run them). "tpu" / "gpu" force one, so a CPU host can lower and
@@ -36,6 +37,17 @@ def interpret_mode(backend: str, interpret: bool | None) -> bool:
   platform = jax.default_backend()
   native = {"tpu": ("tpu",), "gpu": ("gpu", "cuda", "rocm")}[backend]
   return platform not in native
+
+
+def in_hbm(x, interpret: bool):
+  """An operand a TPU kernel reads part of (rows it DMAs, or blocks of a store), kept in HBM: unconstrained,
+  XLA:TPU may stage one that fits on chip (a small store, a few MB) into VMEM before the call, copying all of
+  it for the rows the kernel reads (seen in the v5p decode step at toy width: 4 MB RoPE planes copied whole
+  every step). Compiled calls only: interpret mode runs eagerly, where the constraint cannot."""
+  if interpret:
+    return x
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.with_memory_space_constraint(x, pltpu.HBM)
 
 
 def next_pow2(n: int) -> int:

@@ -60,7 +60,7 @@ from jax.experimental import pallas as pl
 
 from dsv4_jax.ops import Rows
 from pallas_kernels import cost, rowcodec
-from pallas_kernels.platform import backend_for, check, interpret_mode, next_pow2
+from pallas_kernels.platform import backend_for, check, in_hbm, interpret_mode, next_pow2
 
 F32 = jnp.float32
 NEG = -1e30                  # masked logit: finite, so exp(NEG - m) is 0 without NaNs
@@ -186,15 +186,6 @@ def _per_query_rows(x, heads: int):
 
 # ---- TPU (Mosaic) ---------------------------------------------------------------------------------------
 
-def _in_hbm(pool):
-  """A row pool the kernel DMAs from, kept in HBM: unconstrained, XLA:TPU may stage an operand that fits
-  on chip (a small store, a few MB) into VMEM before the call, copying all of it for the rows the kernel
-  reads (seen in the v5p decode step at toy width: 4 MB RoPE planes copied whole every step). Compiled calls
-  only: interpret mode runs eagerly, where the constraint cannot."""
-  from jax.experimental.pallas import tpu as pltpu
-  return pltpu.with_memory_space_constraint(pool, pltpu.HBM)
-
-
 def _tpu_dma_rows(plane_io, slot, row_of, br: int):
   """Starts one DMA per row j < br and plane: row row_of(j) is line row // P of each plane, into the plane's
   buffer slot. plane_io: [(pool, base, buf, sem, _Plane)]."""
@@ -318,7 +309,7 @@ def _tpu_kernel(*refs, srcs: tuple[_Source, ...], block_rows: int, scale: float,
 def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
   from jax.experimental.pallas import tpu as pltpu
   B, S, H, _ = q.shape
-  in_specs, operands, scratch = [], [], []
+  in_specs, operands, scratch, fetched = [], [], [], []
   for src, (pools, ids, qparts) in zip(srcs, arrays):
     if not src.dense:
       T = ids.shape[-1]
@@ -330,6 +321,7 @@ def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
       in_specs.append(pl.BlockSpec((None, None, H, lanes), lambda b, s, *_: (b, s, 0, 0)))
       operands.append(qp)
     br = min(block_rows, src.rows) if src.dense else block_rows
+    fetched.append(src.chunks * br)                                # the most the source's loop fetches
     for plane in src.planes:
       scratch += [pltpu.VMEM((2, br, plane.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
   in_specs.append(pl.BlockSpec((H, 1), lambda b, s, *_: (0, 0)))
@@ -338,7 +330,7 @@ def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
   for src, (pools, _, _) in zip(srcs, arrays):
     for pool, _ in pools:
       in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
-      operands.append(pool if interpret else _in_hbm(pool))
+      operands.append(in_hbm(pool, interpret))
   out_shape, out_specs = [], []
   for src in srcs:
     for lanes in src.part_lanes:
@@ -348,7 +340,6 @@ def _call_tpu(q, sink, srcs, arrays, visible, scale, block_rows, interpret):
   out_specs.append(pl.BlockSpec((None, None, H, 1), lambda b, s, *_: (b, s, 0, 0)))
   kernel = functools.partial(_tpu_kernel, srcs=tuple(srcs), block_rows=block_rows, scale=scale, p_dtype=q.dtype)
   bases = [base for _, (pools, _, _) in zip(srcs, arrays) for _, base in pools]
-  fetched = [src.chunks * (min(block_rows, src.rows) if src.dense else block_rows) for src in srcs]
   ce = _cost(srcs, fetched, [H] * len(srcs), B * S, blocked, out_shape)
   return pl.pallas_call(
       kernel,
@@ -674,7 +665,7 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
   def per_blk(b, k, *_):                                           # [B*nb, ...]: the block's own
     return b * nb + k, 0, 0
 
-  in_specs, operands, scratch = [], [], []
+  in_specs, operands, scratch, chunk_rows = [], [], [], []
   n_u = vmax = jnp.zeros((B * nb,), jnp.int32)
   for src, mode, (pools, extra, qparts) in zip(srcs, modes, arrays):
     if mode == "union":
@@ -697,6 +688,7 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
       in_specs.append(pl.BlockSpec((None, M, lanes), per_row))
       operands.append(qp.reshape(B, Sp * H, lanes))
     br = min(block_rows, src.rows) if mode == "dense" else block_rows
+    chunk_rows.append(br)
     for plane in src.planes:
       scratch += [pltpu.VMEM((2, br, plane.words), jnp.uint32), pltpu.SemaphoreType.DMA((2,))]
   in_specs.append(pl.BlockSpec((M, 1), lambda b, k, *_: (0, 0)))
@@ -705,7 +697,7 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
   for pools, _, _ in arrays:
     for pool, _ in pools:
       in_specs.append(pl.BlockSpec(memory_space=pltpu.HBM))        # rows are DMAed from HBM
-      operands.append(pool if interpret else _in_hbm(pool))
+      operands.append(in_hbm(pool, interpret))
   out_shape, out_specs = [], []
   for src in srcs:
     for w in src.part_lanes + [1, 1]:                                                # acc parts, m, l
@@ -714,7 +706,7 @@ def _call_tpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
   kernel = functools.partial(_tpu_block_kernel, srcs=tuple(srcs), modes=tuple(modes), q_block=Tq, seq=seq,
                              scale=scale, p_dtype=q.dtype)
   bases = [base for pools, _, _ in arrays for _, base in pools]
-  fetched, scored_by = _block_rows(srcs, modes, Tq, H, block_rows, per_row_dense=True)
+  fetched, scored_by = _block_rows(srcs, modes, Tq, H, chunk_rows)
   ce = _cost(srcs, fetched, scored_by, B * nb, blocked, out_shape)
   outs = pl.pallas_call(
       kernel,
@@ -856,7 +848,7 @@ def _call_gpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
       out_specs.append(pl.BlockSpec((None, Tq, hb), lambda i, h: (i, 0, h)))
   kernel = functools.partial(_gpu_block_kernel, srcs=tuple(srcs), modes=tuple(modes), block_rows=block_rows,
                              seq=seq, scale=scale, p_dtype=q.dtype)
-  fetched, scored_by = _block_rows(srcs, modes, Tq, hb, block_rows, per_row_dense=False)
+  fetched, scored_by = _block_rows(srcs, modes, Tq, hb, [block_rows] * len(srcs))
   qparts = [qp for _, _, qp in arrays]
   read = cost.nbytes(qparts, sink) + H // hb * cost.nbytes([x for _, x, _ in arrays])   # ids, counts per head block
   ce = _cost(srcs, fetched, scored_by, B * nb * (H // hb), read, out_shape)
@@ -867,13 +859,12 @@ def _call_gpu_blocked(q, sink, srcs, modes, arrays, q_block, seq, scale, block_r
   return [o.reshape(B, Sp, H, -1) for o in outs]
 
 
-def _block_rows(srcs, modes, Tq: int, heads: int, block_rows: int, per_row_dense: bool):
-  """Per source of a block of Tq queries: (rows its loop fetches at most, query rows scoring each): the window's
-  and HCA rows are shared by the block's Tq * heads rows; CSA rows are fetched query by query, for its heads.
-  per_row_dense: the TPU kernel reads HCA chunks of min(block_rows, rows)."""
+def _block_rows(srcs, modes, Tq: int, heads: int, chunk_rows: list[int]):
+  """Per source of a block of Tq queries read in chunks of chunk_rows: (rows its loop fetches at most, query
+  rows scoring each): the window's and HCA rows are shared by the block's Tq * heads rows; CSA rows are
+  fetched query by query, for its heads."""
   fetched, scored_by = [], []
-  for src, mode in zip(srcs, modes):
-    br = min(block_rows, src.rows) if (mode == "dense" and per_row_dense) else block_rows
+  for src, mode, br in zip(srcs, modes, chunk_rows):
     fetched.append(src.chunks * br * (Tq if mode == "gather" else 1))
     scored_by.append(heads if mode == "gather" else Tq * heads)
   return fetched, scored_by
