@@ -24,7 +24,9 @@ P * cI values (`rowcodec.line_codec`), scored against P *virtual heads* per real
 head, head h of slot p being qI[h] placed at values [p * cI, (p + 1) * cI) of the line (zeros elsewhere), so
 slot p's score sums only its own heads; the kernel writes one score row per (query, slot). `indexer_topk`
 selects from those [queries, slots, lines] scores slot by slot (`select_topk_by_slot`); `index_scores` puts
-them in key order (a transpose of scores, not of keys).
+them in key order (a transpose of scores, not of keys). That is for a decode step: from `DECODE_FROM` queries
+per sequence (prefill) the virtual heads' wasted matmul work and per-query key reads outweigh decoding the
+live keys once, so the kernel scores them decoded (`slot_scores`).
 
 Backends:
   tpu  Mosaic. Grid (B, query blocks, key blocks); keys come through an ordinary pipelined BlockSpec on the
@@ -40,13 +42,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dsv4_jax.ops import TOPK_WHOLE, Rows, select_topk
+from dsv4_jax.ops import KEY_BLOCK, TOPK_WHOLE, Rows, select_topk
 from pallas_kernels import cost, rowcodec
 from pallas_kernels.platform import backend_for, check, in_hbm, interpret_mode, next_pow2
 
 F32 = jnp.float32
 QUERY_VMEM = 4 << 20      # TPU: VMEM for a program's query parts (fp4 lines: 7 x 64 virtual heads x 8 parts
                           # is 1.8 MB a query, so one query a program; bf16 lines: 8)
+DECODE_FROM = 32          # queries per sequence from which a store of several keys a line is decoded once (below)
 
 
 def _block_scores(qparts, w, parts, dt, slots: int, heads: int):
@@ -156,9 +159,19 @@ def _key_order(scores, rows: int) -> jnp.ndarray:
 
 
 def slot_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: bool | None = None,
-                block_keys: int | None = None, block_queries: int = 8) -> jnp.ndarray:
+                block_keys: int | None = None, block_queries: int = 8, decode_from: int = DECODE_FROM) -> jnp.ndarray:
   """The kernel's scores as it writes them: [B, S, slots, lines], key j = line j // slots, slot j % slots
   (one slot a line for a store of whole rows); lines past the last key score what their padding decodes to.
+
+  A store of P > 1 keys a line is scored line by line against P groups of virtual heads, which multiplies
+  the matmul by the line's 128 words over a key's (fp4 keys of 17 words: 8x, bf16: 2x) and, for fp4, fits
+  one query's heads a TPU program: keys are read again for every query. That is the cheapest way for a
+  decode step's query or two; from `decode_from` queries per sequence (prefill) the live keys are instead
+  decoded once, block by block, to values in the compute dtype (`_decoded`, the reference's decode) and
+  scored as rows: the matmul is the math's and a block of keys serves `block_queries` queries (one fp4
+  prefill case of 512 queries on v5p: bench/results/pallas_aot_v5p.txt). The two ways add the same
+  products in other groupings, so their scores agree to fp32 rounding (as this kernel's and the reference's
+  do) and their selections can differ only between keys scored that close.
 
   block_keys: stored rows (lines of a packed store) per program (default 512 on TPU, 128 on GPU; a power of
   two >= 16 on GPU). block_queries: queries per TPU program (GPU: one).
@@ -167,6 +180,8 @@ def slot_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: boo
   interpret = interpret_mode(backend, interpret)
   dt = qI.dtype
   B, S, nI, cI = qI.shape
+  if keys.layout is not None and keys.geometry[0].pack > 1 and S >= decode_from:
+    keys = _decoded(keys, dt)
   pool, base, codec, N = rowcodec.stored_lines(keys)
   slots = keys.geometry[0].pack if keys.layout is not None else 1
   n = -(-keys.rows // slots)                                                              # lines scored
@@ -190,6 +205,21 @@ def slot_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: boo
     out = _scores_gpu([qparts[..., p, :] for p in range(len(codec.parts))], w, pool, base, n, N, words,
                       codec, bk, slots, dt, interpret)
   return out.reshape(B, S, slots, n)
+
+
+def _decoded(keys: Rows, dt) -> Rows:
+  """A store's first keys.rows keys decoded to values [B, rows, cI] in dt (natural dim order), KEY_BLOCK keys
+  at a time (`ops.Rows.block`, as `ops.index_scores_ref` reads them; a last partial block is re-read from
+  the end), so no decode of the whole store is ever materialised at once."""
+  n = keys.aligned_rows
+  blk = min(KEY_BLOCK // keys.align * keys.align, n)
+
+  def body(i, out):
+    start = jnp.minimum(i * blk, n - blk)
+    return jax.lax.dynamic_update_slice_in_dim(out, keys.block(start, blk, dt), start, axis=1)
+
+  out = jax.lax.fori_loop(0, -(-n // blk), body, jnp.zeros((keys.data.shape[-3], n, keys.layout.width), dt))
+  return Rows(out[:, : keys.rows])
 
 
 def indexer_topk(qI, w, keys: Rows, n_visible, k: int, **kernel_options) -> jnp.ndarray:

@@ -148,10 +148,28 @@ def test_indexer_equals_reference(dtype, nI, cI, formats):
   for rows in cases:
     ref_scores = ops.index_scores_ref(qI, w, rows)
     ref = ops.indexer_topk_ref(qI, w, rows, vis, 8)
+    # a store of several keys a line: scored line by line (virtual heads, S < decode_from) or decoded once
+    slots = rows.geometry[0].pack if rows.layout is not None else 1
     for backend in BACKENDS:
-      scores = ix.index_scores(qI, w, rows, backend=backend, block_keys=16)
-      _close(scores, ref_scores, dtype)
-      np.testing.assert_array_equal(ix.indexer_topk(qI, w, rows, vis, 8, backend=backend, block_keys=16), ref)
+      for decode_from in (ix.DECODE_FROM, 1) if slots > 1 else (ix.DECODE_FROM,):
+        kw = dict(backend=backend, block_keys=16, decode_from=decode_from)
+        assert ix.slot_scores(qI, w, rows, **kw).shape[2] == (slots if decode_from > S else 1)
+        _close(ix.index_scores(qI, w, rows, **kw), ref_scores, dtype)
+        np.testing.assert_array_equal(ix.indexer_topk(qI, w, rows, vis, 8, **kw), ref)
+
+
+def test_keys_decoded_once_equal_the_stores_decode(monkeypatch):
+  """What a prefill call scores instead of lines (ix._decoded): the first 47 keys of a lane-dense fp4 store
+  (9-word keys, 14 a line: 4 lines read) decoded in blocks of 3 lines, the second re-read from the end,
+  equal the store's own decode in the compute dtype, bit for bit."""
+  monkeypatch.setattr(ix, "KEY_BLOCK", 42)
+  lay = Layout("fp4", 64)
+  keys = _rand(3, (2, 60, 64))
+  store = kv_format.from_rows(jnp.stack([lay.encode(keys * 3), lay.encode(keys)]), lay, kv_format.lane_dense(lay))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got = ix._decoded(ops.Rows.of(store, jnp.int32(1), 47), dtype)
+    assert got.layout is None and got.data.shape == (2, 47, 64) and got.data.dtype == dtype
+    np.testing.assert_array_equal(got.data, lay.decode(lay.encode(keys), dtype)[:, :47])
 
 
 def test_slot_by_slot_selection_is_select_topk():
