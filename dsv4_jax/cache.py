@@ -11,8 +11,9 @@ dsv4_jax/kv_format.py; shapes below for whole rows, one a line):
                                    m+r (HCA) (compressor.state_rows)
     idx        [B, N/4, words]     the indexer's compressed keys                                (CSA)
     idx_state  like comp_state, for the indexer's compressor                                     (CSA)
-By default every store is lane-dense (kv_format.lane_dense): fp4 indexer keys 7 to a 128-word line, bf16
-keys of 128 values 2, the paper's fp8 entries as [values | scales] lines plus RoPE lines 4 to a line (the
+By default indexer keys (fp4, bf16) are tiles (kv_format.key_tiles: a key's words down the lines, 128 keys
+across the lanes, so a kernel scores 128 keys with one matmul) and every other store is lane-dense
+(kv_format.lane_dense): the paper's fp8 entries as [values | scales] lines plus RoPE lines 4 to a line (the
 Store's `tail`). `init_cache(lane_dense=False)` keeps main entries as whole rows.
 and `length [B]`: tokens already in the cache for each row; `max_seq_len []`: its capacity N. Which slots
 and entries are valid follows from `length` alone: rows past it are never read, so setting `length` back
@@ -54,8 +55,8 @@ def layouts(cfg: ModelConfig, storage: str) -> tuple[Layout, Layout]:
 
 def geometries(main: Layout, idx: Layout, lane_dense: bool) -> tuple[tuple, tuple]:
   """Store geometries of (main entries, indexer keys) in these layouts (kv_format.Plane tuples; () = whole
-  rows, one a line). Indexer keys are lane-dense either way."""
-  return kv_format.lane_dense(main) if lane_dense else (), kv_format.lane_dense(idx)
+  rows, one a line). Indexer keys are tiles (kv_format.key_tiles: fp4 and bf16) or lane-dense either way."""
+  return kv_format.lane_dense(main) if lane_dense else (), kv_format.key_tiles(idx) or kv_format.lane_dense(idx)
 
 
 def _layer_cache(cfg: ModelConfig, ratio: int, B: int, max_seq_len: int, storage: str, reps: int | None,
@@ -219,12 +220,18 @@ class LayerCache:
 def _write_plane(lines: jnp.ndarray, plane: kv_format.Plane, rep, rows: jnp.ndarray, enc: jnp.ndarray):
   """A plane's words enc [B, M, w] of rows [B, M] (a row past the store: dropped) into its lines [(R,) B, L,
   line]: whole lines by an indexed set, else one scatter whose window is a row's w contiguous words of its
-  line, (line, word) = (row // P, (row % P) * w)."""
+  line, (line, word) = (row // P, (row % P) * w); tiles (kv_format.Tiles): each word to its line, at the
+  row's lane."""
   B, M, w = enc.shape
+  if isinstance(plane, kv_format.Tiles):               # each word at its own line, the row's lane: a scatter
+    n = plane.rows_in(lines.shape[-2])                 # of M * words single words
+    rows = jnp.where(rows < n, rows, n)
+    idx = (jnp.arange(B)[:, None, None], plane.line_of(rows), (rows % kv_format.LANES)[..., None])
+    return lines.at[idx if rep is None else (rep,) + idx].set(enc, mode="drop")
   if plane.pack == 1 and plane.line == w:
     b = jnp.arange(B)[:, None]
     return lines.at[(b, rows) if rep is None else (rep, b, rows)].set(enc, mode="drop")
-  line = jnp.where(rows < lines.shape[-2] * plane.pack, rows // plane.pack, lines.shape[-2])
+  line = jnp.where(rows < plane.rows_in(lines.shape[-2]), rows // plane.pack, lines.shape[-2])
   idx = [jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, M)), line, (rows % plane.pack) * w]
   if rep is not None:
     idx = [jnp.broadcast_to(jnp.asarray(rep, jnp.int32), (B, M))] + idx

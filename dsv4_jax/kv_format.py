@@ -14,10 +14,10 @@ Under `quant_sim` the entries are already rounded onto exactly these grids, so t
 lossless there; without it they quantise. Entries are encoded on write and decoded on read; `Store` is a
 pytree (the words are its only leaf, the layout and packing are static).
 
-Where rows sit (a store's *geometry*, a tuple of `Plane`s): XLA:TPU lays out an array whose minor dimension
+Where rows sit (a store's *geometry*, a tuple of `Plane`s, or one `Tiles`): XLA:TPU lays out an array whose minor dimension
 is not a multiple of the 128 lanes with the *rows* minor, while the layer loop and the ops want rows
 contiguous, so such a store is relaid out whole, in and out of the scanned layer loop, on every decode step
-(bench/results/decode_memory_tpu_v5p.txt). Two geometries:
+(bench/results/decode_memory_tpu_v5p.txt). Three geometries:
 
   rows        (`rows_geometry`) every row whole and contiguous, `pack` rows per line (`lane_pack`: only
               element-wise formats whose rows divide 128 words, e.g. bf16 indexer keys of 128 values, 2 a
@@ -30,7 +30,11 @@ contiguous, so such a store is relaid out whole, in and out of the scanned layer
               (tpu-inference keeps the same 512 + 128 B, compress_and_store/config.py); fp4 indexer keys
               (17 words) 7 to a line, 73.1 B a key against 68. A store is whole (8, 128) tiles (`empty`).
 
-The byte format of a row (`Layout.encode` / `decode`) is the same in both; planes only move its words. The
+  tiles       (`key_tiles`, the indexer keys' default) rows transposed: a key's words run down the lines
+              and 128 keys sit side by side in the lanes, 1024 keys a block (fp4: 136 lines, 68 B a key),
+              so a kernel scores 128 keys with one matmul over their values (`Tiles`).
+
+The byte format of a row (`Layout.encode` / `decode`) is the same in all; geometries only move its words. The
 XLA ops (`ops.Rows`) and the Pallas kernels (pallas_kernels/rowcodec.py: a packed plane's line is decoded
 whole and the row's slot picked per row) read both.
 """
@@ -262,6 +266,15 @@ class Plane:
     """Lines that hold n rows."""
     return -(-n // self.pack)
 
+  def rows_in(self, lines: int) -> int:
+    """Rows that `lines` lines hold."""
+    return lines * self.pack
+
+  @property
+  def row_bytes(self) -> float:
+    """Stored bytes per row, line padding included."""
+    return 4 * self.line / self.pack
+
   def unpack(self, lines: jnp.ndarray) -> jnp.ndarray:
     """Lines uint32 [..., L, line] -> this plane's words of rows [..., L * pack, w]."""
     *lead, L, _ = lines.shape
@@ -274,6 +287,86 @@ class Plane:
     L = self.lines(N)
     x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, L * self.pack - N), (0, 0)]).reshape(*lead, L, self.pack * w)
     return jnp.pad(x, [(0, 0)] * (len(lead) + 1) + [(0, self.line - self.pack * w)])
+
+
+GROUPS = SUBLANES           # Tiles: groups of 128 rows a block
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Rows stored transposed (the indexer keys' geometry, `key_tiles`): a row's words run down the lines and
+  128 rows sit side by side in the lanes, so a kernel decodes a tile of [words, 128 keys] and scores 128 keys
+  with one matmul over the key's dims (a line of P keys side by side must score them against P groups of
+  virtual heads instead: 8x the matmul for fp4 keys).
+
+  Rows come in blocks of GROUPS x 128 = 1024. Row r is lane r % 128 of group c = (r // 128) % 8 of block
+  r // 1024. A block is GROUPS * words lines of 128 words: first every group's `body` words (group c at lines
+  [c * body, (c + 1) * body) of the block), then every group's other `words - body` (an fp4 key's scale word:
+  group c at 8 * body + c * tail). With body a multiple of 8 each group's body is whole (8, 128) tiles and a
+  block's tails are too (fp4 keys of 128 values: 16 + 1 words, 136 lines a block, 68 B a key; no padding)."""
+  words: int
+  body: int
+
+  lo = 0
+  line = LANES
+  pack = GROUPS * LANES                 # rows a block holds: what `align` makes block reads whole
+
+  @property
+  def hi(self) -> int:
+    return self.words
+
+  @property
+  def tail(self) -> int:
+    return self.words - self.body
+
+  @property
+  def block_lines(self) -> int:
+    return GROUPS * self.words
+
+  def lines(self, n):
+    """Lines that hold n rows (whole blocks)."""
+    return -(-n // self.pack) * self.block_lines
+
+  def rows_in(self, lines: int) -> int:
+    return lines // self.block_lines * self.pack
+
+  @property
+  def row_bytes(self) -> float:
+    return 4.0 * self.words
+
+  def line_of(self, rows: jnp.ndarray) -> jnp.ndarray:
+    """rows [...] -> the line of each of their words [..., words] (the lane is row % 128)."""
+    i = np.arange(self.words)
+    c = ((rows // LANES) % GROUPS)[..., None]
+    within = jnp.where(i < self.body, c * self.body + i, GROUPS * self.body + c * self.tail + (i - self.body))
+    return (rows // self.pack)[..., None] * self.block_lines + within
+
+  def unpack(self, lines: jnp.ndarray) -> jnp.ndarray:
+    """Whole blocks of lines uint32 [..., L, 128] -> rows [..., L / block_lines * 1024, words]."""
+    *lead, L, _ = lines.shape
+    x = lines.reshape(*lead, L // self.block_lines, self.block_lines, LANES)
+    nb = L // self.block_lines
+    x = jnp.concatenate([x[..., : GROUPS * self.body, :].reshape(*lead, nb, GROUPS, self.body, LANES),
+                         x[..., GROUPS * self.body:, :].reshape(*lead, nb, GROUPS, self.tail, LANES)], -2)
+    return jnp.swapaxes(x, -1, -2).reshape(*lead, -1, self.words)
+
+  def pack_rows(self, rows: jnp.ndarray) -> jnp.ndarray:
+    """Rows' words uint32 [..., N, words] (N whole blocks) -> lines [..., lines(N), 128]: `unpack` inverted."""
+    *lead, N, w = rows.shape
+    x = jnp.swapaxes(rows.reshape(*lead, N // self.pack, GROUPS, LANES, w), -1, -2)      # [..., blocks, 8, w, 128]
+    body = x[..., : self.body, :].reshape(*lead, N // self.pack, GROUPS * self.body, LANES)
+    tail = x[..., self.body:, :].reshape(*lead, N // self.pack, GROUPS * self.tail, LANES)
+    return jnp.concatenate([body, tail], -2).reshape(*lead, -1, LANES)
+
+
+def key_tiles(layout: Layout) -> tuple[Tiles, ...] | None:
+  """The indexer keys' geometry where a key's words split into a body of whole (8, 128) tiles and at most
+  8 more words: fp4 (codes | scales) and bf16 keys, e.g. 16 + 1 and 64 + 0 words for 128 values. None where
+  not (fp32 keys, whose 128-value rows are whole lines already, and odd widths)."""
+  body = {"fp4": layout.width // 8, "bfloat16": layout.width // 2}.get(layout.fmt)
+  if body is None or body % SUBLANES or body == 0 or layout.words - body > SUBLANES:
+    return None
+  return (Tiles(layout.words, body),)
 
 
 def rows_geometry(layout: Layout, pack: int = 1) -> tuple[Plane, ...]:
@@ -323,7 +416,7 @@ class Store:
 
   @property
   def n_rows(self) -> int:
-    return min(a.shape[-2] * p.pack for a, p in zip(self.arrays, self.geometry))
+    return min(p.rows_in(a.shape[-2]) for a, p in zip(self.arrays, self.geometry))
 
   def rows(self) -> jnp.ndarray:
     """The stored words as whole rows: uint32 [..., N, layout.words]."""
@@ -340,7 +433,7 @@ class Store:
 
 def row_bytes(layout: Layout, planes: tuple[Plane, ...] = ()) -> float:
   """Stored bytes per row in a geometry, line padding included (a line's bytes over the rows it holds)."""
-  return sum(4 * p.line / p.pack for p in (planes or rows_geometry(layout)))
+  return sum(p.row_bytes for p in (planes or rows_geometry(layout)))
 
 
 def align(planes: tuple[Plane, ...]) -> int:
@@ -364,7 +457,8 @@ def empty(lead: tuple, n: int, layout: Layout, planes: tuple[Plane, ...] = ()) -
   (8, 128) tiles of each plane: XLA:TPU relays out a stacked group's store of another line count (an
   [2, 1, 4682, 128] fp4 key store was copied in and out of the layer loop)."""
   geo = planes or rows_geometry(layout)
-  a = align(geo) * (SUBLANES if all(p.line % LANES == 0 for p in geo) else 1)
+  per_tile = 1 if isinstance(geo[0], Tiles) or not all(p.line % LANES == 0 for p in geo) else SUBLANES
+  a = align(geo) * per_tile                                            # (Tiles: a block is whole tiles)
   n = -(-n // a) * a
   arrays = [jnp.zeros((*lead, p.lines(n), p.line), jnp.uint32) for p in geo]
   return Store(arrays[0], layout, tuple(planes), arrays[1] if len(arrays) > 1 else None)

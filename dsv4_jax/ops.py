@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from dsv4_jax.config import ModelConfig
 from dsv4_jax import kv_format
 from dsv4_jax.kv_format import Layout, Plane, unpack
+from dsv4_jax.quant import round_to
 
 F32 = jnp.float32
 KEY_BLOCK = 2048          # indexer keys scored per block: scores never exist as [queries, heads, all keys]
@@ -91,7 +92,7 @@ class Rows:
   def capacity(self) -> int:
     if self.layout is None:
       return self.data.shape[-2]
-    return min(a.shape[-2] * p.pack for a, p in zip(self.arrays, self.geometry))
+    return min(p.rows_in(a.shape[-2]) for a, p in zip(self.arrays, self.geometry))
 
   @property
   def rows(self) -> int:
@@ -138,6 +139,8 @@ class Rows:
     i = jnp.clip(idx, 0, self.capacity - 1)
     if self.layout is None:
       return self._decode(self.data[jnp.arange(idx.shape[0])[:, None, None], i], dtype, order)
+    if isinstance(self.geometry[0], kv_format.Tiles):
+      raise ValueError("rows stored in tiles (kv_format.Tiles: indexer keys) are read in blocks, not gathered")
     parts = [_gather_words(a, self.rep, i // p.pack, (i % p.pack) * p.words, p.words)
              for a, p in zip(self.arrays, self.geometry)]
     return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype, order)
@@ -151,7 +154,7 @@ class Rows:
       raise ValueError(f"a block of {size} rows of a store packed {self.align} per line: expected whole lines")
     parts = []
     for a, p in zip(self.arrays, self.geometry):
-      s0, n = start // p.pack, size // p.pack
+      s0, n = p.lines(start), p.lines(size)
       if self.rep is None:
         x = jax.lax.dynamic_slice_in_dim(a, s0, n, axis=1)
       else:
@@ -202,8 +205,9 @@ def _key_block_scores(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows):
 
   def score_block(start):
     k = keys.block(start, blk, dt, order)                                              # [B,blk,cI]
-    logits = jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32).astype(dt)
-    return jnp.sum((jax.nn.relu(logits) * w[..., None]).astype(F32), axis=2).astype(dt)   # [B,S,blk]
+    logits = round_to(jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32), dt)
+    term = round_to(jax.nn.relu(logits) * w.astype(F32)[..., None], dt)
+    return round_to(jnp.sum(term, axis=2), dt).astype(dt)                                    # [B,S,blk]
   return score_block, blk, -(-n // blk)
 
 

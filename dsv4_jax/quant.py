@@ -33,6 +33,22 @@ def slots_last(y: jnp.ndarray, per: int) -> jnp.ndarray:
   return jnp.swapaxes(y.reshape(*y.shape[:-1], per, y.shape[-1] // per), -1, -2).reshape(y.shape)
 
 
+def round_to(x: jnp.ndarray, dtype) -> jnp.ndarray:
+  """fp32 x rounded to `dtype`'s grid (bfloat16: round to nearest even on the bits), still fp32; fp32 as it is.
+
+  The same values as `x.astype(dtype).astype(jnp.float32)`, but by integer ops that no compiler drops: under
+  its default excess precision XLA removes such a round trip in some programs and not others, so a score
+  rounded that way depends on how the program around it was compiled (and Pallas TPU has no
+  `lax.reduce_precision`). Finite values; the indexer's roundings (ops, pallas_kernels/indexer.py)."""
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    return x
+  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+    raise ValueError(f"round_to: compute dtype {jnp.dtype(dtype).name}; expected float32 or bfloat16")
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def e2m1_to_f32(code: jnp.ndarray) -> jnp.ndarray:
   """e2m1 codes (an unsigned integer array, values 0..15) -> E2M1_VALUES[code] as fp32, built from the bits
   (sign: bit 3, exponent: bits 2-1, mantissa: bit 0) element-wise: no table gather, whose int32 index array

@@ -37,12 +37,15 @@ Backends:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dsv4_jax.kv_format import GROUPS, LANES, Tiles
 from dsv4_jax.ops import KEY_BLOCK, TOPK_WHOLE, Rows, select_topk
+from dsv4_jax.quant import round_to
 from pallas_kernels import cost, rowcodec
 from pallas_kernels.platform import backend_for, check, in_hbm, interpret_mode, next_pow2
 
@@ -52,15 +55,19 @@ QUERY_VMEM = 4 << 20      # TPU: VMEM for a program's query parts (fp4 lines: 7 
 DECODE_FROM = 32          # queries per sequence from which a store of several keys a line is decoded once (below)
 
 
+def _head_sum(logits, w, dt):
+  """logits [heads, keys] fp32, w [heads, 1] fp32 -> [1, keys] fp32, rounded as the reference: the logits
+  and each weighted term to dt, the head sum fp32, the score to dt."""
+  term = round_to(jnp.maximum(round_to(logits, dt), 0.0) * w, dt)
+  return round_to(jnp.sum(term, axis=0, keepdims=True), dt)
+
+
 def _block_scores(qparts, w, parts, dt, slots: int, heads: int):
   """qparts: per part [slots * heads (+ padding), lanes]; w [same, 1] f32; parts: per part [BK, lanes] ->
   per slot [1, BK] f32 (rounded as the reference): slot p sums heads [p * heads, (p + 1) * heads)."""
   logits = sum(jax.lax.dot_general(qp, kp, (((1,), (1,)), ((), ())), preferred_element_type=F32)
                for qp, kp in zip(qparts, parts))                                        # [slots*nI, BK]
-  logits = logits.astype(dt).astype(F32)
-  term = (jnp.maximum(logits, 0.0) * w).astype(dt).astype(F32)
-  return [jnp.sum(term[p * heads:(p + 1) * heads], axis=0, keepdims=True).astype(dt).astype(F32)
-          for p in range(slots)]
+  return [_head_sum(logits[p * heads:(p + 1) * heads], w[p * heads:(p + 1) * heads], dt) for p in range(slots)]
 
 
 def _tpu_kernel(lead_ref, *refs, codec, n_parts: int, queries: int, slots: int, heads: int, dt):
@@ -146,6 +153,121 @@ def _scores_gpu(qparts, w, pool, base, n, N, words, codec, block_keys, slots, dt
   return out.reshape(B, S * slots, -1)[..., :n]
 
 
+# ---- keys stored as tiles (kv_format.Tiles): 128 keys across the lanes, one matmul each -------------------
+
+def _tiles_tpu_kernel(lead_ref, q_ref, w_ref, k_ref, o_ref, *, codec, tiles: Tiles, blocks: int, queries: int,
+                      dt):
+  """q_ref [queries, nI, K] (planar order), w_ref [queries, nI, 1], k_ref [blocks * block_lines, 128] words,
+  o_ref [queries, blocks * 1024] scores in key order."""
+  nb, L = tiles.body, tiles.block_lines
+  for t in range(blocks):
+    tail = k_ref[pl.ds(t * L + GROUPS * nb, GROUPS * tiles.tail), :] if tiles.tail else None
+    for c in range(GROUPS):
+      tl = None if tail is None else tail[c * tiles.tail:(c + 1) * tiles.tail]
+      v = rowcodec.decode_tile(k_ref[pl.ds(t * L + c * nb, nb), :], tl, codec, dt).astype(q_ref.dtype)
+      for i in range(queries):
+        logits = jax.lax.dot_general(q_ref[i], v, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+        o_ref[pl.ds(i, 1), pl.ds((t * GROUPS + c) * LANES, LANES)] = _head_sum(logits, w_ref[i], dt).astype(
+            o_ref.dtype)
+
+
+def _tiles_tpu(qp, w, pool3, lead, n, codec, tiles: Tiles, block_keys, block_queries, dt, interpret):
+  """qp [B, S, nI, K] planar, w [B, S, nI] -> [B, S, n] (keys in order)."""
+  from jax.experimental.pallas import tpu as pltpu
+  B, S, nI, K = qp.shape
+  L = tiles.block_lines
+  n_blocks = pool3.shape[1] // L
+  kb = math.gcd(max(1, block_keys // tiles.pack), n_blocks)          # tile blocks a program: divides the store
+  n_kb = -(-(-(-n // tiles.pack)) // kb)
+  sb = max(1, min(block_queries, S))
+  n_sb = -(-S // sb)
+  kernel = functools.partial(_tiles_tpu_kernel, codec=codec, tiles=tiles, blocks=kb, queries=sb, dt=dt)
+  w = w[..., None].astype(F32)                                                           # [B, S, nI, 1]
+  pool3 = in_hbm(pool3, interpret)
+  out_shape = jax.ShapeDtypeStruct((B, n_sb * sb, n_kb * kb * tiles.pack), dt)
+  keys = B * n_sb * n_kb * kb * tiles.pack                       # (query block, key) pairs: keys once a block
+  ce = cost.estimate(flops=2 * keys * sb * nI * K, read=cost.nbytes(qp, w) + keys // tiles.pack * L * LANES * 4,
+                     written=cost.nbytes(out_shape))
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(B, n_sb, n_kb),
+          in_specs=[pl.BlockSpec((None, sb, nI, K), lambda b, s, k, lead: (b, s, 0, 0)),
+                    pl.BlockSpec((None, sb, nI, 1), lambda b, s, k, lead: (b, s, 0, 0)),
+                    pl.BlockSpec((None, kb * L, LANES), lambda b, s, k, lead: (lead[b], k, 0))],
+          out_specs=pl.BlockSpec((None, sb, kb * tiles.pack), lambda b, s, k, lead: (b, s, k))),
+      out_shape=out_shape,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+      interpret=interpret, cost_estimate=ce,
+  )(lead, qp, w, pool3)[:, :S, :n]
+
+
+def _tiles_gpu_kernel(base_ref, q_ref, w_ref, pool, o_ref, *, codec, tiles: Tiles, rows: int, seq: int, dt):
+  """One query and one group of 128 keys a program: q_ref [P, hp, rows] (part p's query dims, zero padded),
+  w_ref [hp, 1], o_ref [128]."""
+  from jax.experimental.pallas import triton as pltriton
+  i, g = pl.program_id(0), pl.program_id(1)
+  line0 = base_ref[i // seq] + (g // GROUPS) * tiles.block_lines
+  c = g % GROUPS
+  r = jax.lax.broadcasted_iota(jnp.int32, (rows, LANES), 0)
+  lane = jax.lax.broadcasted_iota(jnp.int32, (rows, LANES), 1)
+  body = pltriton.load(pool.at[line0 + c * tiles.body + jnp.minimum(r, tiles.body - 1), lane],
+                       mask=r < tiles.body, other=0)                                   # [rows, 128]
+  tail = None
+  if tiles.tail:
+    tr = jax.lax.broadcasted_iota(jnp.int32, (1, LANES), 0)
+    tail = pltriton.load(pool.at[line0 + GROUPS * tiles.body + c * tiles.tail + tr,
+                                 jax.lax.broadcasted_iota(jnp.int32, (1, LANES), 1)])
+  v = rowcodec.decode_tile(body, tail, codec, dt)                                       # [P * rows, 128]
+  logits = sum(jax.lax.dot_general(q_ref[p], v[p * rows:(p + 1) * rows].astype(q_ref.dtype),
+                                   (((1,), (0,)), ((), ())), preferred_element_type=F32)
+               for p in range(len(codec.parts)))
+  o_ref[...] = _head_sum(logits, w_ref[...], dt)[0].astype(o_ref.dtype)
+
+
+def _tiles_gpu(qp, w, pool, base, n, codec, tiles: Tiles, dt, interpret):
+  """qp [B, S, nI, K] planar, w [B, S, nI] -> [B, S, n] (keys in order)."""
+  from jax.experimental.pallas import triton as pltriton
+  B, S, nI, K = qp.shape
+  P, nb = len(codec.parts), tiles.body
+  rows, hp = max(16, next_pow2(nb)), max(16, next_pow2(nI))     # Triton's dot: >= 16 rows, 2^k elements
+  q = qp.reshape(B * S, nI, P, nb).transpose(0, 2, 1, 3)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - nI), (0, rows - nb)))                         # [B*S, P, hp, rows]
+  w = jnp.pad(w.astype(F32), ((0, 0), (0, 0), (0, hp - nI))).reshape(B * S, hp, 1)
+  n_g = -(-n // LANES)
+  kernel = functools.partial(_tiles_gpu_kernel, codec=codec, tiles=tiles, rows=rows, seq=S, dt=dt)
+  out_shape = jax.ShapeDtypeStruct((B * S, n_g * LANES), dt)
+  ce = cost.estimate(flops=2 * B * S * n_g * LANES * hp * rows * P,
+                     read=n_g * cost.nbytes(q, w) + B * S * n_g * LANES * tiles.words * 4, written=cost.nbytes(out_shape))
+  out = pl.pallas_call(
+      kernel, grid=(B * S, n_g),
+      in_specs=[pl.BlockSpec((B,), lambda i, g: (0,)),
+                pl.BlockSpec((None, P, hp, rows), lambda i, g: (i, 0, 0, 0)),
+                pl.BlockSpec((None, hp, 1), lambda i, g: (i, 0, 0)), pl.BlockSpec(pool.shape, lambda i, g: (0, 0))],
+      out_specs=pl.BlockSpec((None, LANES), lambda i, g: (i, g)),
+      out_shape=out_shape, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret, cost_estimate=ce,
+  )(base, q.astype(qp.dtype), w, pool)
+  return out.reshape(B, S, -1)[..., :n]
+
+
+def _tile_scores(qI, w, keys: Rows, backend: str, interpret: bool, block_keys, block_queries) -> jnp.ndarray:
+  """Scores [B, S, n] of keys stored as tiles, in key order."""
+  (tiles,) = keys.geometry
+  codec = rowcodec.codec(keys.layout)
+  check(rowcodec.tile_parts_whole(codec, tiles.body),
+        f"indexer: {keys.layout.fmt} keys of {keys.layout.width} values do not decode as whole tiles")
+  order = rowcodec.planar_order(codec)
+  check(qI.shape[-1] == order.size, f"indexer: keys of width {order.size} for queries of {qI.shape[-1]}")
+  qp = jnp.take(qI, jnp.asarray(order), axis=-1)                       # the query in the tile's row order
+  (pool, base, _), = rowcodec.stored_planes(keys)[1]
+  if backend == "tpu":
+    N = keys.data.shape[-2]
+    return _tiles_tpu(qp, w, pool.reshape(-1, N, LANES), base // N, keys.rows, codec, tiles,
+                      block_keys or 2 * tiles.pack, block_queries, qI.dtype, interpret)
+  return _tiles_gpu(qp, w, pool, base, keys.rows, codec, tiles, qI.dtype, interpret)
+
+
 def index_scores(qI, w, keys: Rows, **kernel_options) -> jnp.ndarray:
   """Same arguments and result as `dsv4_jax.ops.index_scores_ref`: qI [B,S,nI,cI], w [B,S,nI] -> [B,S,n]
   scores of the first n = keys.rows keys, in qI.dtype. kernel_options: those of `slot_scores`."""
@@ -180,6 +302,8 @@ def slot_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: boo
   interpret = interpret_mode(backend, interpret)
   dt = qI.dtype
   B, S, nI, cI = qI.shape
+  if keys.layout is not None and isinstance(keys.geometry[0], Tiles):
+    return _tile_scores(qI, w, keys, backend, interpret, block_keys, block_queries)[:, :, None]
   if keys.layout is not None and keys.geometry[0].pack > 1 and S >= decode_from:
     keys = _decoded(keys, dt)
   pool, base, codec, N = rowcodec.stored_lines(keys)
@@ -254,17 +378,17 @@ def select_topk_by_slot(scores, n_visible, k: int, rows: int) -> jnp.ndarray:
 # ---- deviceless compile cases (pallas_kernels/aot.py) ------------------------------------------------------
 
 def _aot_case(B: int, S: int, fmt: str, context: int, nI: int = 64, cI: int = 128):
-  """Keys stored as the cache stores them: lane-dense (kv_format.lane_dense: fp4 7 keys a line, bf16 2)."""
-  from dsv4_jax.kv_format import Layout, lane_dense
+  """Keys stored as the cache stores them: tiles (kv_format.key_tiles: 1024 keys a block)."""
+  from dsv4_jax.kv_format import Layout, key_tiles
   lay = Layout(fmt, cI)
-  (plane,) = lane_dense(lay)
+  geo = key_tiles(lay)
   N = context // 4
   sds = jax.ShapeDtypeStruct
   args = (sds((B, S, nI, cI), jnp.bfloat16), sds((B, S, nI), jnp.bfloat16),
-          sds((2, B, -(-plane.lines(N) // 8) * 8, plane.line), jnp.uint32), sds((), jnp.int32))
+          sds((2, B, geo[0].lines(N), LANES), jnp.uint32), sds((), jnp.int32))
 
   def fn(qI, w, words, rep):
-    return index_scores(qI, w, Rows(words, lay, rep, N, planes=(plane,)), backend="tpu", interpret=False)
+    return index_scores(qI, w, Rows(words, lay, rep, N, planes=geo), backend="tpu", interpret=False)
   return fn, args
 
 

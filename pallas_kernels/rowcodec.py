@@ -17,6 +17,10 @@ since their bits may be any value of another field (a NaN bit pattern included).
 
 Scale bytes are pulled out of their word lane by a masked lane reduction (one per scale byte, at most 8),
 which every backend lowers; no unaligned lane slice or in-kernel gather is needed.
+
+Keys stored as tiles (kv_format.Tiles: a key's words down the rows of a tile, 128 keys across its lanes)
+decode the other way round (`decode_tile`): each part is its words' rows, [body, 128 keys], and the parts
+stacked give a key's values down the rows in the layout's planar order, ready for one matmul with the query.
 """
 from __future__ import annotations
 
@@ -304,3 +308,39 @@ def decode_parts(words: jnp.ndarray, c: Codec, dtype=F32) -> list[jnp.ndarray]:
     on = (rel >= p.lo) & (rel < p.lo + p.n)
     out.append(jnp.where(on if slot is None else on & (slot < c.slots), v, 0.0))
   return out
+
+
+# ---- tiles (kv_format.Tiles): keys across the lanes ------------------------------------------------------
+
+def tile_parts_whole(c: Codec, body: int) -> bool:
+  """Whether every part of the codec spans a tile group's body words (rows [0, body)): then a part is one
+  field of the body and a tile decodes with no sublane slice (fp4: 8 nibbles of 16 words; bf16: 2 halves)."""
+  return all(p.lo == 0 and p.n == body for p in c.parts) and (not c.n_scales or c.scale_word >= body)
+
+
+def planar_order(c: Codec) -> np.ndarray:
+  """The element each row of `decode_tile`'s result holds: the parts' elements, part after part."""
+  return np.concatenate([p.elem0 + p.stride * np.arange(p.n) for p in c.parts])
+
+
+def decode_tile(body: jnp.ndarray, tail, c: Codec, dtype=F32) -> jnp.ndarray:
+  """One group of 128 keys stored as tiles: its body words uint32 [rows >= body, 128] (rows past the body
+  are zero, or ignored: they only meet zeros of the query) and its tail words [tail, 128] (scales; None
+  without) -> fp32 [P * rows, 128]: part p's values at rows [p * rows, (p + 1) * rows), element
+  `planar_order(c)` of each key, rounded to `dtype` (`tile_parts_whole` must hold)."""
+  scale = None
+  if c.n_scales:
+    t0 = c.scale_word - c.parts[0].n                                 # the first scale word's row in the tail
+    s = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, body.shape, 0), c.scale_lanes)   # scale of each row
+    word = tail[t0: t0 + 1]                                                            # [1, 128]
+    for k in range(1, -(-c.n_scales // 4)):
+      word = jnp.where(jax.lax.div(s, 4) == k, tail[t0 + k: t0 + k + 1], word)
+    byte = (word >> (8 * jax.lax.rem(s, 4)).astype(jnp.uint32)) & 255
+    scale = _f32_bits(byte << 23)                                                      # 2^(e - 127)
+  out = []
+  for p in c.parts:
+    v = _field(body, p)
+    if p.scaled:
+      v = v * scale
+    out.append(v.astype(dtype).astype(F32) if jnp.dtype(dtype) != jnp.dtype(F32) else v)
+  return out[0] if len(out) == 1 else jnp.concatenate(out, 0)

@@ -89,3 +89,25 @@ def test_indexer_declares_the_live_keys():
   assert cap == base
   scores = 7 * 128 * 4 * 2                              # 4 more blocks' bf16 scores, 7 slots a line
   assert more[0] - base[0] == 4 * 128 * plane.line * 4 + scores
+
+
+def _tiled_indexer(capacity: int, keys: int):
+  lay = kv_format.Layout("fp4", 128)
+  geo = kv_format.key_tiles(lay)
+  store = jax.eval_shape(lambda: kv_format.empty((2, 1), capacity, lay, geo))
+
+  def fn(qI, w, words):
+    return indexer.index_scores(qI, w, Rows(words, lay, jnp.int32(0), keys, planes=geo), backend="tpu",
+                                interpret=False)
+  return declared(fn, sds((1, 1, 16, 128), jnp.bfloat16), sds((1, 1, 16), jnp.bfloat16), store.words)
+
+
+def test_tiled_indexer_declares_the_live_keys_and_the_maths_flops():
+  """Keys as the cache stores them (kv_format.Tiles: 128 keys across the lanes): the declared bytes follow
+  the live keys (68 B each: 17 words, no padding) and the FLOPs are the math's (no virtual heads)."""
+  (base,) = _tiled_indexer(65536, 4096)
+  (cap,) = _tiled_indexer(262144, 4096)
+  (more,) = _tiled_indexer(65536, 8192)
+  assert cap == base
+  assert more[0] - base[0] == 4096 * 68 + 4096 * 2                  # the keys' words and their bf16 scores
+  assert more[1] - base[1] == 2 * 4096 * 16 * 128                   # 16 heads x 128 dims a key, no more

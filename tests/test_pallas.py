@@ -132,6 +132,7 @@ def test_indexer_equals_reference(dtype, nI, cI, formats):
     lay = Layout(fmt, cI)
     words = jnp.stack([lay.encode(keys * 3), lay.encode(keys)])
     cases.append(ops.Rows(words, lay, jnp.int32(1), n_keys))
+    as_rows = cases[-1]
     P = kv_format.lane_pack(lay)
     if P > 1:
       packed = ops.Rows(kv_format.pack_lines(words, P), lay, jnp.int32(1), n_keys, P)
@@ -144,12 +145,19 @@ def test_indexer_equals_reference(dtype, nI, cI, formats):
       # dot rounds by shape)
       _close(ops.index_scores_ref(qI, w, dense), ops.index_scores_ref(qI, w, cases[-1]), dtype)
       cases.append(dense)
+    if kv_format.key_tiles(lay):      # the cache's geometry: tiles of 128 keys across the lanes, 1024 a block
+      tiles = ops.Rows.of(kv_format.from_rows(words, lay, kv_format.key_tiles(lay)), jnp.int32(1), n_keys)
+      assert tiles.capacity == 1024 and tiles.data.shape[-2:] == (8 * lay.words, 128)
+      np.testing.assert_array_equal(ops.index_scores_ref(qI, w, tiles), ops.index_scores_ref(qI, w, as_rows))
+      cases.append(tiles)
   assert any(r.pack > 1 for r in cases) == any(f in ("float32", "bfloat16") for f in formats)
+  assert any(isinstance(r.geometry[0], kv_format.Tiles) for r in cases if r.layout is not None)
   for rows in cases:
     ref_scores = ops.index_scores_ref(qI, w, rows)
     ref = ops.indexer_topk_ref(qI, w, rows, vis, 8)
     # a store of several keys a line: scored line by line (virtual heads, S < decode_from) or decoded once
-    slots = rows.geometry[0].pack if rows.layout is not None else 1
+    tiled = rows.layout is not None and isinstance(rows.geometry[0], kv_format.Tiles)
+    slots = rows.geometry[0].pack if rows.layout is not None and not tiled else 1
     for backend in BACKENDS:
       for decode_from in (ix.DECODE_FROM, 1) if slots > 1 else (ix.DECODE_FROM,):
         kw = dict(backend=backend, block_keys=16, decode_from=decode_from)
