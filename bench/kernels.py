@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv4_jax import ops
+from dsv4_jax import kv_format, ops
 from dsv4_jax.kv_format import Layout
 from pallas_kernels import indexer as ix
 from pallas_kernels import sparse_attention as sa
@@ -100,14 +100,15 @@ def indexer_case(B: int, S: int, L: int):
   N = L // 4
   qI = jax.random.normal(ks[0], (B, S, NI, CI), jnp.bfloat16)
   w = jax.random.normal(ks[1], (B, S, NI), jnp.bfloat16)
-  words = KEYS.encode(jax.random.normal(ks[2], (1, B, N, CI)))
+  words = kv_format.from_rows(KEYS.encode(jax.random.normal(ks[2], (1, B, N, CI))), KEYS,
+                              kv_format.key_tiles(KEYS)).words           # as the cache stores them: tiles
   nbytes = B * (N * KEYS.nbytes + S * (NI * CI * 2 + NI * 2 + N * 2))
   return (qI, w, words), nbytes, B * S * 2 * NI * CI * N
 
 
-def indexer_fn(impl):
+def indexer_fn(impl, N: int):
   def f(qI, w, words):
-    keys = ops.Rows(words, KEYS, jnp.int32(0))
+    keys = ops.Rows(words, KEYS, jnp.int32(0), N, planes=kv_format.key_tiles(KEYS))
     return (ops.index_scores_ref if impl == "xla" else ix.index_scores)(qI, w, keys)
   return jax.jit(f)
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
         fx = attention_fn("xla", source)
       else:
         inputs, nbytes, flops = indexer_case(B, S, L)
-        fk, fx = indexer_fn("pallas"), indexer_fn("xla")
+        fk, fx = indexer_fn("pallas", L // 4), indexer_fn("xla", L // 4)
       out_k, out_x = fk(*inputs), fx(*inputs)
       err = float(jnp.max(jnp.abs(out_k.astype(jnp.float32) - out_x.astype(jnp.float32))) /
                   jnp.maximum(jnp.max(jnp.abs(out_x.astype(jnp.float32))), 1e-30))

@@ -175,6 +175,23 @@ class Layout:
                             for k in range(8)], -1)
 
 
+  def decode_tiles(self, words: jnp.ndarray, dtype) -> jnp.ndarray:
+    """uint32 words [..., words, n] (rows across the last axis, their words down axis -2: `Tiles`) -> values
+    [..., width, n] in `dtype`, dims in the planar order of `decode_planar` down axis -2, bit for bit its
+    values: every array keeps the n rows minor (no [..., words]-minor array for XLA:TPU to pad to 128 lanes).
+    fp4 and bf16 rows (the formats `key_tiles` stores)."""
+    if self.fmt == "bfloat16":
+      return jnp.concatenate(_bf16_slots(words), -2).astype(dtype)
+    if self.fmt != "fp4":
+      raise ValueError(f"rows of format {self.fmt!r} are not stored as tiles (kv_format.key_tiles)")
+    nw = self.width // 8
+    j = np.arange(nw) // 4                                       # code word w's scale: byte w // 4
+    sw = jnp.take(words, jnp.asarray(nw + j // 4), axis=-2) if self.words > nw + 1 else words[..., nw:nw + 1, :]
+    s = _from_exponent_byte((sw >> jnp.asarray(8 * (j % 4), jnp.uint32)[:, None]) & jnp.uint32(255))
+    return jnp.concatenate([(quant.e2m1_to_f32(_slot(words[..., :nw, :], k, 4)) * s).astype(dtype)
+                            for k in range(8)], -2)
+
+
 def _slot(words: jnp.ndarray, k: int, bits: int) -> jnp.ndarray:
   """The k-th `bits`-bit field of each word (little-endian: k = 0 is the low bits) as uint32."""
   return (words >> (k * bits)) & jnp.uint32((1 << bits) - 1)
@@ -341,14 +358,20 @@ class Tiles:
     within = jnp.where(i < self.body, c * self.body + i, GROUPS * self.body + c * self.tail + (i - self.body))
     return (rows // self.pack)[..., None] * self.block_lines + within
 
-  def unpack(self, lines: jnp.ndarray) -> jnp.ndarray:
-    """Whole blocks of lines uint32 [..., L, 128] -> rows [..., L / block_lines * 1024, words]."""
+  def groups(self, lines: jnp.ndarray) -> jnp.ndarray:
+    """Whole blocks of lines uint32 [..., L, 128] -> each group's words [..., L / block_lines * 8, words, 128]
+    (group g holds rows [128 g, 128 (g + 1)), one a lane)."""
     *lead, L, _ = lines.shape
-    x = lines.reshape(*lead, L // self.block_lines, self.block_lines, LANES)
     nb = L // self.block_lines
+    x = lines.reshape(*lead, nb, self.block_lines, LANES)
     x = jnp.concatenate([x[..., : GROUPS * self.body, :].reshape(*lead, nb, GROUPS, self.body, LANES),
                          x[..., GROUPS * self.body:, :].reshape(*lead, nb, GROUPS, self.tail, LANES)], -2)
-    return jnp.swapaxes(x, -1, -2).reshape(*lead, -1, self.words)
+    return x.reshape(*lead, nb * GROUPS, self.words, LANES)
+
+  def unpack(self, lines: jnp.ndarray) -> jnp.ndarray:
+    """Whole blocks of lines uint32 [..., L, 128] -> rows [..., L / block_lines * 1024, words]."""
+    x = self.groups(lines)
+    return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-3], -1, self.words)
 
   def pack_rows(self, rows: jnp.ndarray) -> jnp.ndarray:
     """Rows' words uint32 [..., N, words] (N whole blocks) -> lines [..., lines(N), 128]: `unpack` inverted."""

@@ -163,6 +163,20 @@ class Rows:
       parts.append(p.unpack(x))
     return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype, order)
 
+  @property
+  def tiled(self) -> bool:
+    """Rows stored as tiles (kv_format.Tiles: indexer keys, 128 across the lanes)."""
+    return self.layout is not None and isinstance(self.geometry[0], kv_format.Tiles)
+
+  def tile_block(self, start, size: int, dtype) -> jnp.ndarray:
+    """Tiled rows [start, start + size) (whole blocks of 1024) -> [B, size / 128, K, 128] in dtype: row
+    128 g + i of the block at [:, g, :, i], its dims in the layout's planar order (Layout.decode_tiles)."""
+    (t,) = self.geometry
+    x = jax.lax.dynamic_slice_in_dim(self.data, t.lines(start), t.lines(size), axis=-2)
+    if self.rep is not None:
+      x = jax.lax.dynamic_index_in_dim(x, self.rep, 0, keepdims=False)
+    return self.layout.decode_tiles(t.groups(x), dtype)
+
   def all(self, dtype, order: Layout | None = None) -> jnp.ndarray:
     """The first n rows: [B, n, K]."""
     if self.layout is None:
@@ -204,8 +218,13 @@ def _key_block_scores(qI: jnp.ndarray, w: jnp.ndarray, keys: Rows):
     qI = order.to_planar(qI)                                   # the keys' planar dim order (Rows)
 
   def score_block(start):
-    k = keys.block(start, blk, dt, order)                                              # [B,blk,cI]
-    logits = round_to(jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32), dt)
+    if keys.tiled:                                     # [B, blk/128, cI, 128]: no [.., words]-minor array
+      k = keys.tile_block(start, blk, dt)
+      logits = jnp.einsum("bshd,bgdk->bshgk", qI, k, preferred_element_type=F32).reshape(*qI.shape[:3], blk)
+    else:
+      k = keys.block(start, blk, dt, order)                                            # [B,blk,cI]
+      logits = jnp.einsum("bshd,bcd->bshc", qI, k, preferred_element_type=F32)
+    logits = round_to(logits, dt)
     term = round_to(jax.nn.relu(logits) * w.astype(F32)[..., None], dt)
     return round_to(jnp.sum(term, axis=2), dt).astype(dt)                                    # [B,S,blk]
   return score_block, blk, -(-n // blk)

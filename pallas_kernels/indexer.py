@@ -6,10 +6,17 @@ and compressed key j,
     score[b, s, j] = sum_h w[b, s, h] * relu(qI[b, s, h] . K[b, j]),
 
 with the reference's roundings: the logits are rounded to the compute dtype before relu, each weighted
-term is rounded to it, the head sum is fp32 and the score is rounded to the compute dtype again. Keys are
-read as stored (fp4 e2m1 codes with e8m0 scales for the paper format, or bf16/fp32 words) and decoded in
-the kernel (`rowcodec`); a program scores one block of `block_keys` keys for a block of queries, so
+term is rounded to it, the head sum is fp32 and the score is rounded to the compute dtype again (by integer
+ops, `quant.round_to`, in the reference and here alike: XLA drops an astype round trip in some programs).
+Keys are read as stored (fp4 e2m1 codes with e8m0 scales for the paper format, or bf16/fp32 words) and
+decoded in the kernel (`rowcodec`); a program scores one block of keys for a block of queries, so
 `[queries, heads, keys]` never exists: only `[queries, keys]` scores go to HBM.
+
+The cache stores keys as tiles (kv_format.Tiles, the default geometry): a key's words run down the lines,
+128 keys across the lanes. A group of 128 keys decodes, part by part (an fp4 word's 8 nibbles, a bf16
+word's 2 halves: `rowcodec.decode_tile`), into [cI, 128] values in the layout's planar dim order, and one
+[heads, cI] x [cI, 128] matmul with the query in that order scores them: the math's FLOPs, keys read once
+per query block, scores written in key order.
 
 Top-k runs in XLA on those scores (`lax.top_k`, exact, lower id first among ties: slot by slot,
 `select_topk_by_slot`, or past `ops.TOPK_WHOLE` scores `ops.select_topk` block by block).
@@ -18,8 +25,8 @@ none in Pallas). `lax.approx_max_k(recall_target=1.0)` is what tpu-inference use
 is not specified and it is an exact brute-force fallback on GPU, so the model keeps `lax.top_k`: every path
 (forward, cached step, xla, pallas) then selects the same entries.
 
-A lane-dense store (P keys per line of 128 words, dsv4_jax/kv_format.py: bf16 keys of 128 values pack 2,
-fp4 keys of 17 words 7, the rest of the line padding) is read as its lines: a line decodes as one row of
+A store of P keys a line of 128 words (kv_format.lane_dense: bf16 keys of 128 values pack 2, fp4 keys of 17
+words 7, the rest of the line padding; not the cache's default) is read as its lines: a line decodes as one row of
 P * cI values (`rowcodec.line_codec`), scored against P *virtual heads* per real
 head, head h of slot p being qI[h] placed at values [p * cI, (p + 1) * cI) of the line (zeros elsewhere), so
 slot p's score sums only its own heads; the kernel writes one score row per (query, slot). `indexer_topk`
@@ -32,7 +39,10 @@ Backends:
   tpu  Mosaic. Grid (B, query blocks, key blocks); keys come through an ordinary pipelined BlockSpec on the
        store viewed as [layers * B, N, words] (a free reshape), the block's first axis picked by a
        scalar-prefetched index (the layer `rep` of a stacked group), so Pallas double-buffers the reads.
-  gpu  Triton. Grid (B * S, key blocks); one pointer-tensor load per key block.
+       Tiles: key blocks of 2048 keys (272 lines for fp4).
+  gpu  Triton. Grid (B * S, key blocks); one pointer-tensor load per key block. Tiles: grid (B * S, groups
+       of 128 keys); a group's words loaded as [rows, 128] (zero padded to Triton's 16-row dot) and scored
+       by one dot per part.
 """
 from __future__ import annotations
 

@@ -282,6 +282,40 @@ def test_lane_dense_planes_read_and_write_like_whole_rows():
       np.testing.assert_array_equal(a.block(start, blk, jnp.float32), b.block(start, blk, jnp.float32))
 
 
+def test_key_tiles_read_and_write_like_whole_rows():
+  """Indexer keys as the cache stores them (kv_format.key_tiles: fp4 keys 16 + 1 words, 8 + 1 at width 64,
+  bf16 64 words; 128 keys across the lanes, 1024 a block, 68 B an fp4 key of 128 values): rows written
+  anywhere (out of range dropped) in a stacked group's layer read back, block by block and keys-minor
+  (`Rows.tile_block`, `Layout.decode_tiles`), exactly as whole rows; f32 keys and widths whose body is not
+  whole tiles get none."""
+  from dsv4_jax import kv_format
+  from dsv4_jax.cache import LayerCache
+  want = {Layout("fp4", 128): (17, 16, 136), Layout("fp4", 64): (9, 8, 72), Layout("bfloat16", 128): (64, 64, 512)}
+  assert kv_format.key_tiles(Layout("float32", 128)) is None and kv_format.key_tiles(Layout("fp4", 32)) is None
+  assert kv_format.row_bytes(Layout("fp4", 128), kv_format.key_tiles(Layout("fp4", 128))) == 68
+  rows = jnp.array([[0, 127, 128, 1500, -1], [3, 1023, 2**31 - 1, 1024, 2047]])
+  rep = jnp.int32(1)
+  for lay, (words, body, lines) in want.items():
+    (t,) = geo = kv_format.key_tiles(lay)
+    assert (t.words, t.body, t.block_lines) == (words, body, lines)
+    vals = jax.random.normal(jax.random.key(1), (2, 5, lay.width)) * 3
+    tiled = LayerCache({"s": kv_format.empty((2, 2), 2000, lay, geo)}, rep, 2048).write("s", rows, vals).tree["s"]
+    whole = LayerCache({"s": kv_format.empty((2, 2), 2048, lay)}, rep, 2048).write("s", rows, vals).tree["s"]
+    assert tiled.words.shape == (2, 2, 2 * lines, 128) and tiled.n_rows == 2048
+    got, ref = tiled.decode(jnp.float32), whole.decode(jnp.float32)
+    np.testing.assert_array_equal(got, ref)
+    assert np.asarray(ref[1]).any() and not np.asarray(got[0]).any()
+    a, b = ops.Rows.of(tiled, rep, 2000), ops.Rows.of(whole, rep, 2000)
+    np.testing.assert_array_equal(a.all(jnp.float32), b.all(jnp.float32))
+    for start in (0, 1024):
+      np.testing.assert_array_equal(a.block(start, 1024, jnp.float32), b.block(start, 1024, jnp.float32))
+      minor = a.tile_block(start, 1024, jnp.float32)                          # [B, 8, K planar, 128]
+      np.testing.assert_array_equal(jnp.swapaxes(minor, -1, -2).reshape(2, 1024, lay.width),
+                                    b.block(start, 1024, jnp.float32, lay))
+    with pytest.raises(ValueError, match="not gathered"):
+      a.gather(jnp.zeros((2, 1, 1), jnp.int32), jnp.float32)
+
+
 def test_planar_decode_is_the_stored_values_slot_by_slot():
   """`Layout.decode_planar` (what the ops read) gives the values of each format, read here from the words'
   bytes with NumPy, in the planar order (`to_planar`: slot 0 of every word, then slot 1, ...), bit for bit;
