@@ -50,8 +50,9 @@ On a TPU, an array whose minor dimension is narrower than the 128 lanes gets a d
 scanned layer group carries its stacked stores through the while loop in the row-major layout: each step then
 relayouts such stores whole, in and out of the loop (as it also did a 128-word-wide store of 4682 lines, not
 whole (8, 128) tiles). The cache is therefore lane-dense (dsv4_jax/kv_format.py: every store 128 words wide,
-whole tiles). The TPU table counts whole-store copies (`store copies`) from the compiled HLO; `--lane_dense=0`
-compiles the whole-row cache (the paper's 146- and 17-word rows) to show them.
+whole tiles; indexer keys are tiles, 128 keys across the lanes: kv_format.key_tiles). The TPU table counts
+whole-store copies (`store copies`) from the compiled HLO; `--lane_dense=0` compiles whole-row main entries
+(the paper's 146-word rows) to show them.
 
 The model scans its repeated layer group by default (compile time flat in depth). XLA:CPU copies each scanned
 layer's weights out of the stacked parameters on every step (a constant, one period's weights, ~13 MB here),
@@ -215,7 +216,7 @@ def main():
     target = f"one chip of {args.topology} ({device.device_kind}), deviceless libtpu compile, attn_impl {args.attn_impl}"
   elif args.attn_impl != "xla":
     ap.error("--attn_impl=pallas_tpu needs --topology")
-  geometry = "lane-dense" if args.lane_dense else "whole rows"
+  geometry = ("lane-dense" if args.lane_dense else "whole-row") + " entries, indexer keys as tiles"
   print(f"one decode step, batch 1, Flash-shaped attention stack (D=256, 8 heads x 512, window 128, top-k 512, "
         f"layers SWA/CSA/HCA/CSA/HCA/SWA), {args.dtype} compute, {args.cache_dtype} cache ({geometry}); {target}, "
         f"jax {jax.__version__}")
