@@ -223,14 +223,11 @@ def _write_plane(lines: jnp.ndarray, plane: kv_format.Plane, rep, rows: jnp.ndar
   line, (line, word) = (row // P, (row % P) * w); tiles (kv_format.Tiles): each word to its line, at the
   row's lane."""
   B, M, w = enc.shape
-  if isinstance(plane, kv_format.Tiles):       # a row's body words are consecutive lines at its lane, so are
-    n = plane.rows_in(lines.shape[-2])         # its tail's: one scatter each, its window those lines
+  if isinstance(plane, kv_format.Tiles):               # each word at its own line, the row's lane: a scatter
+    n = plane.rows_in(lines.shape[-2])                 # of M * words single words
     rows = jnp.where(rows < n, rows, n)
-    first = plane.line_of(rows)                                                         # [B, M, words]
-    for lo, hi in ((0, plane.body), (plane.body, plane.words)):
-      if hi > lo:
-        lines = _scatter_lines(lines, rep, first[..., lo], rows % kv_format.LANES, enc[..., lo:hi])
-    return lines
+    idx = (jnp.arange(B)[:, None, None], plane.line_of(rows), (rows % kv_format.LANES)[..., None])
+    return lines.at[idx if rep is None else (rep,) + idx].set(enc, mode="drop")
   if plane.pack == 1 and plane.line == w:
     b = jnp.arange(B)[:, None]
     return lines.at[(b, rows) if rep is None else (rep, b, rows)].set(enc, mode="drop")
@@ -243,21 +240,6 @@ def _write_plane(lines: jnp.ndarray, plane: kv_format.Plane, rep, rows: jnp.ndar
   dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=lead,
                                        scatter_dims_to_operand_dims=lead + (len(lead),))
   return jax.lax.scatter(lines, idx, enc.reshape(B * M, w), dn, indices_are_sorted=False,
-                         unique_indices=False, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
-
-
-def _scatter_lines(lines: jnp.ndarray, rep, line: jnp.ndarray, lane: jnp.ndarray, words: jnp.ndarray):
-  """words [B, M, w] into lines [(R,) B, L, 128] at lines [line, line + w) of lane `lane` ([B, M] each):
-  one scatter whose window runs down the lines (a window past the store: dropped)."""
-  B, M, w = words.shape
-  idx = [jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, M)), line, lane]
-  if rep is not None:
-    idx = [jnp.broadcast_to(jnp.asarray(rep, jnp.int32), (B, M))] + idx
-  idx = jnp.stack([i.astype(jnp.int32) for i in idx], -1).reshape(B * M, len(idx))
-  d = len(idx[0])
-  dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=tuple(i for i in range(d)
-                                       if i != d - 2), scatter_dims_to_operand_dims=tuple(range(d)))
-  return jax.lax.scatter(lines, idx, words.reshape(B * M, w), dn, indices_are_sorted=False,
                          unique_indices=False, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
