@@ -188,7 +188,8 @@ def _tiles_tpu(qp, w, pool3, lead, n, codec, tiles: Tiles, block_keys, block_que
   L = tiles.block_lines
   n_blocks = pool3.shape[1] // L
   kb = math.gcd(max(1, block_keys // tiles.pack), n_blocks)          # tile blocks a program: divides the store
-  n_kb = -(-(-(-n // tiles.pack)) // kb)
+  live_blocks = -(-n // tiles.pack)
+  n_kb = -(-live_blocks // kb)
   sb = max(1, min(block_queries, S))
   n_sb = -(-S // sb)
   kernel = functools.partial(_tiles_tpu_kernel, codec=codec, tiles=tiles, blocks=kb, queries=sb, dt=dt)
