@@ -223,9 +223,7 @@ def _write_plane(lines: jnp.ndarray, plane: kv_format.Plane, rep, rows: jnp.ndar
   line, (line, word) = (row // P, (row % P) * w); tiles (kv_format.Tiles): each word to its line, at the
   row's lane."""
   B, M, w = enc.shape
-  if isinstance(plane, kv_format.Tiles):               # each word at its own line, the row's lane: a scatter
-    n = plane.rows_in(lines.shape[-2])                 # of M * words single words
-    rows = jnp.where(rows < n, rows, n)
+  if isinstance(plane, kv_format.Tiles):   # each word at its own line, the row's lane: a scatter of M * words
     idx = (jnp.arange(B)[:, None, None], plane.line_of(rows), (rows % kv_format.LANES)[..., None])
     return lines.at[idx if rep is None else (rep,) + idx].set(enc, mode="drop")
   if plane.pack == 1 and plane.line == w:

@@ -174,7 +174,6 @@ class Layout:
     return jnp.concatenate([(quant.e2m1_to_f32(_slot(words[..., :nw], k, 4)) * s).astype(dtype)
                             for k in range(8)], -1)
 
-
   def decode_tiles(self, words: jnp.ndarray, dtype) -> jnp.ndarray:
     """uint32 words [..., words, n] (rows across the last axis, their words down axis -2: `Tiles`) -> values
     [..., width, n] in `dtype`, dims in the planar order of `decode_planar` down axis -2, bit for bit its

@@ -139,7 +139,7 @@ class Rows:
     i = jnp.clip(idx, 0, self.capacity - 1)
     if self.layout is None:
       return self._decode(self.data[jnp.arange(idx.shape[0])[:, None, None], i], dtype, order)
-    if isinstance(self.geometry[0], kv_format.Tiles):
+    if self.tiled:
       raise ValueError("rows stored in tiles (kv_format.Tiles: indexer keys) are read in blocks, not gathered")
     parts = [_gather_words(a, self.rep, i // p.pack, (i % p.pack) * p.words, p.words)
              for a, p in zip(self.arrays, self.geometry)]

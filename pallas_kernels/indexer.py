@@ -313,7 +313,7 @@ def slot_scores(qI, w, keys: Rows, *, backend: str | None = None, interpret: boo
   interpret = interpret_mode(backend, interpret)
   dt = qI.dtype
   B, S, nI, cI = qI.shape
-  if keys.layout is not None and isinstance(keys.geometry[0], Tiles):
+  if keys.tiled:
     return _tile_scores(qI, w, keys, backend, interpret, block_keys, block_queries)[:, :, None]
   if keys.layout is not None and keys.geometry[0].pack > 1 and S >= decode_from:
     keys = _decoded(keys, dt)

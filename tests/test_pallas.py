@@ -152,13 +152,12 @@ def test_indexer_equals_reference(dtype, nI, cI, formats):
       _close(ops.index_scores_ref(qI, w, tiles), ops.index_scores_ref(qI, w, as_rows), dtype)
       cases.append(tiles)
   assert any(r.pack > 1 for r in cases) == any(f in ("float32", "bfloat16") for f in formats)
-  assert any(isinstance(r.geometry[0], kv_format.Tiles) for r in cases if r.layout is not None)
+  assert any(r.tiled for r in cases)
   for rows in cases:
     ref_scores = ops.index_scores_ref(qI, w, rows)
     ref = ops.indexer_topk_ref(qI, w, rows, vis, 8)
     # a store of several keys a line: scored line by line (virtual heads, S < decode_from) or decoded once
-    tiled = rows.layout is not None and isinstance(rows.geometry[0], kv_format.Tiles)
-    slots = rows.geometry[0].pack if rows.layout is not None and not tiled else 1
+    slots = rows.geometry[0].pack if rows.layout is not None and not rows.tiled else 1
     for backend in BACKENDS:
       for decode_from in (ix.DECODE_FROM, 1) if slots > 1 else (ix.DECODE_FROM,):
         kw = dict(backend=backend, block_keys=16, decode_from=decode_from)
