@@ -209,10 +209,12 @@ def test_rowcodec_parts_rebuild_every_format():
     np.testing.assert_allclose(dot, q @ lay.decode(words, jnp.float32).T, rtol=1e-5, atol=1e-4)
 
 
-def test_query_split_is_the_element_map():
+def test_query_split_and_merge_are_the_element_map():
   """`rowcodec.split_query` (strided slices and zero padding) puts exactly the element `element_map` names in
-  each part's lane, zeros elsewhere: every format's row codec, its lane-dense planes (tiled when packed) and
-  fp4's line codec (7 or 14 keys a line), at the stored width and the padded widths the kernels use."""
+  each part's lane, zeros elsewhere, and `merge_parts` (slices, interleaves) takes each element back from the
+  lanes that hold it, summed in lane order: every format's row codec, its lane-dense planes (tiled when
+  packed) and fp4's line codec (7 or 14 keys a line), at the stored width and the padded widths the kernels
+  use."""
   rng = np.random.default_rng(0)
   codecs = []
   for lay in (Layout("float32", 64), Layout("bfloat16", 512), Layout("bfloat16", 64), Layout("fp8", 512, 64),
@@ -228,6 +230,11 @@ def test_query_split_is_the_element_map():
       q = rng.standard_normal((2, 3, c.width)).astype(np.float32)
       np.testing.assert_array_equal(rowcodec.split_query(jnp.asarray(q), c, lanes),
                                     np.where(m >= 0, q[..., np.maximum(m, 0)], 0.0))
+      o = rng.standard_normal((2, 3) + m.shape).astype(np.float32)
+      want = np.zeros((2, 3, c.width), np.float32)
+      for i, j in zip(*np.nonzero(m >= 0)):
+        want[..., m[i, j]] += o[..., i, j]
+      np.testing.assert_array_equal(rowcodec.merge_parts(jnp.asarray(o), c, lanes), want)
       checked += 1
   assert checked >= 20
 
