@@ -24,12 +24,15 @@ Targets: temp <= 10% of the cache; accessed within 2x of ideal.
   op cancels.
 
 What the cost models count besides HBM traffic:
-- XLA:TPU counts every memory space. A weight that fits on chip is staged into it (`copy-start` into memory
-  space 1) and counted on the way in and again when read: the script first compiles one matmul,
-  `x[M, 4096] @ W[4096, 4096]` bf16, at M = 1 and 8, and prints the factor (5x at M = 8; at M = 1 it lowers to
-  a multiply-reduce and counts 1x). At this toy width every weight fits, so the step's weights (38 MB) count
-  about 5x at any live length. An indexer key block decoded into on-chip memory counts when the store is
-  read, when the decoded block is written and when it is read again.
+- XLA:TPU counts every memory space. Memory-space assignment stages whatever fits on chip (`copy-start` into
+  memory space 1: VMEM) and the copy counts on the way in and again when read: the script first compiles one
+  matmul, `x[M, 4096] @ W[4096, 4096]` bf16, at M = 1 and 8, and prints the factor (5x at M = 8; at M = 1 it
+  lowers to a multiply-reduce and counts 1x). At this toy width every weight fits, so the step's weights count
+  several times over at any live length. On TPU, `accessed` is therefore the no-loop step compiled again with
+  memory-space assignment off (`HBM_ONLY`, XLA's `xla_msa_enable=false`): every op then reads its operands from
+  HBM and writes its result there, and the count is each op's HBM traffic once (the same matmul: 1.00x at M = 8),
+  an upper bound on what the step as compiled moves (staging only saves HBM reads). The step as compiled is
+  printed beside it (`all spaces`); the temp column is always the step as compiled.
 - XLA:CPU counts a fusion's whole-store operand where the fusion gathers rows from it (the top-k rows of a
   CSA layer read the whole compressed store, by this count).
 - A Pallas kernel (`--attn_impl=pallas_tpu`) counts what it declares (`pallas_kernels/cost.py`: the rows it
@@ -162,22 +165,29 @@ def store_copies(compiled, cache) -> int:
   return sum(shape in shapes for shape in found)
 
 
-def weight_count_factor(device, m: int, n: int = 4096) -> float:
+# XLA:TPU compiled without memory-space assignment: nothing is staged in on-chip memory between ops, so
+# `cost_analysis` counts what every op moves to and from HBM, once (see the module docstring).
+HBM_ONLY = {"xla_msa_enable": False}
+
+
+def weight_count_factor(device, m: int, n: int = 4096, options=None) -> float:
   """`cost_analysis` bytes accessed / weight bytes of one `x[m, n] @ W[n, n]` bf16 matmul compiled for device."""
   sh = jax.sharding.SingleDeviceSharding(device)
   x, w = (jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sh) for s in ((m, n), (n, n)))
-  c = jax.jit(lambda x, w: x @ w).trace(x, w).lower().compile()
+  c = jax.jit(lambda x, w: x @ w).trace(x, w).lower().compile(compiler_options=options)
   return measure(c)[1] / (n * n * 2)
 
 
-def compiled_step(cfg, capacity: int, live: int, storage: str, device=None, lane_dense: bool = True):
-  """The decode step compiled for abstract arguments (on `device`, e.g. a TPU topology's chip, when given)."""
+def compiled_step(cfg, capacity: int, live: int, storage: str, device=None, lane_dense: bool = True, options=None):
+  """The decode step compiled for abstract arguments (on `device`, e.g. a TPU topology's chip, when given), with
+  XLA compiler `options` (e.g. `HBM_ONLY`)."""
   sh = None if device is None else jax.sharding.SingleDeviceSharding(device)
   put = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)
   params = put(abstract_params(cfg))
   cache = put(jax.eval_shape(lambda: init_cache(cfg, 1, capacity, storage, lane_dense=lane_dense)))
   tok, one = put(jax.ShapeDtypeStruct((1, 1), jnp.int32)), put(jax.ShapeDtypeStruct((1,), jnp.int32))
-  c = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).trace(params, cfg, tok, one, cache, live).lower().compile()
+  c = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).trace(params, cfg, tok, one, cache, live).lower().compile(
+      compiler_options=options)
   return c, nbytes(params), nbytes(cache), cache
 
 
@@ -202,6 +212,9 @@ def main():
   ap.add_argument("--lane_dense", type=int, default=1, choices=(0, 1),
                   help="the cache's main stores lane-dense (default) or whole rows (init_cache(lane_dense=))")
   ap.add_argument("--attn_impl", default="xla", choices=("xla", "pallas_tpu"), help="with --topology")
+  ap.add_argument("--quant_sim", type=int, default=0, choices=(0, 1),
+                  help="the reference's QAT numerics (cfg.quant_sim), as the released models run: with the paper "
+                       "cache, a decode step's window then reads its own fp8 row from the ring in place")
   ap.add_argument("--layers", default="scanned,unrolled",
                   help="the layer loops to compile the running step with: scanned (cfg.scan_layers=True, the "
                        "default) and/or unrolled (scan_layers=False)")
@@ -218,22 +231,28 @@ def main():
     ap.error("--attn_impl=pallas_tpu needs --topology")
   geometry = ("lane-dense" if args.lane_dense else "whole-row") + " entries, indexer keys as tiles"
   print(f"one decode step, batch 1, Flash-shaped attention stack (D=256, 8 heads x 512, window 128, top-k 512, "
-        f"layers SWA/CSA/HCA/CSA/HCA/SWA), {args.dtype} compute, {args.cache_dtype} cache ({geometry}); {target}, "
-        f"jax {jax.__version__}")
+        f"layers SWA/CSA/HCA/CSA/HCA/SWA), {args.dtype} compute{', quant_sim' if args.quant_sim else ''}, "
+        f"{args.cache_dtype} cache ({geometry}); {target}, jax {jax.__version__}")
   if device is not None:
     print(f"cost-model check: one x[M,4096] @ W[4096,4096] bf16 matmul counts {weight_count_factor(device, 1):.2f}x "
-          f"W's bytes as accessed at M=1, {weight_count_factor(device, 8):.2f}x at M=8 (W staged on chip)")
+          f"W's bytes as accessed at M=1, {weight_count_factor(device, 8):.2f}x at M=8 (W staged on chip); compiled "
+          f"HBM-only ({HBM_ONLY}): {weight_count_factor(device, 1, options=HBM_ONLY):.2f}x and "
+          f"{weight_count_factor(device, 8, options=HBM_ONLY):.2f}x")
+    print("accessed MB: compiled HBM-only (every op's HBM traffic, once); all spaces: the step as compiled, which "
+          "also counts on-chip staging")
   layer_modes = args.layers.split(",")
   if not layer_modes or set(layer_modes) - {"scanned", "unrolled"}:
     ap.error(f"--layers={args.layers!r}: expected scanned, unrolled or both, comma-separated")
   print(f"{'layers':>8} {'capacity':>9} {'live':>9} {'cache MB':>9} {'temp MB':>8} {'temp/cache':>10} {'store copies':>12} | "
-        f"no loops: {'accessed MB':>11} {'ideal MB':>9} {'acc/ideal':>9} {'(loops: acc MB)':>15} | "
+        f"no loops: {'accessed MB':>11} {'ideal MB':>9} {'acc/ideal':>9} {'(loops: acc MB)':>15}"
+        f"{' all spaces MB' if device is not None else ''} | "
         f"growth from 1K live: {'temp/cache':>10} {'acc/ideal':>9}")
-  accesses, no_loop_acc = {}, {}
+  accesses, no_loop_acc, all_spaces = {}, {}, {}
   for mode in layer_modes:
     for cap in map(int, args.capacities.split(",")):
       rows = []
-      cfg = dataclasses.replace(stack_config(cap, args.dtype), scan_layers=mode == "scanned")
+      cfg = dataclasses.replace(stack_config(cap, args.dtype), scan_layers=mode == "scanned",
+                                quant_sim=bool(args.quant_sim))
       if args.attn_impl == "pallas_tpu":
         from launch.aot import _compile_pallas_for_tpu
         cfg = _compile_pallas_for_tpu(dataclasses.replace(cfg, attn_impl="pallas"))
@@ -247,6 +266,10 @@ def main():
             cu = compiled_step(flat, cap, live, args.cache_dtype, device, bool(args.lane_dense))[0]
             no_loop_acc[(cap, live)] = measure(cu)[1]
             accesses[(cap, live)] = store_accesses(cu)
+            if device is not None:
+              all_spaces[(cap, live)] = no_loop_acc[(cap, live)]
+              no_loop_acc[(cap, live)] = measure(compiled_step(flat, cap, live, args.cache_dtype, device,
+                                                               bool(args.lane_dense), HBM_ONLY)[0])[1]
           finally:
             restore()
         acc = no_loop_acc[(cap, live)]
@@ -258,7 +281,8 @@ def main():
           growth = (f"{(temp_full - temp_1k) / cbytes:>30.2%} {(acc_full - acc_1k) / (ideal_full - ideal_1k):>8.2f}x "
                     f"({rows[0][0]} live against {live})")
         print(f"{mode:>8} {cap:>9} {live:>9} {cbytes / MB:>9.1f} {temp / MB:>8.2f} {temp / cbytes:>9.2%} {copies:>12} | "
-              f"no loops: {acc / MB:>11.1f} {ideal / MB:>9.1f} {acc / ideal:>8.2f}x {acc_loops / MB:>15.1f} |{growth}",
+              f"no loops: {acc / MB:>11.1f} {ideal / MB:>9.1f} {acc / ideal:>8.2f}x {acc_loops / MB:>15.1f}"
+              f"{f'{all_spaces[(cap, live)] / MB:>14.1f}' if device is not None else ''} |{growth}",
               flush=True)
   print()
   print("how the step with no loops touches the compressed and indexer-key stores (op at the root of each fusion "

@@ -161,10 +161,10 @@ def split_query(q: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
 def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
   """o [..., P, lanes] (per-part P.V) -> [..., K]: each element from the lane(s) that hold it (a tiled codec:
   the sum over its slots). By slices: the parts whose elements interleave (a bf16 row's two halves, an fp8
-  row's four bytes) are stacked and reshaped into their elements' run, and the runs concatenated, the inverse
-  of `split_parts`. A gather (`jnp.take` of the element map) made XLA:TPU lay the output out elements-major,
-  padded to 128 lanes (a Flash-shaped decode step's [512, 8] output: 256 KB for 16 KB); it stays the fallback
-  for a codec whose parts do not tile its elements so."""
+  row's four bytes) are stacked and reshaped into their elements' run, and the runs concatenated (zeros for
+  the elements another plane holds), the inverse of `split_parts`. A gather (`jnp.take` of the element map)
+  made XLA:TPU lay the output out elements-major, padded to 128 lanes (a Flash-shaped decode step's [512, 8]
+  output: 256 KB for 16 KB); it stays the fallback for a codec whose parts do not tile runs of elements so."""
   runs = {}                                                # (first element, stride, n) -> [..., n]
   for i, p in enumerate(c.parts):
     for s in range(c.slots):
@@ -172,15 +172,18 @@ def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
       key, v = (e0, p.stride, p.n), o[..., i, lo:lo + p.n]
       runs[key] = runs[key] + v if key in runs else v
   keys, out, at = sorted(runs), [], 0
-  while keys and keys[0][0] == at:
+  zeros = lambda n: jnp.zeros(o.shape[:-2] + (n,), o.dtype)
+  while keys and keys[0][0] >= at:
     e0, stride, n = keys[0]
     group = [(e0 + j, stride, n) for j in range(stride)]
     if keys[:stride] != group:
       break
     v = [runs[k] for k in group]
+    out += [zeros(e0 - at)] if e0 > at else []                 # elements no part holds (another plane's): 0
     out.append(v[0] if stride == 1 else jnp.stack(v, -1).reshape(*v[0].shape[:-1], stride * n))
-    keys, at = keys[stride:], at + stride * n
-  if not keys and at == c.width:
+    keys, at = keys[stride:], e0 + stride * n
+  if not keys and at <= c.width:
+    out += [zeros(c.width - at)] if at < c.width else []
     return out[0] if len(out) == 1 else jnp.concatenate(out, -1)
   return _merge_by_gather(o, c, lanes)
 
