@@ -60,10 +60,15 @@ def e2m1_to_f32(code: jnp.ndarray) -> jnp.ndarray:
 
 
 def pow2_ceil(v: jnp.ndarray) -> jnp.ndarray:
-  """2^ceil(log2 v) for v > 0, exact (exact powers of two are unchanged)."""
-  mant, exp = jnp.frexp(v)                    # v = mant * 2^exp, mant in [0.5, 1)
-  exp = jnp.where(mant == 0.5, exp - 1, exp)
-  return jnp.ldexp(jnp.ones_like(v), exp)
+  """2^ceil(log2 v) for fp32 v >= 2^-126 (the callers clamp to at least that), exact: powers of two are
+  unchanged, any other v goes to the power of two above it. On the bits: a zero mantissa is kept, otherwise
+  the exponent is raised by one and the mantissa cleared; below 2^-126 (denormals, 0), 2^-126. Two integer
+  ops XLA fuses into the caller (`jnp.frexp` / `jnp.ldexp` left 145 unfused ops in a toy 6-layer decode step
+  under quant_sim)."""
+  bits = jax.lax.bitcast_convert_type(v.astype(F32), jnp.uint32)
+  exp, mant = bits & 0x7F800000, bits & 0x007FFFFF
+  up = jnp.where(mant == 0, exp, exp + 0x00800000)
+  return jax.lax.bitcast_convert_type(jnp.maximum(up, 0x00800000), F32)
 
 
 def _blocked(x: jnp.ndarray, block: int):

@@ -81,6 +81,12 @@ def test_indexer_picks_the_largest_visible_scores():
 def test_pow2_ceil_exact():
   v = jnp.array([1.0, 2.0, 3.0, 0.75, 2.0 ** -20, 448.0, 449.0])
   assert quant.pow2_ceil(v).tolist() == [1.0, 2.0, 4.0, 1.0, 2.0 ** -20, 512.0, 512.0]
+  # the ends of the normal range; below it (denormals), the smallest normal power of two
+  v = jnp.array([2.0 ** -126, 1.5 * 2.0 ** -126, 1.5 * 2.0 ** 126, 2.0 ** 127, 2.0 ** -130], jnp.float32)
+  assert quant.pow2_ceil(v).tolist() == [2.0 ** -126, 2.0 ** -125, 2.0 ** 127, 2.0 ** 127, 2.0 ** -126]
+  # against log2 on many values, under jit as the callers run it
+  x = np.abs(np.random.default_rng(0).standard_normal(4096)).astype(np.float32) * np.float32(2.0) ** np.arange(-60, 68, 1 / 32, dtype=np.float32)
+  np.testing.assert_array_equal(jax.jit(quant.pow2_ceil)(jnp.asarray(x)), 2.0 ** np.ceil(np.log2(x.astype(np.float64))))
 
 
 def test_act_quant_hand_values():
