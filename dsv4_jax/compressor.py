@@ -147,11 +147,20 @@ def compress_chunk(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start:
   old = j < r                                                        # earlier tokens: from the ring
   valid = old | (j - r < lengths[:, None])
 
-  def take(ring, new):
+  i = jnp.arange(S)[None]                                            # the last min(len, R) new tokens
+  keep = (i < lengths[:, None]) & (i >= lengths[:, None] - R)
+  slot = jnp.where(keep, positions % R, R)                           # R: out of range, dropped
+  b = jnp.arange(x.shape[0])[:, None]
+  new_state = {"C": state["C"].at[b, slot].set(C, mode="drop"), "Z": state["Z"].at[b, slot].set(Z, mode="drop")}
+
+  def take(ring, new, updated):
+    if S == 1 and R == m:          # one token, a ring of exactly one window (HCA decode): row j is position
+      return jnp.where(valid[..., None], updated, 0.0)               # w0 + j, this token's row just written
     got = jnp.where(old[..., None], _take_rows(ring, (w0 + j) % R), _take_rows(new, j - r))
     return jnp.where(valid[..., None], got, 0.0)
 
-  bufC, bufZ = take(state["C"], C), take(state["Z"], Z)              # [B, n_win*m, cc], window-aligned
+  bufC = take(state["C"], C, new_state["C"])                         # [B, n_win*m, cc], window-aligned
+  bufZ = take(state["Z"], Z, new_state["Z"])
   prev = None
   if overlaps(m):                                                    # the complete window before w0
     rows = (w0 - m + jnp.arange(m)[None]) % R
@@ -161,12 +170,6 @@ def compress_chunk(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start:
   entry_ids = w0 // m + jnp.arange(n_win)[None]                      # [B, n_win]
   n_done = (start + lengths) // m                                    # entries complete after the call
   E = finish(E, p, cfg, m, entry_ids, indexer)
-
-  i = jnp.arange(S)[None]                                            # the last min(len, R) new tokens
-  keep = (i < lengths[:, None]) & (i >= lengths[:, None] - R)
-  slot = jnp.where(keep, positions % R, R)                           # R: out of range, dropped
-  b = jnp.arange(x.shape[0])[:, None]
-  new_state = {"C": state["C"].at[b, slot].set(C, mode="drop"), "Z": state["Z"].at[b, slot].set(Z, mode="drop")}
   return E, entry_ids, n_done, new_state
 
 

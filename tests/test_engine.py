@@ -372,3 +372,39 @@ def test_a_decode_step_reads_its_own_kv_from_the_ring_only_where_the_ring_holds_
         exact = bool(jnp.all(main.decode(main.encode(kv), dtype) == kv))
         assert attention._ring_is_exact(cfg, main) == exact, (dtype, quant_sim, storage)
         assert exact == (storage == "float32" or storage == dtype or (storage == "paper" and quant_sim))
+
+
+def test_hca_decode_pools_the_ring_it_just_wrote():
+  """A one-token call on a ring of exactly one window (HCA decode, no rollback rows) pools the ring after
+  writing its token's row, instead of gathering the window from the old ring and this call's row: the
+  entries, the completed counts and the state equal those of the general path (the same compressor with 3
+  rollback rows), bit for bit, token by token over 2.5 windows, with a padded row (length 0) on some steps."""
+  from dsv4_jax import compressor
+  cfg = load_config("tiny")
+  m = 8
+  p = next(q["attn"]["compressor"] for q in [*init_params(cfg, jax.random.key(0))["layers"]["prefix"],
+                                              *[jax.tree.map(lambda a: a[0], s) for s in
+                                                init_params(cfg, jax.random.key(0))["layers"]["stack"]]]
+           if "compressor" in q["attn"] and q["attn"]["compressor"]["ape"].shape[0] == m)
+  c = p["norm"].shape[0]
+  x = jax.random.normal(jax.random.key(1), (2, 20, cfg.dim), jnp.float32)
+  step = jax.jit(lambda s, xt, start, n: compressor.compress_chunk(p, cfg, xt, m, start, n, s))
+  direct, general = compressor.empty_state(m, c, (2,)), compressor.empty_state(m, c, (2,), rollback=3)
+  assert direct["C"].shape[1] == m and general["C"].shape[1] == m + 3
+  start = np.zeros(2, np.int32)
+  completed = 0
+  for t in range(20):
+    n = np.array([1, 0 if t % 3 == 2 else 1], np.int32)               # row 1 skips every third step
+    xt = x[:, t:t + 1]
+    E1, ids1, done1, direct = step(direct, xt, jnp.asarray(start), jnp.asarray(n))
+    E2, ids2, done2, general = step(general, xt, jnp.asarray(start), jnp.asarray(n))
+    np.testing.assert_array_equal(ids1, ids2)
+    np.testing.assert_array_equal(done1, done2)
+    np.testing.assert_array_equal(E1, E2)
+    completed += int(np.sum(np.asarray(ids1)[:, 0] < np.asarray(done1)))
+    w = np.nonzero(n)[0]                                                 # this token's row, where written
+    for k in ("C", "Z"):
+      np.testing.assert_array_equal(np.asarray(direct[k])[w, start[w] % m],
+                                    np.asarray(general[k])[w, start[w] % (m + 3)])
+    start = start + n
+  assert completed >= 3                                                 # entries completed on the way
