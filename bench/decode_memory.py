@@ -1,7 +1,7 @@
 """Memory and traffic of one compiled decode step (nothing runs: `jit(...).lower(...).compile()`).
 
     python bench/decode_memory.py [--capacities=131072,1048576] [--cache_dtype=bfloat16] [--layers=scanned,unrolled]
-    python bench/decode_memory.py --topology=v5p:2x2x1 [--cache_dtype=paper] [--attn_impl=pallas_tpu] [--dtype=bfloat16]
+    python bench/decode_memory.py --topology=v5p:2x2x1 [--cache_dtype=paper] [--attn_impl=pallas_tpu] [--dtype=bfloat16] [--quant_sim=1]
 
 A Flash-shaped attention stack at toy width (head_dim 512, window 128, 16 indexer heads x 128, top-k 512,
 layers SWA/CSA/HCA/CSA/HCA/SWA, dim 256; fp32 compute (`--dtype`), bf16 cache). For each capacity, the step compiled
