@@ -14,9 +14,10 @@ for a live context of the whole capacity (the worst case) and of 1K tokens:
   and every indexer key block unrolled, `no_loops`). `cost_analysis` counts a while loop's body once, on
   XLA:CPU and on XLA:TPU alike: the running step's count (printed in parentheses) sees one key block of each
   indexer layer, e.g. ~5 MB for the 67 MB of keys a CSA layer holds at 1M;
-- ideal: what the math must read per token (docs/performance.md): the weights, every indexer key of a
-  CSA layer, top-k + window entries of a CSA layer, all compressed entries + window of an HCA layer,
-  the window of a sliding layer, in the cache's storage format.
+- ideal: what the math must read per token (docs/performance.md): the weights the step touches
+  (`touched_param_bytes`: not the MTP block, k of E routed experts per MoE layer, one embedding row), every
+  indexer key of a CSA layer, top-k + window entries of a CSA layer, all compressed entries + window of an
+  HCA layer, the window of a sliding layer, in the cache's storage format.
 Targets: temp <= 10% of the cache; accessed within 2x of ideal.
 - growth from 1K live (printed on each capacity's 1K row): what grows with the context, the same program but
   for the live length: (temp at full live - temp at 1K live) / cache, and (accessed at full live - accessed
@@ -91,6 +92,24 @@ def stack_config(max_seq_len: int, dtype: str = "float32"):
 
 def nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def touched_param_bytes(cfg, params) -> int:
+  """The weight bytes one decode step at batch 1 must read (docs/performance.md: "weights touched per token"):
+  every weight but the MTP block (a step runs it only with a speculative cache), of each MoE layer's routed
+  experts the k its token chooses (k/E of the stack), and one row of the embedding."""
+  total = 0
+  for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    b = a.size * a.dtype.itemsize
+    if keys[0] == "mtp":
+      continue
+    if "experts" in keys and "shared_experts" not in keys:
+      b = b * cfg.n_activated_experts / cfg.n_routed_experts
+    elif keys[0] == "embed":
+      b = b / a.shape[0]
+    total += b
+  return int(total)
 
 
 def ideal_bytes(cfg, storage: str, live: int, param_bytes: int) -> int:
@@ -188,7 +207,7 @@ def compiled_step(cfg, capacity: int, live: int, storage: str, device=None, lane
   tok, one = put(jax.ShapeDtypeStruct((1, 1), jnp.int32)), put(jax.ShapeDtypeStruct((1,), jnp.int32))
   c = jax.jit(step, static_argnums=(1, 5), donate_argnums=4).trace(params, cfg, tok, one, cache, live).lower().compile(
       compiler_options=options)
-  return c, nbytes(params), nbytes(cache), cache
+  return c, touched_param_bytes(cfg, params), nbytes(cache), cache
 
 
 def tpu_child(args) -> int:
