@@ -153,14 +153,14 @@ def compress_chunk(p: dict, cfg: ModelConfig, x: jnp.ndarray, ratio: int, start:
   b = jnp.arange(x.shape[0])[:, None]
   new_state = {"C": state["C"].at[b, slot].set(C, mode="drop"), "Z": state["Z"].at[b, slot].set(Z, mode="drop")}
 
-  def take(ring, new, updated):
-    if S == 1 and R == m:          # one token, a ring of exactly one window (HCA decode): row j is position
-      return jnp.where(valid[..., None], updated, 0.0)               # w0 + j, this token's row just written
+  def take(ring, new):
     got = jnp.where(old[..., None], _take_rows(ring, (w0 + j) % R), _take_rows(new, j - r))
     return jnp.where(valid[..., None], got, 0.0)
 
-  bufC = take(state["C"], C, new_state["C"])                         # [B, n_win*m, cc], window-aligned
-  bufZ = take(state["Z"], Z, new_state["Z"])
+  if S == 1 and R == m:      # one token, a ring of exactly one window (HCA decode): row j is position w0 + j,
+    bufC, bufZ = (jnp.where(valid[..., None], new_state[k], 0.0) for k in ("C", "Z"))   # this token's just written
+  else:
+    bufC, bufZ = take(state["C"], C), take(state["Z"], Z)            # [B, n_win*m, cc], window-aligned
   prev = None
   if overlaps(m):                                                    # the complete window before w0
     rows = (w0 - m + jnp.arange(m)[None]) % R

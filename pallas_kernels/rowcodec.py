@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -122,11 +123,17 @@ def plane_codecs(layout: Layout, planes) -> list[Codec]:
 def element_map(c: Codec, lanes: int) -> np.ndarray:
   """[P, lanes] int: the element each part's lane holds, -1 where none (static)."""
   m = np.full((len(c.parts), lanes), -1, np.int64)
+  for i, p, lo, e0 in runs(c):
+    m[i, lo:lo + p.n] = e0 + p.stride * np.arange(p.n)
+  return m
+
+
+def runs(c: Codec):
+  """(part index, part, first lane, first element) of each part in each slot of a line: lanes [lo, lo + p.n)
+  hold elements e0, e0 + p.stride, ... (a tiled codec's slots hold the same elements)."""
   for i, p in enumerate(c.parts):
     for s in range(c.slots):
-      lo = p.lo + s * c.slot_lanes
-      m[i, lo:lo + p.n] = (0 if c.tiled else s * c.layout.width) + p.elem0 + p.stride * np.arange(p.n)
-  return m
+      yield i, p, p.lo + s * c.slot_lanes, (0 if c.tiled else s * c.layout.width) + p.elem0
 
 
 def split_parts(x: jnp.ndarray, c: Codec, lanes: int) -> list[jnp.ndarray]:
@@ -136,10 +143,9 @@ def split_parts(x: jnp.ndarray, c: Codec, lanes: int) -> list[jnp.ndarray]:
   step's [512, 8] query gather took 256 KB for 16 KB)."""
   x = x.astype(F32)
   out = []
-  for p in c.parts:
+  for _, part_runs in itertools.groupby(runs(c), key=lambda r: r[0]):       # a part's slots, lane by lane
     pieces, at = [], 0
-    for s in range(c.slots):
-      lo, e0 = p.lo + s * c.slot_lanes, (0 if c.tiled else s * c.layout.width) + p.elem0
+    for _, p, lo, e0 in part_runs:
       pieces += [jnp.zeros(x.shape[:-1] + (lo - at,), F32), x[..., e0: e0 + p.stride * (p.n - 1) + 1: p.stride]]
       at = lo + p.n
     out.append(jnp.concatenate(pieces + [jnp.zeros(x.shape[:-1] + (lanes - at,), F32)], -1))
@@ -165,20 +171,18 @@ def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
   the elements another plane holds), the inverse of `split_parts`. A gather (`jnp.take` of the element map)
   made XLA:TPU lay the output out elements-major, padded to 128 lanes (a Flash-shaped decode step's [512, 8]
   output: 256 KB for 16 KB); it stays the fallback for a codec whose parts do not tile runs of elements so."""
-  runs = {}                                                # (first element, stride, n) -> [..., n]
-  for i, p in enumerate(c.parts):
-    for s in range(c.slots):
-      lo, e0 = p.lo + s * c.slot_lanes, (0 if c.tiled else s * c.layout.width) + p.elem0
-      key, v = (e0, p.stride, p.n), o[..., i, lo:lo + p.n]
-      runs[key] = runs[key] + v if key in runs else v
-  keys, out, at = sorted(runs), [], 0
+  by_elem = {}                                             # (first element, stride, n) -> [..., n]
+  for i, p, lo, e0 in runs(c):
+    key, v = (e0, p.stride, p.n), o[..., i, lo:lo + p.n]
+    by_elem[key] = by_elem[key] + v if key in by_elem else v
+  keys, out, at = sorted(by_elem), [], 0
   zeros = lambda n: jnp.zeros(o.shape[:-2] + (n,), o.dtype)
   while keys and keys[0][0] >= at:
     e0, stride, n = keys[0]
     group = [(e0 + j, stride, n) for j in range(stride)]
     if keys[:stride] != group:
       break
-    v = [runs[k] for k in group]
+    v = [by_elem[k] for k in group]
     out += [zeros(e0 - at)] if e0 > at else []                 # elements no part holds (another plane's): 0
     out.append(v[0] if stride == 1 else jnp.stack(v, -1).reshape(*v[0].shape[:-1], stride * n))
     keys, at = keys[stride:], e0 + stride * n

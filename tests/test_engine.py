@@ -382,9 +382,8 @@ def test_hca_decode_pools_the_ring_it_just_wrote():
   from dsv4_jax import compressor
   cfg = load_config("tiny")
   m = 8
-  p = next(q["attn"]["compressor"] for q in [*init_params(cfg, jax.random.key(0))["layers"]["prefix"],
-                                              *[jax.tree.map(lambda a: a[0], s) for s in
-                                                init_params(cfg, jax.random.key(0))["layers"]["stack"]]]
+  layers = init_params(cfg, jax.random.key(0))["layers"]
+  p = next(q["attn"]["compressor"] for q in [*layers["prefix"], *[jax.tree.map(lambda a: a[0], s) for s in layers["stack"]]]
            if "compressor" in q["attn"] and q["attn"]["compressor"]["ape"].shape[0] == m)
   c = p["norm"].shape[0]
   x = jax.random.normal(jax.random.key(1), (2, 20, cfg.dim), jnp.float32)
