@@ -294,8 +294,7 @@ def routed_experts(pe: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray,
     raise ValueError(f"{E} routed experts do not split over an expert axis of {n} shards.")
   if valid is None:
     valid = jnp.ones((T,), bool)
-  order = jnp.argsort(idx, axis=-1, stable=True)                       # slots in ascending expert id
-  idx, w = jnp.take_along_axis(idx, order, axis=-1), jnp.take_along_axis(w, order, axis=-1)
+  idx, w = moe.sort_slots(idx, w)                                       # slots in ascending expert id
 
   tok_axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
   n_tok = math.prod(mesh.shape[a] for a in tok_axes)

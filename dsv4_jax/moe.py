@@ -20,9 +20,10 @@ Routed experts (`routed_experts`):
   the temp memory of one MoE layer is one group's dense weight, G*F*D values of the compute dtype (up to
   2*G*F*D fp32 more where XLA does not fuse the dequantisation), plus O(N*max(F, D)) fp32 activations
   (on CPU, where ragged_dot is a masked dense dot, also N*G*max(F, D)); it does not grow with E.
-* Fewer pairs than experts (decode): each distinct expert the batch chose is gathered and dequantised once,
-  however many tokens chose it: at most N experts' dense weights (3*N*F*D values) and [N, T, max(F, D)]
-  fp32 activations.
+* Fewer pairs than experts (decode): each distinct expert the batch chose is read once (in place where the
+  stack is stored in the compute dtype) and dequantised once, however many tokens chose it: at most N
+  experts' stored weights, DECODE_GROUP experts' dense weights (3*DECODE_GROUP*F*D values) and
+  [N, T, max(F, D)] fp32 activations.
 """
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ def route(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray) -> 
   w = jnp.take_along_axis(s, idx, axis=-1)
   w = w / jnp.sum(w, axis=-1, keepdims=True) * cfg.route_scale
   return idx, w
+
+
+def sort_slots(idx: jnp.ndarray, w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """idx/w: [T, k] -> both with each token's slots in ascending expert id (stable), one sort and no gather."""
+  return jax.lax.sort((idx, w), dimension=-1, num_keys=1, is_stable=True)
 
 
 def swiglu(g: jnp.ndarray, u: jnp.ndarray, limit: float) -> jnp.ndarray:
@@ -190,40 +196,65 @@ def dispatch(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tuple[jnp.
   return order, group_sizes
 
 
-def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The distinct experts the valid tokens chose. idx: [T,k], valid: [T] -> ids [U] int32 ascending, and
-  real [U] bool, U = min(T*k, n_experts) (no more can be distinct; the expert-parallel decode path all-gathers
-  n*T tokens, so T*k can exceed a shard's n_experts). The spare slots repeat the largest chosen id (real
-  False), so that gathering `ids` reads no other expert."""
-  key = _expert_key(idx, valid, n_experts)
-  ids = jnp.unique(key, size=min(key.shape[0], n_experts), fill_value=n_experts)
-  real = ids < n_experts
-  return jnp.where(real, ids, jnp.max(jnp.where(real, ids, 0))).astype(jnp.int32), real
+def chosen_experts(idx: jnp.ndarray, valid: jnp.ndarray, n_experts: int
+                   ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """The distinct experts the valid tokens chose. idx: [T,k], valid: [T] -> ids [U] int32 ascending, real [U]
+  bool, and slot [T,k] int32 (the position in ids of each pair's expert; an invalid pair's is >= the number of
+  real ids), U = min(T*k, n_experts) (no more can be distinct; the expert-parallel decode path all-gathers n*T
+  tokens, so T*k can exceed a shard's n_experts). The spare slots repeat the largest chosen id (real False),
+  so that reading `ids` touches no other expert.
+  By comparisons of the N = T*k pairs with each other ([N, N], decode sizes), not `jnp.unique`: its sort,
+  cumulative sum and scatter are each an op of their own (1.08 MB by XLA:TPU's `cost_analysis` at N = 2)."""
+  key = _expert_key(idx, valid, n_experts)                                      # [N]
+  N, U = key.shape[0], min(key.shape[0], n_experts)
+  before = jnp.arange(N)[None, :] < jnp.arange(N)[:, None]                      # [i, j]: pair j before pair i
+  first = (key < n_experts) & ~jnp.any((key[None, :] == key[:, None]) & before, axis=1)   # [N]
+  slot = jnp.sum((key[None, :] < key[:, None]) & first[None, :], axis=1, dtype=jnp.int32)  # distinct ids below
+  ids = jnp.sum(jnp.where(first[None, :] & (slot[None, :] == jnp.arange(U)[:, None]), key[None, :], 0), axis=1)
+  real = jnp.arange(U) < jnp.sum(first)
+  ids = jnp.where(real, ids, jnp.max(jnp.where(real, ids, 0))).astype(jnp.int32)
+  return ids, real, slot.reshape(idx.shape)
+
+
+def _in_place(tree, dtype) -> bool:
+  """Whether the decode path reads each chosen expert in place in its stack: every leaf a plain array stored in
+  the matmul's dtype, so that the dynamic slice of one expert is the matmul's operand (XLA fuses it: the
+  expert is read once, where it lies). A stack that is decoded first (a QArray, fp8) has its chosen experts'
+  stored bytes copied out instead: sliced in place, XLA:TPU lays the decoded operand out for the matmul and
+  carries that layout back through the slice to the stack, relaying the whole stack out (Flash's fp4
+  experts: 42 G of temporaries for the 1M decode on v6e-8)."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda a: isinstance(a, QArray))
+  return all(not isinstance(a, QArray) and a.dtype == jnp.dtype(dtype) for a in leaves)
 
 
 def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, w: jnp.ndarray,
                       valid: jnp.ndarray, n_experts: int | None = None, reduce=None) -> jnp.ndarray:
   """Decode path. x: [T,D], idx/w: [T,k] (a token's slots in ascending expert id), valid [T] -> per-slot
-  expert outputs [T,k,D] in x.dtype. `p` holds n_experts (default cfg.n_routed_experts) experts; a pair whose
-  idx is n_experts chooses none of them (its output is garbage: the caller masks it; the expert-parallel
-  decode path marks the pairs of other shards' experts so).
+  expert outputs [T,k,D] in x.dtype. `p` holds n_experts (default cfg.n_routed_experts) experts (a dict, or a
+  scanned group's `Stacked` repetition); a pair whose idx is n_experts chooses none of them (its output is
+  garbage: the caller masks it; the expert-parallel decode path marks the pairs of other shards' experts so).
 
-  The distinct chosen experts (U = min(T*k, n_experts) static slots, the spare ones repeating the largest id) are gathered and
-  dequantised once each and applied to every token ([U, T] rows; pairs nobody chose have weight 0):
-  U*T expert applications instead of T*k, in exchange for reading each chosen expert once instead of once
-  per (token, slot); at decode sizes the weight reads dominate. A token that lists one expert twice (never
-  in top-k or the released tid2eid tables) gets it once, with the summed weight.
+  The distinct chosen experts (U = min(T*k, n_experts) static slots, the spare ones repeating the largest id)
+  are each read once, dequantised and applied to every token ([T] rows per expert; pairs nobody chose have
+  weight 0): U*T expert applications instead of T*k, in exchange for reading each chosen expert once instead
+  of once per (token, slot); at decode sizes the weight reads dominate. A token that lists one expert twice
+  (never in top-k or the released tid2eid tables) gets it once, with the summed weight.
   The U experts are applied DECODE_GROUP at a time (a `lax.map` over ceil(U / DECODE_GROUP) groups, the last
-  padded with weight-0 repeats), so at most DECODE_GROUP experts are dequantised at once: Flash at batch 4 on
-  a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in bf16 when all are dequantised together.
-  Their stored (packed) weights are gathered once, before the loop (fp4: a quarter of their bf16 bytes):
-  Flash's 1M decode on v6e-8 (expert:4,tensor:2) needs 1.05 GiB of temporaries against 1.34 with the gather
-  inside each group's step (XLA:TPU's gather copied its whole operand in column pieces). A scanned layer's
-  experts under expert parallelism (`Stacked`) are instead taken from the stack group by group inside the
-  loop, expert by expert (`Stacked.take`): 0.46 GiB.
+  padded with weight-0 repeats; in a group, one expert after the other), so at most DECODE_GROUP experts are
+  dequantised at once: Flash at batch 4 on a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in
+  bf16 when all are dequantised together.
+  How an expert is read (`_in_place`):
+  * a stack stored in x.dtype: in place, each expert's dynamic slice the operand of its matmuls (the toy
+    decode layer of bench/decode_memory.py on v5p, HBM-only: 0.52 MB of traffic for 0.39 MB of chosen bf16
+    experts, against 3.96 MB when they were gathered into a copy first);
+  * a packed stack (fp4 / fp8 QArray, another dtype): its stored bytes copied out first (fp4: a quarter of
+    their bf16 bytes), all U at once before the loop (Flash's 1M decode on v6e-8, expert:4,tensor:2: 1.05
+    GiB of temporaries against 1.34 with the gather inside each group's step: XLA:TPU's gather copied its
+    whole operand in column pieces), or, for a scanned layer's experts under expert parallelism
+    (`Stacked`), group by group inside the loop, expert by expert (`Stacked.take`): 0.46 GiB.
   """
   T, k = idx.shape
-  ids, real = chosen_experts(idx, valid, n_experts or cfg.n_routed_experts)     # [U]
+  ids, real, slot = chosen_experts(idx, valid, n_experts or cfg.n_routed_experts)   # [U], [U], [T,k]
   U = ids.shape[0]
   G = min(U, DECODE_GROUP)
   pad = -U % G
@@ -232,19 +263,27 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   hit = (idx[None] == ids_p[:, None, None]) & (real_p[:, None, None] & valid[None, :, None])   # [U+pad,T,k]
   wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U+pad,T]
 
-  stacked = isinstance(p, Stacked)           # a scanned layer's stack: each group takes its G experts from it
-  chosen = ids_p if stacked else jax.tree.map(lambda a: a[ids_p], p)           # [U+pad, out, in], as stored
+  stacked = isinstance(p, Stacked)
+  tree = p.tree if stacked else p
+  in_place = _in_place(tree, x.dtype)
+  at = (lambda a, e: a[p.rep, e]) if stacked else (lambda a, e: a[e])           # a dynamic slice
+  copied = None if in_place or stacked else jax.tree.map(lambda a: a[ids_p], p)  # [U+pad, out, in], as stored
+  matmul = lambda a, wt: jnp.einsum("...ti,...oi->...to", *planar_operands(a, wt, a.dtype),
+                                    preferred_element_type=F32)
 
   def group(args):                                                              # G experts -> [G,T,D]
-    pw, g_wts = args
-    pw = p.take(pw) if stacked else pw
-    return _expert_mlp(pw, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, lambda a, wt: jnp.einsum(
-        "uti,uoi->uto", *planar_operands(a, wt, a.dtype), preferred_element_type=F32), reduce)
+    g_ids, g_wts, g_copied = args
+    if in_place:                                                                # one expert after the other
+      return jnp.stack([_expert_mlp(jax.tree.map(lambda a: at(a, g_ids[j]), tree), cfg, x, g_wts[j], matmul,
+                                    reduce) for j in range(G)])
+    g_copied = p.take(g_ids) if stacked else g_copied                           # [G, out, in]: one batched matmul
+    return _expert_mlp(g_copied, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, matmul, reduce)
   n = (U + pad) // G
-  y = group((chosen, wts)) if n == 1 else jax.lax.map(
-      group, (jax.tree.map(lambda a: a.reshape(n, G, *a.shape[1:]), chosen), wts.reshape(n, G, T))
+  y = group((ids_p, wts, copied)) if n == 1 else jax.lax.map(group, (
+      ids_p.reshape(n, G), wts.reshape(n, G, T), jax.tree.map(lambda a: a.reshape(n, G, *a.shape[1:]), copied))
   ).reshape(n * G, T, -1)                                                       # [U+pad,T,D]
-  out = y[jnp.searchsorted(ids, idx), jnp.arange(T)[:, None]]                   # [T,k,D]
+  mine = slot[..., None] == jnp.arange(U + pad)                                 # [T,k,U+pad]: one-hot
+  out = jnp.sum(jnp.where(mine[..., None], jnp.swapaxes(y, 0, 1)[:, None], 0), axis=2)   # [T,k,D], exact
   first = jnp.concatenate([jnp.ones((T, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
   return jnp.where(first[..., None], out, 0)
 
@@ -272,8 +311,7 @@ def routed_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarray, 
   T, k = idx.shape
   if valid is None:
     valid = jnp.ones((T,), bool)
-  order = jnp.argsort(idx, axis=-1, stable=True)                     # slots in ascending expert id
-  idx, w = jnp.take_along_axis(idx, order, axis=-1), jnp.take_along_axis(w, order, axis=-1)
+  idx, w = sort_slots(idx, w)                                        # slots in ascending expert id
   if T * k < cfg.n_routed_experts:
     y = _gathered_experts(p, cfg, x, idx, w, valid)
   else:

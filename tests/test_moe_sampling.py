@@ -67,12 +67,70 @@ def test_padded_pairs_take_no_rows_and_read_no_expert():
   flat = np.asarray(idx).reshape(-1)
   assert flat[np.asarray(order)[:6]].tolist() == [1, 1, 2, 2, 5, 5]
   assert sorted(np.asarray(order)[6:].tolist()) == [4, 5]               # the pad's pairs, after all groups
-  ids, real = moe.chosen_experts(idx, valid, E)
+  ids, real, slot = moe.chosen_experts(idx, valid, E)
   assert ids.tolist() == [1, 2, 5, 5, 5, 5, 5, 5] and real.tolist() == [True] * 3 + [False] * 5
+  assert np.asarray(slot)[[0, 1, 3]].tolist() == [[0, 2], [2, 1], [0, 1]] and (np.asarray(slot)[2] >= 3).all()
   # no padding: every distinct chosen expert once, the fill repeats the largest (no other expert is read)
-  ids, real = moe.chosen_experts(idx[:2], jnp.ones(2, bool), E)
+  ids, real, slot = moe.chosen_experts(idx[:2], jnp.ones(2, bool), E)
   assert ids.tolist() == [1, 2, 5, 5] and real.tolist() == [True, True, True, False]
+  assert slot.tolist() == [[0, 2], [2, 1]]
 
+
+def test_chosen_experts_are_the_sorted_unique_ids():
+  """`chosen_experts` (comparisons of the pairs with each other) against numpy's sorted unique ids, on random
+  choices with repeats, invalid tokens, and more pairs than experts (the expert-parallel decode path)."""
+  rng = np.random.default_rng(5)
+  for T, k, E in [(1, 2, 8), (3, 2, 8), (5, 3, 8), (4, 6, 64), (16, 6, 16)]:
+    idx = rng.integers(0, E, (T, k))
+    valid = rng.random(T) < 0.7
+    ids, real, slot = (np.asarray(a) for a in jax.jit(moe.chosen_experts, static_argnums=2)(
+        jnp.asarray(idx), jnp.asarray(valid), E))
+    want = np.unique(idx[valid])
+    U = min(T * k, E)
+    assert ids.shape == real.shape == (U,) and slot.shape == (T, k)
+    assert ids[:len(want)].tolist() == want.tolist() and real.tolist() == [True] * len(want) + [False] * (U - len(want))
+    assert (ids[len(want):] == (want.max() if len(want) else 0)).all()
+    assert (ids[slot[valid]] == idx[valid]).all() and (slot[~valid] >= len(want)).all()
+
+
+
+def _consumers(jaxpr, var) -> set:
+  """The primitives that take `var` (name, and a dynamic slice's leading slice sizes: all but the last two
+  axes), looking through the sub-jaxprs (loops, maps, calls) it is passed into (their inputs aligned from the
+  end: a scan's or call's inputs are its operands)."""
+  from jax.extend.core import jaxprs_in_params
+  found = set()
+  for eqn in jaxpr.eqns:
+    subs = list(jaxprs_in_params(eqn.params))
+    if any(o is var for o in eqn.invars):
+      if not subs:
+        found.add((eqn.primitive.name, tuple(eqn.params.get("slice_sizes", (0, 0, 0))[:-2])))
+      for sub in subs:
+        for inner, outer in zip(reversed(sub.invars), reversed(eqn.invars)):
+          if outer is var:
+            found |= _consumers(sub, inner)
+  return found
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_decode_path_reads_chosen_experts_in_place(tiny, stacked, monkeypatch):
+  """A stack stored in the compute dtype: the decode path slices each chosen expert where it lies (a dynamic
+  slice per expert, the matmul's operand), in one group or in a loop of groups; it never gathers experts
+  into a copy. A packed (fp4) stack is copied out (a gather), as documented."""
+  cfg, params = tiny
+  monkeypatch.setattr(moe, "DECODE_GROUP", 2)                          # 6 slots: a loop of 3 groups
+  e = params["layers"]["stack"][0]["ffn"]["experts"] if stacked else _ffn(params, False)["experts"]
+  x = jax.random.normal(jax.random.key(3), (3, cfg.dim))
+  idx = jnp.array([[5, 1], [1, 4], [2, 5]], jnp.int32)
+  w = jnp.full((3, 2), 0.5)
+  run = (lambda e, x, i, w: moe.routed_experts(moe.Stacked(e, jnp.int32(0)), cfg, x, i, w)) if stacked else (
+      lambda e, x, i, w: moe.routed_experts(e, cfg, x, i, w))
+  closed = jax.make_jaxpr(run)(e, x, idx, w)
+  for v in closed.jaxpr.invars[:len(jax.tree.leaves(e))]:                # one expert ([1, 1] of [reps, E])
+    assert _consumers(closed.jaxpr, v) == {("dynamic_slice", (1,) * (v.aval.ndim - 2))}
+  q = {name: _fp4(np.random.default_rng(1), e[name].shape[-3:]) for name in ("w1", "w2", "w3")}
+  closed = jax.make_jaxpr(lambda e, x, i, w: moe.routed_experts(e, cfg, x, i, w))(q, x, idx, w)
+  assert "gather" in {name for v in closed.jaxpr.invars[:6] for name, _ in _consumers(closed.jaxpr, v)}
 
 # ---- accumulation order -------------------------------------------------------------------------------
 
