@@ -42,7 +42,7 @@ from dsv4_jax.qarray import QArray, planar_operands
 
 F32 = jnp.float32
 EXPERT_GROUP = 16      # experts dequantised together in the grouped path (G)
-DECODE_GROUP = 8       # chosen experts dequantised together in the decode path
+DECODE_GROUP = 4       # chosen experts dequantised together in the decode path
 
 
 def moe_specs(cfg: ModelConfig, hash_routed: bool) -> dict:
@@ -242,7 +242,9 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   The U experts are applied DECODE_GROUP at a time (a `lax.map` over ceil(U / DECODE_GROUP) groups, the last
   padded with weight-0 repeats; in a group, one expert after the other), so at most DECODE_GROUP experts are
   dequantised at once: Flash at batch 4 on a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in
-  bf16 when all are dequantised together.
+  bf16 when all are dequantised together. Four at a time: Flash's decode on v6e-8 (expert:4,tensor:2, batch
+  1) needs 0.18 / 0.25 GiB of temporaries at 128K / 1M tokens against 0.27 / 0.46 with eight (two: the same
+  as four), Pro's on v6e-128 at 1M 0.23 against 0.35.
   How an expert is read (`_in_place`):
   * a stack stored in x.dtype: in place, each expert's dynamic slice the operand of its matmuls (the toy
     decode layer of bench/decode_memory.py on v5p, HBM-only: 0.52 MB of traffic for 0.39 MB of chosen bf16
