@@ -284,8 +284,9 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   y = group((ids_p, wts, copied)) if n == 1 else jax.lax.map(group, (
       ids_p.reshape(n, G), wts.reshape(n, G, T), jax.tree.map(lambda a: a.reshape(n, G, *a.shape[1:]), copied))
   ).reshape(n * G, T, -1)                                                       # [U+pad,T,D]
-  mine = slot[..., None] == jnp.arange(U + pad)                                 # [T,k,U+pad]: one-hot
-  out = jnp.sum(jnp.where(mine[..., None], jnp.swapaxes(y, 0, 1)[:, None], 0), axis=2)   # [T,k,D], exact
+  mine = (slot[..., None] == jnp.arange(U + pad)).astype(y.dtype)               # [T,k,U+pad]: one-hot
+  out = jnp.einsum("tju,utd->tjd", mine, y, precision=jax.lax.Precision.HIGHEST,    # [T,k,D]: y's rows, exactly
+                   preferred_element_type=F32).astype(y.dtype)                   # (one product by 1, zeros)
   first = jnp.concatenate([jnp.ones((T, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
   return jnp.where(first[..., None], out, 0)
 
