@@ -245,6 +245,10 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   bf16 when all are dequantised together. Four at a time: Flash's decode on v6e-8 (expert:4,tensor:2, batch
   1) needs 0.18 / 0.25 GiB of temporaries at 128K / 1M tokens against 0.27 / 0.46 with eight (two: the same
   as four), Pro's on v6e-128 at 1M 0.23 against 0.35.
+  The per-slot outputs are picked from the [U, T, D] results by a one-hot select and sum (T*k*U*D work,
+  small: T*k < n_experts, and under expert parallelism U is at most a shard's experts; a one-hot matmul
+  instead left the toy decode step of bench/decode_memory.py 30 KB more temporaries, a gather 0.53 MB more
+  traffic by XLA:TPU's count).
   How an expert is read (`_in_place`):
   * a stack stored in x.dtype: in place, each expert's dynamic slice the operand of its matmuls (the toy
     decode layer of bench/decode_memory.py on v5p, HBM-only: 0.52 MB of traffic for 0.39 MB of chosen bf16
@@ -284,9 +288,8 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   y = group((ids_p, wts, copied)) if n == 1 else jax.lax.map(group, (
       ids_p.reshape(n, G), wts.reshape(n, G, T), jax.tree.map(lambda a: a.reshape(n, G, *a.shape[1:]), copied))
   ).reshape(n * G, T, -1)                                                       # [U+pad,T,D]
-  mine = (slot[..., None] == jnp.arange(U + pad)).astype(y.dtype)               # [T,k,U+pad]: one-hot
-  out = jnp.einsum("tju,utd->tjd", mine, y, precision=jax.lax.Precision.HIGHEST,    # [T,k,D]: y's rows, exactly
-                   preferred_element_type=F32).astype(y.dtype)                   # (one product by 1, zeros)
+  mine = slot[..., None] == jnp.arange(U + pad)                                 # [T,k,U+pad]: one-hot
+  out = jnp.sum(jnp.where(mine[..., None], jnp.swapaxes(y, 0, 1)[:, None], 0), axis=2)   # [T,k,D], exact
   first = jnp.concatenate([jnp.ones((T, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
   return jnp.where(first[..., None], out, 0)
 
