@@ -120,15 +120,22 @@ class Stacked:
     return jax.tree.map(lambda a: a[self.rep], self.tree)
 
   def take(self, ids: jnp.ndarray) -> dict:
-    # Expert by expert (a loop of dynamic slices of the stack): XLA:TPU lowers a gather of such rows (an fp4
-    # expert is [F, D/2] bytes) by copying its operand in column pieces, the repetition's whole local expert
-    # stack (or, as a[rep, ids], the whole stack) every time.
-    # Leaves whose rows are not whole 128-lane tiles (e8m0 scales: Flash's 32, Pro's 224 per row) are
-    # gathered: in a loop XLA:TPU relays their whole stack out (it lays such arrays out differently).
-    wide = lambda a: a.shape[-1] % 128 == 0
-    looped = jax.lax.map(lambda u: jax.tree.map(lambda a: a[self.rep, u] if wide(a) else None, self.tree), ids)
-    return jax.tree.map(lambda a, v: v if wide(a) else a[self.rep][ids], self.tree, looped,
-                        is_leaf=lambda x: x is None)
+    """The experts `ids` of the repetition, [len(ids), ...] as stored (`take_experts`)."""
+    return take_experts(self.tree, ids, self.rep)
+
+
+def take_experts(tree: dict, ids: jnp.ndarray, rep: jax.Array | None = None) -> dict:
+  """Experts `ids` [G] of a stack (leaves [E, ...], or [reps, E, ...] with `rep`), copied out as stored:
+  [G, ...] leaves. Expert by expert (a loop of dynamic slices of the stack): XLA:TPU lowers a gather of such
+  rows (an fp4 expert is [F, D/2] bytes) by copying its operand in column pieces, the (repetition's) whole
+  local expert stack every time. Leaves whose rows are not whole 128-lane tiles (e8m0 scales: Flash's 32,
+  Pro's 224 per row) are gathered: in a loop XLA:TPU relays their whole stack out (it lays such arrays out
+  differently)."""
+  wide = lambda a: a.shape[-1] % 128 == 0
+  at = (lambda a, u: a[u]) if rep is None else (lambda a, u: a[rep, u])
+  looped = jax.lax.map(lambda u: jax.tree.map(lambda a: at(a, u) if wide(a) else None, tree), ids)
+  return jax.tree.map(lambda a, v: v if wide(a) else (a if rep is None else a[rep])[ids], tree, looped,
+                      is_leaf=lambda x: x is None)
 
 
 def _expert_mlp(p: dict, cfg: ModelConfig, xs: jnp.ndarray, wts: jnp.ndarray, matmul, reduce=None) -> jnp.ndarray:
@@ -240,11 +247,11 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   of once per (token, slot); at decode sizes the weight reads dominate. A token that lists one expert twice
   (never in top-k or the released tid2eid tables) gets it once, with the summed weight.
   The U experts are applied DECODE_GROUP at a time (a `lax.map` over ceil(U / DECODE_GROUP) groups, the last
-  padded with weight-0 repeats; in a group, one expert after the other), so at most DECODE_GROUP experts are
-  dequantised at once: Flash at batch 4 on a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in
-  bf16 when all are dequantised together. Four at a time: Flash's decode on v6e-8 (expert:4,tensor:2, batch
-  1) needs 0.18 / 0.25 GiB of temporaries at 128K / 1M tokens against 0.27 / 0.46 with eight (two: the same
-  as four), Pro's on v6e-128 at 1M 0.23 against 0.35.
+  padded with weight-0 repeats), so at most DECODE_GROUP experts are dequantised at once: Flash at batch 4 on
+  a v5p chip of expert:4 holds U = 24 of them, 384 MiB per matrix in bf16 when all are dequantised together.
+  Four at a time rather than eight: Flash's decode on v6e-8 (expert:4,tensor:2, batch 1) needed 0.18 / 0.25
+  GiB of temporaries at 128K / 1M tokens against 0.27 / 0.46 (two: the same as four), Pro's on v6e-128 at
+  1M 0.23 against 0.35.
   The per-slot outputs are picked from the [U, T, D] results by a one-hot select and sum (T*k*U*D work,
   small: T*k < n_experts, and under expert parallelism U is at most a shard's experts; a one-hot matmul
   instead left the toy decode step of bench/decode_memory.py 30 KB more temporaries, a gather 0.53 MB more
@@ -253,11 +260,14 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   * a stack stored in x.dtype: in place, each expert's dynamic slice the operand of its matmuls (the toy
     decode layer of bench/decode_memory.py on v5p, HBM-only: 0.52 MB of traffic for 0.39 MB of chosen bf16
     experts, against 3.96 MB when they were gathered into a copy first);
-  * a packed stack (fp4 / fp8 QArray, another dtype): its stored bytes copied out first (fp4: a quarter of
-    their bf16 bytes), all U at once before the loop (Flash's 1M decode on v6e-8, expert:4,tensor:2: 1.05
-    GiB of temporaries against 1.34 with the gather inside each group's step: XLA:TPU's gather copied its
-    whole operand in column pieces), or, for a scanned layer's experts under expert parallelism
-    (`Stacked`), group by group inside the loop, expert by expert (`Stacked.take`): 0.46 GiB.
+  * a packed stack (fp4 / fp8 QArray, another dtype): a group's stored bytes copied out first (fp4: a
+    quarter of their bf16 bytes), expert by expert (`take_experts`), then dequantised and applied as one
+    batched matmul.
+  The U slots are static, the real ones first: a group with no real slot is skipped (`lax.cond`), so it
+  reads no expert. Under expert parallelism a shard's all-gathered pairs mostly choose other shards'
+  experts (Flash at batch 1 on expert:4: U = 24 slots, at most 6 real), and each shard reads the groups it
+  needs, not U experts. Flash's decode on v6e-8 (expert:4,tensor:2, batch 1) then needs 0.26 GiB of
+  temporaries at 128K and 1M tokens (0.18 / 0.25 when all U were copied out at once before the loop).
   """
   T, k = idx.shape
   ids, real, slot = chosen_experts(idx, valid, n_experts or cfg.n_routed_experts)   # [U], [U], [T,k]
@@ -271,23 +281,25 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
 
   stacked = isinstance(p, Stacked)
   tree = p.tree if stacked else p
+  rep = p.rep if stacked else None
   in_place = _in_place(tree, x.dtype)
-  at = (lambda a, e: a[p.rep, e]) if stacked else (lambda a, e: a[e])           # a dynamic slice
-  copied = None if in_place or stacked else jax.tree.map(lambda a: a[ids_p], p)  # [U+pad, out, in], as stored
+  at = (lambda a, e: a[e]) if rep is None else (lambda a, e: a[rep, e])         # a dynamic slice
   matmul = lambda a, wt: jnp.einsum("...ti,...oi->...to", *planar_operands(a, wt, a.dtype),
                                     preferred_element_type=F32)
 
-  def group(args):                                                              # G experts -> [G,T,D]
-    g_ids, g_wts, g_copied = args
+  def group(g_ids, g_wts):                                                      # G experts -> [G,T,D]
     if in_place:                                                                # one expert after the other
       return jnp.stack([_expert_mlp(jax.tree.map(lambda a: at(a, g_ids[j]), tree), cfg, x, g_wts[j], matmul,
                                     reduce) for j in range(G)])
-    g_copied = p.take(g_ids) if stacked else g_copied                           # [G, out, in]: one batched matmul
-    return _expert_mlp(g_copied, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, matmul, reduce)
+    chosen = take_experts(tree, g_ids, rep)                                     # [G, out, in]: one batched matmul
+    return _expert_mlp(chosen, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, matmul, reduce)
+
+  def maybe(args):                                  # a group with no real slot (all spare) reads no expert
+    g_ids, g_wts, live = args
+    return jax.lax.cond(live, group, lambda *_: jnp.zeros((G, T, x.shape[-1]), x.dtype), g_ids, g_wts)
   n = (U + pad) // G
-  y = group((ids_p, wts, copied)) if n == 1 else jax.lax.map(group, (
-      ids_p.reshape(n, G), wts.reshape(n, G, T), jax.tree.map(lambda a: a.reshape(n, G, *a.shape[1:]), copied))
-  ).reshape(n * G, T, -1)                                                       # [U+pad,T,D]
+  y = group(ids_p, wts) if n == 1 else jax.lax.map(
+      maybe, (ids_p.reshape(n, G), wts.reshape(n, G, T), real_p[::G])).reshape(n * G, T, -1)   # [U+pad,T,D]
   mine = slot[..., None] == jnp.arange(U + pad)                                 # [T,k,U+pad]: one-hot
   out = jnp.sum(jnp.where(mine[..., None], jnp.swapaxes(y, 0, 1)[:, None], 0), axis=2)   # [T,k,D], exact
   first = jnp.concatenate([jnp.ones((T, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)

@@ -132,6 +132,47 @@ def test_decode_path_reads_chosen_experts_in_place(tiny, stacked, monkeypatch):
   closed = jax.make_jaxpr(lambda e, x, i, w: moe.routed_experts(e, cfg, x, i, w))(q, x, idx, w)
   assert "gather" in {name for v in closed.jaxpr.invars[:6] for name, _ in _consumers(closed.jaxpr, v)}
 
+
+def _conds_on(jaxpr, var) -> list:
+  """For each `cond` that `var` reaches (through loops, maps, calls), the primitives that take it in each
+  branch (`_consumers`)."""
+  from jax.extend.core import jaxprs_in_params
+  found = []
+  for eqn in jaxpr.eqns:
+    for sub in jaxprs_in_params(eqn.params):
+      for inner, outer in zip(reversed(sub.invars), reversed(eqn.invars)):
+        if outer is var:
+          if eqn.primitive.name == "cond":
+            found.append(_consumers(sub, inner))
+          else:
+            found += _conds_on(sub, inner)
+  return found
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_groups_of_spare_slots_read_no_expert(tiny, packed, monkeypatch):
+  """The decode path's U = min(T*k, E) slots are static, the real (distinct chosen) ones first: a group of
+  DECODE_GROUP slots with no real one is skipped (a `cond` whose other branch reads no expert), so a shard
+  of the expert-parallel path, whose all-gathered pairs mostly choose other shards' experts, reads only
+  the groups it needs."""
+  cfg, params = tiny
+  monkeypatch.setattr(moe, "DECODE_GROUP", 2)                          # 6 slots: 3 groups
+  e = _ffn(params, False)["experts"]
+  if packed:
+    e = {name: _fp4(np.random.default_rng(1), e[name].shape) for name in ("w1", "w2", "w3")}
+  x = jax.random.normal(jax.random.key(4), (3, cfg.dim))
+  idx = jnp.array([[5, 1], [1, 4], [2, 5]], jnp.int32)
+  closed = jax.make_jaxpr(lambda e, x, i, w: moe.routed_experts(e, cfg, x, i, w))(e, x, idx, jnp.ones((3, 2)))
+  for v in closed.jaxpr.invars[:len(jax.tree.leaves(e))]:
+    branches = _conds_on(closed.jaxpr, v)
+    assert sorted(map(bool, branches)) == [False, True], branches
+  # the same outputs whichever groups are real: 4 distinct experts (2 groups) and 1 (1 group of 3)
+  run = jax.jit(lambda e, x, i, w: moe.routed_experts(e, cfg, x, i, w))
+  for i in (idx, jnp.array([[3, 3], [3, 3], [3, 3]], jnp.int32)):
+    want = np.asarray(run(e, jnp.tile(x, (4, 1)), jnp.tile(i, (4, 1)), jnp.ones((12, 2))))[:3]  # grouped path
+    got = np.asarray(run(e, x, i, jnp.ones((3, 2))))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()          # fp32 summation order only
+
 # ---- accumulation order -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [2, 40])                                  # 2 x 3 slots < 8 experts: decode path
