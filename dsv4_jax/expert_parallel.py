@@ -61,7 +61,7 @@ per-slot outputs are reduce-scattered back (`_gather_body`). No capacity, nothin
 A scanned layer group (inference): the experts enter the `shard_map` as the whole stack [reps, E, ...] with
 the repetition's index (`moe.Stacked`, built by `transformer.run_layers` when caches are given), and the
 shard indexes its own slice inside (the decode path reads only its chosen experts from the stack,
-`moe.Stacked.take`). A layer's expert slice passed in instead is an operand XLA must materialise at the
+`moe.take_experts`). A layer's expert slice passed in instead is an operand XLA must materialise at the
 `shard_map` boundary: every MoE layer of every step copied its local expert stack (Flash's 1M decode on
 v6e-8, expert:4,tensor:2: 6 x 128 MiB; temporaries 1.05 -> 0.46 GiB). Training keeps the sliced experts
 (a closed-over stack's gradient would be a whole [reps, ...] buffer accumulated on every iteration).

@@ -88,8 +88,15 @@ def route(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray) -> 
 
 
 def sort_slots(idx: jnp.ndarray, w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """idx/w: [T, k] -> both with each token's slots in ascending expert id (stable), one sort and no gather."""
-  return jax.lax.sort((idx, w), dimension=-1, num_keys=1, is_stable=True)
+  """idx/w: [T, k] -> both with each token's slots in ascending expert id (stable): one integer sort of the
+  ids with their slot numbers, and the weights moved by a one-hot select over the k slots (exact), so that
+  no gather exists (XLA:TPU's small gathers cost ~0.5 MB each by its count) and the weights' gradient is
+  no scatter (sorting the weights along with the ids crashed XLA:CPU's SPMD partitioner on the gradient,
+  tests/test_sharded_context.py)."""
+  k = idx.shape[-1]
+  idx, perm = jax.lax.sort((idx, jnp.broadcast_to(jnp.arange(k, dtype=idx.dtype), idx.shape)), dimension=-1,
+                           num_keys=1, is_stable=True)
+  return idx, jnp.sum(jnp.where(perm[..., None] == jnp.arange(k), w[..., None, :], 0), axis=-1)
 
 
 def swiglu(g: jnp.ndarray, u: jnp.ndarray, limit: float) -> jnp.ndarray:
@@ -110,18 +117,14 @@ def shared_expert(p: dict, cfg: ModelConfig, x: jnp.ndarray) -> jnp.ndarray:
 class Stacked:
   """A scanned layer group's routed experts at one repetition (inference under expert parallelism, see
   dsv4_jax/expert_parallel.py): `tree` [reps, E, ...] as stored, `rep` the int32 index. `get()` is tree[rep];
-  `take(ids)` the experts `ids` of that repetition, without copying its whole stack (which `get()` may: the
-  grouped path uses it; slicing each group of experts from the stack inside its loop asked XLA:TPU for
-  42.6 G of temporaries for Flash's 1M prefill on v6e-8)."""
+  the decode path reads the experts it chose from the stack (`_gathered_experts`), never copying the
+  repetition's whole stack (which `get()` may: the grouped path uses it; slicing each group of experts from
+  the stack inside its loop asked XLA:TPU for 42.6 G of temporaries for Flash's 1M prefill on v6e-8)."""
   tree: dict
   rep: jax.Array
 
   def get(self) -> dict:
     return jax.tree.map(lambda a: a[self.rep], self.tree)
-
-  def take(self, ids: jnp.ndarray) -> dict:
-    """The experts `ids` of the repetition, [len(ids), ...] as stored (`take_experts`)."""
-    return take_experts(self.tree, ids, self.rep)
 
 
 def take_experts(tree: dict, ids: jnp.ndarray, rep: jax.Array | None = None) -> dict:

@@ -406,9 +406,9 @@ def test_moe_gathered_and_grouped_paths_agree(tiny):
 
 
 def test_stacked_experts_read_one_repetition():
-  """`moe.Stacked` (a scanned group's experts under expert parallelism): `get()` is the repetition's slice and
-  `take(ids)` its experts ids, bit for bit, for wide leaves (read expert by expert) and narrow ones (the
-  e8m0 scales, gathered), under jit with a traced repetition."""
+  """`moe.Stacked` (a scanned group's experts under expert parallelism): `get()` is the repetition's slice, and
+  `moe.take_experts(tree, ids, rep)` its experts ids, bit for bit, for wide leaves (read expert by expert)
+  and narrow ones (the e8m0 scales, gathered), under jit with a traced repetition."""
   from dsv4_jax import moe, qarray
   rng = np.random.default_rng(1)
   tree = {"w1": qarray.QArray(values=jnp.asarray(rng.integers(0, 256, (3, 5, 4, 128), dtype=np.uint8)),
@@ -416,7 +416,7 @@ def test_stacked_experts_read_one_repetition():
                               block=qarray.FP4_BLOCK, fmt="fp4"),
           "w2": jnp.asarray(rng.standard_normal((3, 5, 2, 130)), jnp.float32)}
   ids = jnp.array([4, 0, 4, 1], jnp.int32)
-  got = jax.jit(lambda t, r, i: (moe.Stacked(t, r).get(), moe.Stacked(t, r).take(i)))(tree, jnp.int32(2), ids)
+  got = jax.jit(lambda t, r, i: (moe.Stacked(t, r).get(), moe.take_experts(t, i, r)))(tree, jnp.int32(2), ids)
   want = (jax.tree.map(lambda a: a[2], tree), jax.tree.map(lambda a: a[2][ids], tree))
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
