@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax import struct
 
@@ -87,16 +88,23 @@ def route(p: dict, cfg: ModelConfig, x: jnp.ndarray, token_ids: jnp.ndarray) -> 
   return idx, w
 
 
+@jax.custom_jvp
 def sort_slots(idx: jnp.ndarray, w: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """idx/w: [T, k] -> both with each token's slots in ascending expert id (stable): one integer sort of the
-  ids with their slot numbers, and the weights moved by a one-hot select over the k slots (exact), so that
-  no gather exists (XLA:TPU's small gathers cost ~0.5 MB each by its count) and the weights' gradient is
-  no scatter (sorting the weights along with the ids crashed XLA:CPU's SPMD partitioner on the gradient,
-  tests/test_sharded_context.py)."""
+  """idx/w: [T, k] -> both with each token's slots in ascending expert id (stable): one sort of the pair, no
+  gather (XLA:TPU's small gathers cost ~0.5 MB each by its count). The weights' derivative moves their
+  tangent by a one-hot select over the k slots (`_sort_slots_jvp`), not the sort's own rule, whose gradient
+  is a scatter that XLA:CPU's SPMD partitioner crashed on (sequence:4,expert:2, tests/test_sharded_context.py)."""
+  return jax.lax.sort((idx, w), dimension=-1, num_keys=1, is_stable=True)
+
+
+@sort_slots.defjvp
+def _sort_slots_jvp(primals, tangents):
+  idx, w = primals
   k = idx.shape[-1]
-  idx, perm = jax.lax.sort((idx, jnp.broadcast_to(jnp.arange(k, dtype=idx.dtype), idx.shape)), dimension=-1,
-                           num_keys=1, is_stable=True)
-  return idx, jnp.sum(jnp.where(perm[..., None] == jnp.arange(k), w[..., None, :], 0), axis=-1)
+  idx_s, w_s, perm = jax.lax.sort((idx, w, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), idx.shape)),
+                                  dimension=-1, num_keys=1, is_stable=True)
+  w_dot = jnp.sum(jnp.where(perm[..., None] == jnp.arange(k), tangents[1][..., None, :], 0), axis=-1)
+  return (idx_s, w_s), (np.zeros(idx_s.shape, jax.dtypes.float0), w_dot.astype(w_s.dtype))
 
 
 def swiglu(g: jnp.ndarray, u: jnp.ndarray, limit: float) -> jnp.ndarray:
