@@ -173,6 +173,25 @@ def test_decode_groups_of_spare_slots_read_no_expert(tiny, packed, monkeypatch):
     got = np.asarray(run(e, x, i, jnp.ones((3, 2))))
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()          # fp32 summation order only
 
+
+def test_sort_slots_values_and_derivatives():
+  """`sort_slots` (one sort of ids and weights, a custom JVP) against argsort + take_along_axis: the sorted
+  ids and weights (stable on repeated ids), and the weights' gradient and forward-mode derivative."""
+  rng = np.random.default_rng(7)
+  idx = jnp.asarray(rng.integers(0, 5, (9, 4)), jnp.int32)                # repeats: stability matters
+  w = jnp.asarray(rng.random((9, 4)), jnp.float32)
+  c = jnp.asarray(rng.random((9, 4)), jnp.float32)
+
+  def ref(w):
+    order = jnp.argsort(idx, axis=-1, stable=True)
+    return jnp.take_along_axis(idx, order, axis=-1), jnp.take_along_axis(w, order, axis=-1)
+  got, want = moe.sort_slots(idx, w), ref(w)
+  assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+  loss = lambda f: (lambda w: jnp.sum(f(w)[1] * c))
+  np.testing.assert_array_equal(jax.grad(loss(lambda w: moe.sort_slots(idx, w)))(w), jax.grad(loss(ref))(w))
+  np.testing.assert_array_equal(jax.jvp(lambda w: moe.sort_slots(idx, w)[1], (w,), (c,))[1],
+                                jax.jvp(lambda w: ref(w)[1], (w,), (c,))[1])
+
 # ---- accumulation order -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [2, 40])                                  # 2 x 3 slots < 8 experts: decode path
