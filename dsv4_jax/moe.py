@@ -21,9 +21,10 @@ Routed experts (`routed_experts`):
   2*G*F*D fp32 more where XLA does not fuse the dequantisation), plus O(N*max(F, D)) fp32 activations
   (on CPU, where ragged_dot is a masked dense dot, also N*G*max(F, D)); it does not grow with E.
 * Fewer pairs than experts (decode): each distinct expert the batch chose is read once (in place where the
-  stack is stored in the compute dtype) and dequantised once, however many tokens chose it: at most N
-  experts' stored weights, DECODE_GROUP experts' dense weights (3*DECODE_GROUP*F*D values) and
-  [N, T, max(F, D)] fp32 activations.
+  stack is stored in the compute dtype) and dequantised once, however many tokens chose it, DECODE_GROUP at
+  a time: at most DECODE_GROUP experts' stored bytes copied (a packed stack) and dense weights
+  (3*DECODE_GROUP*F*D values), and [N, T, max(F, D)] fp32 activations; groups of slots that no expert
+  fills read nothing.
 """
 from __future__ import annotations
 
