@@ -9,7 +9,7 @@ sizes (fewer (token, expert) pairs than experts) the expert-parallel layer all-g
 shard applies its own chosen experts (`moe._gathered_experts`): U = min(pairs, local experts) static slots, of
 which only the shard's distinct chosen experts are real. The jitted layer is timed two ways, same process,
 same inputs:
-- skip: `moe.DECODE_GROUP` = 4, the default: groups of 4 slots with no real expert are skipped (`lax.cond`);
+- skip: `moe.DECODE_GROUP` as it is (4): groups of slots with no real expert are skipped (`lax.cond`);
 - all: `DECODE_GROUP` = U: one group, every slot applied (each spare slot repeats a real expert), as the decode
   path did before groups were skipped.
 Both give the same outputs (checked). Printed: U, the real slots per shard (mean, max), the groups the skip
@@ -46,7 +46,7 @@ def main():
 
   from dsv4_jax import expert_parallel as ep, load_config, moe, qarray, sharding
 
-  n = args.devices
+  n, default_group = args.devices, moe.DECODE_GROUP
   cfg = dataclasses.replace(load_config("tiny"), dim=1024, moe_inter_dim=512, n_routed_experts=256,
                             n_activated_experts=6, n_shared_experts=1, n_hash_layers=0)
   E, F, D, k = cfg.n_routed_experts, cfg.moe_inter_dim, cfg.dim, cfg.n_activated_experts
@@ -77,13 +77,13 @@ def main():
     U = min(T * k, E // n)
     local = np.asarray(idx).reshape(-1) // (E // n)
     real = np.array([len(set(np.asarray(idx).reshape(-1)[local == s])) for s in range(n)])
-    G = min(U, 4)
+    G = min(U, default_group)
     groups = np.ceil(real / G).mean()
     if T * k >= E:
       print(f"{B:>5}: {T * k} pairs >= {E} experts: the exchange path, not the decode path")
       continue
     times, outs = {}, {}
-    for name, group in (("skip", 4), ("all", U)):
+    for name, group in (("skip", default_group), ("all", U)):
       moe.DECODE_GROUP = group
       f = jax.jit(lambda p, x, ids: moe.moe(p, cfg, x, ids))      # a fresh jit: DECODE_GROUP is read at trace
       with sharding.use_mesh(mesh):
@@ -94,7 +94,7 @@ def main():
           jax.block_until_ready(f(p, x, ids))
           best = min(best, time.perf_counter() - t0)
       times[name] = best * 1e3
-    moe.DECODE_GROUP = 4
+    moe.DECODE_GROUP = default_group
     err = np.abs(outs["skip"] - outs["all"]).max() / max(np.abs(outs["all"]).max(), 1e-30)
     assert err <= 1e-5, f"batch {B}: skip and all differ by {err:.1e}"
     print(f"{B:>5} {U:>7} {real.mean():>10.2f} {real.max():>4} {groups:>10.2f} {times['skip']:>8.2f} "

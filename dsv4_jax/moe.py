@@ -136,6 +136,11 @@ class Stacked:
     return jax.tree.map(lambda a: a[self.rep], self.tree)
 
 
+def _expert_at(a: jax.Array, e: jax.Array, rep: jax.Array | None) -> jax.Array:
+  """Expert e of a stacked leaf ([E, ...], or [reps, E, ...] at repetition rep): a dynamic slice."""
+  return a[e] if rep is None else a[rep, e]
+
+
 def take_experts(tree: dict, ids: jnp.ndarray, rep: jax.Array | None = None) -> dict:
   """Experts `ids` [G] of a stack (leaves [E, ...], or [reps, E, ...] with `rep`), copied out as stored:
   [G, ...] leaves. Expert by expert (a loop of dynamic slices of the stack): XLA:TPU lowers a gather of such
@@ -144,8 +149,7 @@ def take_experts(tree: dict, ids: jnp.ndarray, rep: jax.Array | None = None) -> 
   Pro's 224 per row) are gathered: in a loop XLA:TPU relays their whole stack out (it lays such arrays out
   differently)."""
   wide = lambda a: a.shape[-1] % 128 == 0
-  at = (lambda a, u: a[u]) if rep is None else (lambda a, u: a[rep, u])
-  looped = jax.lax.map(lambda u: jax.tree.map(lambda a: at(a, u) if wide(a) else None, tree), ids)
+  looped = jax.lax.map(lambda u: jax.tree.map(lambda a: _expert_at(a, u, rep) if wide(a) else None, tree), ids)
   return jax.tree.map(lambda a, v: v if wide(a) else (a if rep is None else a[rep])[ids], tree, looped,
                       is_leaf=lambda x: x is None)
 
@@ -288,21 +292,20 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   pad = -U % G
   ids_p = jnp.concatenate([ids, jnp.broadcast_to(ids[-1:], (pad,))])            # [U + pad]
   real_p = jnp.concatenate([real, jnp.zeros((pad,), bool)])
-  hit = (idx[None] == ids_p[:, None, None]) & (real_p[:, None, None] & valid[None, :, None])   # [U+pad,T,k]
-  wts = jnp.sum(jnp.where(hit, w[None], 0.0), axis=-1)                          # [U+pad,T]
+  mine = (slot[..., None] == jnp.arange(U + pad)) & valid[:, None, None]        # [T,k,U+pad]: one-hot
+  wts = jnp.sum(jnp.where(mine, w[..., None], 0.0), axis=1).T                   # [U+pad,T]
 
   stacked = isinstance(p, Stacked)
   tree = p.tree if stacked else p
   rep = p.rep if stacked else None
   in_place = _in_place(tree, x.dtype)
-  at = (lambda a, e: a[e]) if rep is None else (lambda a, e: a[rep, e])         # a dynamic slice
   matmul = lambda a, wt: jnp.einsum("...ti,...oi->...to", *planar_operands(a, wt, a.dtype),
                                     preferred_element_type=F32)
 
   def group(g_ids, g_wts):                                                      # G experts -> [G,T,D]
     if in_place:                                                                # one expert after the other
-      return jnp.stack([_expert_mlp(jax.tree.map(lambda a: at(a, g_ids[j]), tree), cfg, x, g_wts[j], matmul,
-                                    reduce) for j in range(G)])
+      return jnp.stack([_expert_mlp(jax.tree.map(lambda a: _expert_at(a, g_ids[j], rep), tree), cfg, x, g_wts[j],
+                                    matmul, reduce) for j in range(G)])
     chosen = take_experts(tree, g_ids, rep)                                     # [G, out, in]: one batched matmul
     return _expert_mlp(chosen, cfg, jnp.broadcast_to(x, (G,) + x.shape), g_wts, matmul, reduce)
 
@@ -312,7 +315,6 @@ def _gathered_experts(p: dict, cfg: ModelConfig, x: jnp.ndarray, idx: jnp.ndarra
   n = (U + pad) // G
   y = group(ids_p, wts) if n == 1 else jax.lax.map(
       maybe, (ids_p.reshape(n, G), wts.reshape(n, G, T), real_p[::G])).reshape(n * G, T, -1)   # [U+pad,T,D]
-  mine = slot[..., None] == jnp.arange(U + pad)                                 # [T,k,U+pad]: one-hot
   out = jnp.sum(jnp.where(mine[..., None], jnp.swapaxes(y, 0, 1)[:, None], 0), axis=2)   # [T,k,D], exact
   first = jnp.concatenate([jnp.ones((T, 1), bool), idx[:, 1:] != idx[:, :-1]], axis=1)
   return jnp.where(first[..., None], out, 0)

@@ -94,21 +94,25 @@ def test_chosen_experts_are_the_sorted_unique_ids():
 
 
 
+def _passed_on(jaxpr, var):
+  """(eqn, sub-jaxpr, the sub-jaxpr's input) for each sub-jaxpr (loop, map, call, cond branch) `var` is passed
+  into, inputs aligned from the end (a scan's or call's inputs are its operands, a cond's follow its index)."""
+  from jax.extend.core import jaxprs_in_params
+  for eqn in jaxpr.eqns:
+    for sub in jaxprs_in_params(eqn.params):
+      for inner, outer in zip(reversed(sub.invars), reversed(eqn.invars)):
+        if outer is var:
+          yield eqn, sub, inner
+
+
 def _consumers(jaxpr, var) -> set:
   """The primitives that take `var` (name, and a dynamic slice's leading slice sizes: all but the last two
-  axes), looking through the sub-jaxprs (loops, maps, calls) it is passed into (their inputs aligned from the
-  end: a scan's or call's inputs are its operands)."""
+  axes), looking through the sub-jaxprs it is passed into."""
   from jax.extend.core import jaxprs_in_params
-  found = set()
-  for eqn in jaxpr.eqns:
-    subs = list(jaxprs_in_params(eqn.params))
-    if any(o is var for o in eqn.invars):
-      if not subs:
-        found.add((eqn.primitive.name, tuple(eqn.params.get("slice_sizes", (0, 0, 0))[:-2])))
-      for sub in subs:
-        for inner, outer in zip(reversed(sub.invars), reversed(eqn.invars)):
-          if outer is var:
-            found |= _consumers(sub, inner)
+  found = {(eqn.primitive.name, tuple(eqn.params.get("slice_sizes", (0, 0, 0))[:-2])) for eqn in jaxpr.eqns
+           if any(o is var for o in eqn.invars) and not list(jaxprs_in_params(eqn.params))}
+  for _, sub, inner in _passed_on(jaxpr, var):
+    found |= _consumers(sub, inner)
   return found
 
 
@@ -136,16 +140,9 @@ def test_decode_path_reads_chosen_experts_in_place(tiny, stacked, monkeypatch):
 def _conds_on(jaxpr, var) -> list:
   """For each `cond` that `var` reaches (through loops, maps, calls), the primitives that take it in each
   branch (`_consumers`)."""
-  from jax.extend.core import jaxprs_in_params
   found = []
-  for eqn in jaxpr.eqns:
-    for sub in jaxprs_in_params(eqn.params):
-      for inner, outer in zip(reversed(sub.invars), reversed(eqn.invars)):
-        if outer is var:
-          if eqn.primitive.name == "cond":
-            found.append(_consumers(sub, inner))
-          else:
-            found += _conds_on(sub, inner)
+  for eqn, sub, inner in _passed_on(jaxpr, var):
+    found += [_consumers(sub, inner)] if eqn.primitive.name == "cond" else _conds_on(sub, inner)
   return found
 
 
