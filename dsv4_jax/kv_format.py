@@ -104,8 +104,11 @@ class Layout:
   def encode(self, x: jnp.ndarray) -> jnp.ndarray:
     """Entries x [..., width] -> uint32 words [..., words]."""
     lead = x.shape[:-1]
-    if self.fmt in ("bfloat16", "float32"):
-      return _to_words(_bytes(x.astype(self.fmt)), lead)
+    if self.fmt == "float32":
+      return jax.lax.bitcast_convert_type(x.astype(F32), jnp.uint32)
+    if self.fmt == "bfloat16":                 # value 2i in the low half of word i: no [..., n, 2] array to lay out
+      h = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+      return h[..., 0::2] | (h[..., 1::2] << 16)
     if self.fmt == "fp8":
       r = self.rope_dim
       nope = x[..., :-r]

@@ -172,9 +172,11 @@ class Rows:
     """Tiled rows [start, start + size) (whole blocks of 1024) -> [B, size / 128, K, 128] in dtype: row
     128 g + i of the block at [:, g, :, i], its dims in the layout's planar order (Layout.decode_tiles)."""
     (t,) = self.geometry
-    x = jax.lax.dynamic_slice_in_dim(self.data, t.lines(start), t.lines(size), axis=-2)
-    if self.rep is not None:
-      x = jax.lax.dynamic_index_in_dim(x, self.rep, 0, keepdims=False)
+    if self.rep is None:
+      x = jax.lax.dynamic_slice_in_dim(self.data, t.lines(start), t.lines(size), axis=-2)
+    else:                                      # one slice of this layer's block (not every layer's, then one)
+      R, B, L, w = self.data.shape
+      x = jax.lax.dynamic_slice(self.data, (self.rep, 0, t.lines(start), 0), (1, B, t.lines(size), w))[0]
     return self.layout.decode_tiles(t.groups(x), dtype)
 
   def all(self, dtype, order: Layout | None = None) -> jnp.ndarray:

@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 F32 = jnp.float32
@@ -23,14 +24,29 @@ def slots_first(x: jnp.ndarray, per: int) -> jnp.ndarray:
   values packed `per` to a word or byte come out when each slot is decoded on its own); per 1: x."""
   if per == 1:
     return x
-  return jnp.swapaxes(x.reshape(*x.shape[:-1], x.shape[-1] // per, per), -1, -2).reshape(x.shape)
+  return jnp.concatenate([x[..., j::per] for j in range(per)], -1)    # strided slices: no [..., n, per] array
 
 
 def slots_last(y: jnp.ndarray, per: int) -> jnp.ndarray:
   """`slots_first` inverted."""
+  n = y.shape[-1] // per
+  return interleave([y[..., j * n:(j + 1) * n] for j in range(per)])
+
+
+def interleave(parts: list) -> jnp.ndarray:
+  """`per` arrays [..., n] -> [..., per * n], element per * i + j from parts[j][..., i]: each part dilated into
+  place (`lax.pad`, interior per - 1) and picked by lane, element-wise into the output's own layout. (A stack +
+  reshape, or reshape + transpose, made XLA:TPU lay out the [..., H, n, per] intermediate heads-minor, padded
+  to 128 lanes, and copy it: 256 KB for a toy decode step's 16 KB attention output, per layer.)"""
+  per = len(parts)
   if per == 1:
-    return y
-  return jnp.swapaxes(y.reshape(*y.shape[:-1], per, y.shape[-1] // per), -1, -2).reshape(y.shape)
+    return parts[0]
+  lane = jnp.arange(per * parts[0].shape[-1]) % per
+  out = None
+  for j, x in enumerate(parts):
+    d = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] * (x.ndim - 1) + [(j, per - 1 - j, per - 1)])
+    out = d if out is None else jnp.where(lane == j, d, out)
+  return out
 
 
 def round_to(x: jnp.ndarray, dtype) -> jnp.ndarray:

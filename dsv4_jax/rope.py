@@ -11,6 +11,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from dsv4_jax import quant
 from dsv4_jax.config import ModelConfig
 
 
@@ -50,5 +51,5 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, inverse: bool
   re, im = rot[..., 0::2], rot[..., 1::2]
   if inverse:
     sin = -sin
-  out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1).reshape(rot.shape)
+  out = quant.interleave([re * cos - im * sin, re * sin + im * cos])      # pairs back in place
   return jnp.concatenate([nope, out.astype(x.dtype)], axis=-1)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv4_jax import quant
 from dsv4_jax.kv_format import Layout, line_layout
 from dsv4_jax.ops import Rows
 
@@ -167,7 +168,7 @@ def split_query(q: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
 def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
   """o [..., P, lanes] (per-part P.V) -> [..., K]: each element from the lane(s) that hold it (a tiled codec:
   the sum over its slots). By slices: the parts whose elements interleave (a bf16 row's two halves, an fp8
-  row's four bytes) are stacked and reshaped into their elements' run, and the runs concatenated (zeros for
+  row's four bytes) are interleaved into their elements' run (`quant.interleave`), and the runs concatenated (zeros for
   the elements another plane holds), the inverse of `split_parts`. A gather (`jnp.take` of the element map)
   made XLA:TPU lay the output out elements-major, padded to 128 lanes (a Flash-shaped decode step's [512, 8]
   output: 256 KB for 16 KB); it stays the fallback for a codec whose parts do not tile runs of elements so."""
@@ -184,7 +185,7 @@ def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
       break
     v = [by_elem[k] for k in group]
     out += [zeros(e0 - at)] if e0 > at else []                 # elements no part holds (another plane's): 0
-    out.append(v[0] if stride == 1 else jnp.stack(v, -1).reshape(*v[0].shape[:-1], stride * n))
+    out.append(quant.interleave(v))
     keys, at = keys[stride:], e0 + stride * n
   if not keys and at <= c.width:
     out += [zeros(c.width - at)] if at < c.width else []
