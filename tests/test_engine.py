@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsv4_jax import (abstract_params, decode_step, init_cache, init_params, load_config, ops,
-                      prefill)
+                      prefill, quant)
 from dsv4_jax.cache import cache_axes, live_bucket
 from dsv4_jax.kv_format import Layout
 
@@ -323,6 +323,9 @@ def test_planar_decode_is_the_stored_values_slot_by_slot():
   import ml_dtypes
   assert Layout("bfloat16", 8).to_planar(jnp.arange(8)).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
   assert Layout("fp4", 16).to_planar(jnp.arange(16)).tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
+  for per in (1, 2, 4, 8):                     # quant.interleave (slots_last, RoPE's pairs, the kernels' merge)
+    parts = [jnp.arange(6.0).reshape(2, 3) + 10 * j for j in range(per)]
+    np.testing.assert_array_equal(quant.interleave(parts), np.stack(parts, -1).reshape(2, 3 * per))
 
   def oracle(lay, words):                     # natural order, from the row's bytes (little-endian words)
     b = np.asarray(words).view(np.uint8).reshape(*words.shape[:-1], -1)
@@ -348,6 +351,8 @@ def test_planar_decode_is_the_stored_values_slot_by_slot():
     words = lay.encode(x)
     natural = oracle(lay, words)
     np.testing.assert_array_equal(lay.decode(words, jnp.float32), natural)
+    if lay.fmt in ("bfloat16", "float32"):                     # stored exactly, value 2i in word i's low half
+      np.testing.assert_array_equal(natural, np.asarray(x.astype(lay.fmt).astype(jnp.float32)))
     np.testing.assert_array_equal(lay.decode_planar(words, jnp.float32), lay.to_planar(jnp.asarray(natural)))
     np.testing.assert_array_equal(lay.from_planar(lay.to_planar(x)), x)
     rows = ops.Rows(words, lay)
