@@ -106,7 +106,7 @@ class Layout:
     lead = x.shape[:-1]
     if self.fmt == "float32":
       return jax.lax.bitcast_convert_type(x.astype(F32), jnp.uint32)
-    if self.fmt == "bfloat16":                 # value 2i in the low half of word i: no [..., n, 2] array to lay out
+    if self.fmt == "bfloat16":                 # value 2i in word i's low half, by shifts (no [.., n, 2])
       h = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
       return h[..., 0::2] | (h[..., 1::2] << 16)
     if self.fmt == "fp8":

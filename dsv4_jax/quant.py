@@ -34,10 +34,10 @@ def slots_last(y: jnp.ndarray, per: int) -> jnp.ndarray:
 
 
 def interleave(parts: list) -> jnp.ndarray:
-  """`per` arrays [..., n] -> [..., per * n], element per * i + j from parts[j][..., i]: each part dilated into
-  place (`lax.pad`, interior per - 1) and picked by lane, element-wise into the output's own layout. (A stack +
-  reshape, or reshape + transpose, made XLA:TPU lay out the [..., H, n, per] intermediate heads-minor, padded
-  to 128 lanes, and copy it: 256 KB for a toy decode step's 16 KB attention output, per layer.)"""
+  """`per` arrays [..., n] -> [..., per * n], element per * i + j from parts[j][..., i]: each part dilated
+  into place (`lax.pad`, interior per - 1) and picked by lane, element-wise into the output's own layout.
+  (A stack + reshape, or reshape + transpose, made XLA:TPU lay out the [..., H, n, per] intermediate
+  heads-minor, padded to 128 lanes, and copy it: 256 KB for a toy decode step's 16 KB attention output.)"""
   per = len(parts)
   if per == 1:
     return parts[0]

@@ -168,10 +168,11 @@ def split_query(q: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
 def merge_parts(o: jnp.ndarray, c: Codec, lanes: int) -> jnp.ndarray:
   """o [..., P, lanes] (per-part P.V) -> [..., K]: each element from the lane(s) that hold it (a tiled codec:
   the sum over its slots). By slices: the parts whose elements interleave (a bf16 row's two halves, an fp8
-  row's four bytes) are interleaved into their elements' run (`quant.interleave`), and the runs concatenated (zeros for
-  the elements another plane holds), the inverse of `split_parts`. A gather (`jnp.take` of the element map)
-  made XLA:TPU lay the output out elements-major, padded to 128 lanes (a Flash-shaped decode step's [512, 8]
-  output: 256 KB for 16 KB); it stays the fallback for a codec whose parts do not tile runs of elements so."""
+  row's four bytes) are interleaved into their elements' run (`quant.interleave`), and the runs concatenated
+  (zeros for the elements another plane holds), the inverse of `split_parts`. A gather (`jnp.take` of the
+  element map) made XLA:TPU lay the output out elements-major, padded to 128 lanes (a Flash-shaped decode
+  step's [512, 8] output: 256 KB for 16 KB); it stays the fallback for a codec whose parts do not tile runs
+  of elements so."""
   by_elem = {}                                             # (first element, stride, n) -> [..., n]
   for i, p, lo, e0 in runs(c):
     key, v = (e0, p.stride, p.n), o[..., i, lo:lo + p.n]

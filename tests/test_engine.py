@@ -323,7 +323,7 @@ def test_planar_decode_is_the_stored_values_slot_by_slot():
   import ml_dtypes
   assert Layout("bfloat16", 8).to_planar(jnp.arange(8)).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
   assert Layout("fp4", 16).to_planar(jnp.arange(16)).tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
-  for per in (1, 2, 4, 8):                     # quant.interleave (slots_last, RoPE's pairs, the kernels' merge)
+  for per in (1, 2, 4, 8):                     # quant.interleave: slots_last, RoPE's pairs, merge_parts
     parts = [jnp.arange(6.0).reshape(2, 3) + 10 * j for j in range(per)]
     np.testing.assert_array_equal(quant.interleave(parts), np.stack(parts, -1).reshape(2, 3 * per))
 
