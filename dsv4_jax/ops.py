@@ -152,16 +152,17 @@ class Rows:
       return self._decode(jax.lax.dynamic_slice_in_dim(self.data, start, size, axis=1), dtype, order)
     if size % self.align:
       raise ValueError(f"a block of {size} rows of a store packed {self.align} per line: expected whole lines")
-    parts = []
-    for a, p in zip(self.arrays, self.geometry):
-      s0, n = p.lines(start), p.lines(size)
-      if self.rep is None:
-        x = jax.lax.dynamic_slice_in_dim(a, s0, n, axis=1)
-      else:
-        R, B, L, w = a.shape
-        x = jax.lax.dynamic_slice(a, (self.rep, 0, s0, 0), (1, B, n, w))[0]
-      parts.append(p.unpack(x))
+    parts = [p.unpack(self._lines(a, p.lines(start), p.lines(size)))
+             for a, p in zip(self.arrays, self.geometry)]
     return self._decode(parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1), dtype, order)
+
+  def _lines(self, a: jnp.ndarray, s0, n: int) -> jnp.ndarray:
+    """Lines [s0, s0 + n) of a plane [B, L, line] (or of its layer `rep` of [R, B, L, line]) -> [B, n, line]:
+    one dynamic slice of this layer's lines, never every layer's first."""
+    if self.rep is None:
+      return jax.lax.dynamic_slice_in_dim(a, s0, n, axis=1)
+    R, B, L, w = a.shape
+    return jax.lax.dynamic_slice(a, (self.rep, 0, s0, 0), (1, B, n, w))[0]
 
   @property
   def tiled(self) -> bool:
@@ -172,12 +173,7 @@ class Rows:
     """Tiled rows [start, start + size) (whole blocks of 1024) -> [B, size / 128, K, 128] in dtype: row
     128 g + i of the block at [:, g, :, i], its dims in the layout's planar order (Layout.decode_tiles)."""
     (t,) = self.geometry
-    if self.rep is None:
-      x = jax.lax.dynamic_slice_in_dim(self.data, t.lines(start), t.lines(size), axis=-2)
-    else:                                      # one slice of this layer's block (not every layer's, then one)
-      R, B, L, w = self.data.shape
-      x = jax.lax.dynamic_slice(self.data, (self.rep, 0, t.lines(start), 0), (1, B, t.lines(size), w))[0]
-    return self.layout.decode_tiles(t.groups(x), dtype)
+    return self.layout.decode_tiles(t.groups(self._lines(self.data, t.lines(start), t.lines(size))), dtype)
 
   def all(self, dtype, order: Layout | None = None) -> jnp.ndarray:
     """The first n rows: [B, n, K]."""
